@@ -1,0 +1,3 @@
+//! One module per subcommand: each wires the library, prints and reports.
+
+pub mod inspect;

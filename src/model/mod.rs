@@ -1,0 +1,3 @@
+//! The canonical Llama model: the role table that says what each stored tensor is.
+
+pub mod roles;

@@ -1,0 +1,300 @@
+//! An opened `.nemo`: config, tokenizer, rank grid and every rank's state dict, located
+//! in the mapped archive. Opening reads headers and pickles only, never tensor data.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::roles::{self, Classified, Schema};
+use crate::nemo::archive::{Archive, OpenOptions};
+use crate::nemo::config::ModelConfig;
+use crate::nemo::layout::{self, LayoutKind, RankGrid};
+use crate::nemo::tokenizer::SpModel;
+use crate::nemo::zarr::{self, DistCheckpoint};
+use crate::torch::checkpoint::StateDict;
+
+/// One rank's state dict.
+#[derive(Debug, Clone)]
+pub struct Rank {
+    pub tp: u64,
+    pub pp: u64,
+    pub state: StateDict,
+}
+
+/// The resolved tokenizer artifact.
+#[derive(Debug, Clone)]
+pub struct TokenizerArtifact {
+    pub member: String,
+    pub model: SpModel,
+}
+
+/// Where the weights are.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    Ranks(Vec<Rank>),
+    Distributed(DistCheckpoint),
+}
+
+/// An opened checkpoint.
+pub struct Checkpoint {
+    pub archive: Archive,
+    pub config: ModelConfig,
+    pub grid: RankGrid,
+    pub weights: Weights,
+    pub schema: Schema,
+    pub tokenizer: std::result::Result<TokenizerArtifact, String>,
+    pub warnings: Vec<String>,
+}
+
+const CONFIG_MEMBER: &str = "model_config.yaml";
+
+impl Checkpoint {
+    /// Opens `path` and reads everything but tensor data.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
+        let archive = Archive::open(path, opts)?;
+        let file = archive.display().to_string();
+        let cfg_member = archive.member(CONFIG_MEMBER).ok_or_else(|| Error::Config {
+            file: file.clone(),
+            msg: "no model_config.yaml member: not a NeMo model archive".into(),
+        })?;
+        let text = std::str::from_utf8(archive.data(cfg_member)).map_err(|_| Error::Config {
+            file: format!("{file}:{CONFIG_MEMBER}"),
+            msg: "not UTF-8 text".into(),
+        })?;
+        let config = ModelConfig::parse(text, &format!("{file}:{CONFIG_MEMBER}"))?;
+        let mut warnings = config.warnings.clone();
+        let grid = layout::detect(
+            archive.file_names(),
+            config.tensor_model_parallel_size,
+            config.pipeline_model_parallel_size,
+            &file,
+        )?;
+        if config.num_layers % grid.pp != 0 {
+            return Err(Error::Layout {
+                file,
+                msg: format!(
+                    "num_layers ({}) is not divisible by pipeline_model_parallel_size ({})",
+                    config.num_layers, grid.pp
+                ),
+            });
+        }
+        let weights = if grid.kind == LayoutKind::Distributed {
+            Weights::Distributed(zarr::read(&archive)?)
+        } else {
+            let mut ranks = Vec::new();
+            for (&(tp, pp), member) in &grid.files {
+                let m = archive
+                    .member(member)
+                    .expect("grid built from member names");
+                let state = StateDict::read(archive.bytes(), m.offset, m.size, member)?;
+                ranks.push(Rank { tp, pp, state });
+            }
+            Weights::Ranks(ranks)
+        };
+        let schema = detect_schema(&weights, &config);
+        if schema == Schema::Mcore && !config.mcore_gpt {
+            warnings.push(
+                "keys use megatron-core names but mcore_gpt is not true in the config".into(),
+            );
+        }
+        let tokenizer = resolve_tokenizer(&archive, &config);
+        if let Err(e) = &tokenizer {
+            warnings.push(e.clone());
+        }
+        let mut ck = Checkpoint {
+            archive,
+            config,
+            grid,
+            weights,
+            schema,
+            tokenizer,
+            warnings,
+        };
+        let unknown = ck.unknown_keys();
+        for k in unknown {
+            ck.warnings.push(format!("unknown tensor key `{k}`"));
+        }
+        Ok(ck)
+    }
+
+    /// The tokenizer, or the reason it could not be read.
+    pub fn tokenizer(&self) -> Result<&TokenizerArtifact> {
+        self.tokenizer.as_ref().map_err(|e| Error::Tokenizer {
+            file: self.archive.display().to_string(),
+            msg: e.clone(),
+        })
+    }
+
+    /// Classifies a key with this checkpoint's activation.
+    pub fn classify(&self, key: &str) -> Option<Classified> {
+        roles::classify(key, self.config.activation)
+    }
+
+    /// Keys (with the member they are in) that the role table does not know.
+    pub fn unknown_keys(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match &self.weights {
+            Weights::Ranks(ranks) => {
+                for r in ranks {
+                    for (k, _) in &r.state.entries {
+                        if self.classify(k).is_none() && !out.contains(k) {
+                            out.push(k.clone());
+                        }
+                    }
+                }
+            }
+            Weights::Distributed(d) => {
+                for a in &d.arrays {
+                    if self.classify(&a.key).is_none() {
+                        out.push(a.key.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every stored weight tensor (not `inv_freq` or `_extra_state`): (dtype, bytes).
+    fn weight_tensors(&self) -> Vec<(crate::tensor::DType, u64)> {
+        let is_weight = |k: &str| self.classify(k).is_none_or(|c| c.role != roles::Role::Skip);
+        match &self.weights {
+            Weights::Ranks(ranks) => ranks
+                .iter()
+                .flat_map(|r| r.state.tensors())
+                .filter(|(k, _)| is_weight(k))
+                .map(|(_, t)| (t.dtype, t.nbytes()))
+                .collect(),
+            Weights::Distributed(d) => d
+                .arrays
+                .iter()
+                .filter(|a| is_weight(&a.key))
+                .map(|a| (a.dtype, a.nbytes()))
+                .collect(),
+        }
+    }
+
+    /// Number of stored weight tensors (all ranks).
+    pub fn weight_count(&self) -> usize {
+        self.weight_tensors().len()
+    }
+
+    /// Total bytes of all stored weights (padding and all ranks included).
+    pub fn stored_bytes(&self) -> u64 {
+        self.weight_tensors().iter().map(|&(_, b)| b).sum()
+    }
+
+    /// The distinct dtypes of the stored weights.
+    pub fn stored_dtypes(&self) -> Vec<crate::tensor::DType> {
+        let mut v: Vec<_> = self.weight_tensors().iter().map(|&(d, _)| d).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The padded vocabulary as stored (rows of the embedding, summed over TP ranks).
+    pub fn stored_vocab_rows(&self) -> Option<u64> {
+        match &self.weights {
+            Weights::Ranks(ranks) => {
+                let rows: u64 = ranks
+                    .iter()
+                    .filter(|r| r.pp == 0)
+                    .flat_map(|r| r.state.tensors())
+                    .filter(|(k, _)| {
+                        self.classify(k)
+                            .is_some_and(|c| c.kind == roles::Kind::Embedding)
+                    })
+                    .map(|(_, t)| t.shape.first().copied().unwrap_or(0))
+                    .sum();
+                (rows > 0).then_some(rows)
+            }
+            Weights::Distributed(d) => d
+                .arrays
+                .iter()
+                .find(|a| {
+                    self.classify(&a.key)
+                        .is_some_and(|c| c.kind == roles::Kind::Embedding)
+                })
+                .and_then(|a| a.shape.first().copied()),
+        }
+    }
+}
+
+fn detect_schema(weights: &Weights, config: &ModelConfig) -> Schema {
+    let keys: Vec<&str> = match weights {
+        Weights::Ranks(r) => r
+            .iter()
+            .flat_map(|r| r.state.entries.iter().map(|(k, _)| k.as_str()))
+            .collect(),
+        Weights::Distributed(d) => d.arrays.iter().map(|a| a.key.as_str()).collect(),
+    };
+    let mut legacy = 0;
+    let mut mcore = 0;
+    for k in keys {
+        match roles::classify(k, config.activation).map(|c| c.schema) {
+            Some(Schema::Legacy) => legacy += 1,
+            Some(Schema::Mcore) => mcore += 1,
+            None => {}
+        }
+    }
+    if mcore > legacy || (mcore == legacy && config.mcore_gpt) {
+        Schema::Mcore
+    } else {
+        Schema::Legacy
+    }
+}
+
+/// Finds the SentencePiece artifact the config names (`nemo:<hash>_tokenizer.model`).
+fn resolve_tokenizer(
+    archive: &Archive,
+    config: &ModelConfig,
+) -> std::result::Result<TokenizerArtifact, String> {
+    if let Some(lib) = &config.tokenizer.library {
+        if lib != "sentencepiece" {
+            return Err(format!("tokenizer library `{lib}` is not sentencepiece"));
+        }
+    }
+    let wanted = config
+        .tokenizer
+        .model
+        .as_deref()
+        .ok_or("model_config.yaml names no tokenizer model (tokenizer.model)")?;
+    let base = wanted.strip_prefix("nemo:").unwrap_or(wanted);
+    let basename = base.rsplit('/').next().unwrap_or(base);
+    let member = if archive.member(basename).is_some() {
+        basename.to_string()
+    } else {
+        // Absolute paths of the training machine, or `/artifacts/…`: match by suffix at the root.
+        let tail = basename
+            .rsplit_once('_')
+            .map(|(_, t)| t)
+            .unwrap_or(basename);
+        let mut candidates: Vec<&str> = archive
+            .file_names()
+            .filter(|n| {
+                !n.contains('/') && (n.ends_with(basename) || n.ends_with(&format!("_{tail}")))
+            })
+            .collect();
+        if candidates.is_empty() {
+            candidates = archive
+                .file_names()
+                .filter(|n| !n.contains('/') && n.ends_with(".model"))
+                .collect();
+        }
+        match candidates.as_slice() {
+            [one] => one.to_string(),
+            [] => {
+                return Err(format!(
+                    "tokenizer artifact `{wanted}` is not in the archive"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "tokenizer artifact `{wanted}` is ambiguous: {}",
+                    candidates.join(", ")
+                ))
+            }
+        }
+    };
+    let m = archive.member(&member).expect("member exists");
+    let model = SpModel::parse(archive.data(m), &member).map_err(|e| e.to_string())?;
+    Ok(TokenizerArtifact { member, model })
+}
