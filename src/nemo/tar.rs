@@ -129,7 +129,8 @@ pub fn index(data: &[u8], file: &str) -> Result<Vec<Member>> {
 }
 
 fn verify_checksum(h: &[u8]) -> std::result::Result<(), String> {
-    let stored = parse_octal(&h[148..156]).ok_or("header checksum field is not a number")?;
+    let stored = parse_octal(&h[148..156])
+        .ok_or("header checksum field is not a number: not a tar archive, or a corrupt one")?;
     let mut unsigned: u64 = 0;
     let mut signed: i64 = 0;
     for (i, &b) in h.iter().enumerate() {

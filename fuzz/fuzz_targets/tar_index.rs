@@ -1,0 +1,8 @@
+//! The in-place tar index on arbitrary bytes (a whole `.nemo`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = steerlm_convert::nemo::tar::index(data, "fuzz");
+});

@@ -1,0 +1,364 @@
+//! Broken and hostile archives: each gives exit code 2 and one line naming the file,
+//! member or offset — never a panic, never anything executed.
+
+mod common;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use common::*;
+use steerlm_convert::torch::save::{ZipPlan, ZipWriter};
+
+const TP2: &str = "archives/legacy_tp2_bf16.nemo";
+
+fn inspect(path: &Path) -> (i32, String, String) {
+    let out = Command::cargo_bin("steerlm-convert")
+        .unwrap()
+        .arg("inspect")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs inspect and checks: exit 2, nothing on stdout, exactly one error line containing `want`.
+fn refused(path: &Path, want: &str) -> String {
+    let (code, stdout, stderr) = inspect(path);
+    assert_eq!(code, 2, "exit code for {want}: stderr {stderr}");
+    assert!(stdout.is_empty(), "no output on error: {stdout}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("steerlm-convert: error: "), "{stderr}");
+    assert!(stderr.contains(want), "expected `{want}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+/// A zip holding only `root/data.pkl` = `pickle` plus `root/data/<k>` records.
+fn torch_zip(pickle: &[u8], storages: &[(&str, usize)]) -> Vec<u8> {
+    let root = "mp_rank_01_model_weights";
+    let mut records = vec![(format!("{root}/data.pkl"), pickle.len() as u64)];
+    for (k, n) in storages {
+        records.push((format!("{root}/data/{k}"), *n as u64));
+    }
+    let plan = ZipPlan::new(&records);
+    let mut cur = Cursor::new(Vec::new());
+    let mut z = ZipWriter::new(&mut cur, plan).unwrap();
+    z.record(|o| o.write_all(pickle)).unwrap();
+    for (_, n) in storages {
+        z.record(|o| o.write_all(&vec![0u8; *n])).unwrap();
+    }
+    z.finish().unwrap();
+    cur.into_inner()
+}
+
+use std::io::Write;
+
+/// Replaces rank 1's checkpoint of the TP2 fixture by `ckpt`.
+fn with_rank1(dir: &tempfile::TempDir, name: &str, ckpt: Vec<u8>) -> PathBuf {
+    let p = tmp(dir, name);
+    rebuild(&fixtures().join(TP2), &p, |n, d| {
+        if n == "mp_rank_01/model_weights.ckpt" {
+            Some((format!("./{n}"), ckpt.clone()))
+        } else {
+            keep(n, d)
+        }
+    });
+    p
+}
+
+/// A one-tensor state dict pickle: {"w": tensor(storage key `key`, numel, shape)}.
+fn tensor_pickle(key: &str, numel: u32, shape: &[u8]) -> Vec<u8> {
+    let mut p = b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nBFloat16Storage\n".to_vec();
+    p.push(b'X');
+    p.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    p.extend_from_slice(key.as_bytes());
+    p.extend_from_slice(b"X\x03\x00\x00\x00cpuJ");
+    p.extend_from_slice(&numel.to_le_bytes());
+    p.extend_from_slice(b"tQK\x00(");
+    for &s in shape {
+        p.extend_from_slice(&[b'K', s]);
+    }
+    p.extend_from_slice(b"t(");
+    let mut stride = 1u8;
+    let mut strides = Vec::new();
+    for &s in shape.iter().rev() {
+        strides.push(stride);
+        stride = stride.saturating_mul(s);
+    }
+    for s in strides.iter().rev() {
+        p.extend_from_slice(&[b'K', *s]);
+    }
+    p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtRu.");
+    p
+}
+
+#[test]
+fn a_sane_rebuild_is_accepted() {
+    // Guards the helpers: rebuilding without changes gives an archive that inspects fine,
+    // and a rank holding a hand-made one-tensor pickle parses (then fails on schema only).
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "same.nemo");
+    rebuild(&fixtures().join(TP2), &p, keep);
+    let (code, stdout, stderr) = inspect(&p);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("TP 2 x PP 1"));
+    let sd = steerlm_convert::torch::checkpoint::StateDict::read(
+        &torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 12)]),
+        0,
+        u64::MAX / 4,
+        "m",
+    );
+    assert!(sd.is_err(), "a member range outside the data is refused");
+    let z = torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 12)]);
+    let sd =
+        steerlm_convert::torch::checkpoint::StateDict::read(&z, 0, z.len() as u64, "m").unwrap();
+    assert_eq!(sd.tensors().next().unwrap().1.shape, vec![2, 3]);
+}
+
+#[test]
+fn truncated_tar() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "cut.nemo");
+    let b = std::fs::read(fixtures().join(TP2)).unwrap();
+    std::fs::write(&p, &b[..b.len() / 2 + 100]).unwrap();
+    refused(&p, "truncated");
+}
+
+#[test]
+fn not_an_archive_and_empty_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "junk.nemo");
+    std::fs::write(&p, vec![b'x'; 4096]).unwrap();
+    refused(&p, "not a tar archive, or a corrupt one");
+    std::fs::write(&p, b"").unwrap();
+    refused(&p, "the file is empty");
+    refused(&tmp(&dir, "absent.nemo"), "absent.nemo");
+}
+
+#[test]
+fn truncated_gzip() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "cut.nemo");
+    let b = std::fs::read(fixtures().join("archives/legacy_tp2_gzip.nemo")).unwrap();
+    std::fs::write(&p, &b[..b.len() / 3]).unwrap();
+    refused(&p, "gzip stream is corrupt or truncated");
+}
+
+#[test]
+fn truncated_zip_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = std::fs::read(fixtures().join(TP2)).unwrap();
+    let members = steerlm_convert::nemo::tar::index(&ckpt, "f").unwrap();
+    let m = members
+        .iter()
+        .find(|m| m.name == "mp_rank_01/model_weights.ckpt")
+        .unwrap();
+    let data = &ckpt[m.offset as usize..(m.offset + m.size) as usize];
+    let p = with_rank1(&dir, "cutzip.nemo", data[..data.len() / 2].to_vec());
+    refused(
+        &p,
+        "mp_rank_01/model_weights.ckpt: zip: no end-of-central-directory record",
+    );
+}
+
+#[test]
+fn corrupt_central_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut z = torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 12)]);
+    let cd = z
+        .windows(4)
+        .rposition(|w| w == [0x50, 0x4b, 0x01, 0x02])
+        .unwrap();
+    z[cd] = 0x51;
+    let p = with_rank1(&dir, "cd.nemo", z);
+    refused(&p, "corrupt central directory");
+}
+
+#[test]
+fn unknown_pickle_opcode() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = with_rank1(&dir, "op.nemo", torch_zip(b"\x80\x02}q\x00\xfe.", &[]));
+    refused(
+        &p,
+        "mp_rank_01/model_weights.ckpt: pickle: unknown opcode 0xfe (at byte 5 of data.pkl)",
+    );
+}
+
+#[test]
+fn pickles_that_would_run_code_are_refused_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let cmd = format!("touch {}", marker.display());
+    let mut p = b"\x80\x02cos\nsystem\nX".to_vec();
+    p.extend_from_slice(&(cmd.len() as u32).to_le_bytes());
+    p.extend_from_slice(cmd.as_bytes());
+    p.extend_from_slice(b"\x85R.");
+    let a = with_rank1(&dir, "os.nemo", torch_zip(&p, &[]));
+    refused(&a, "refused global `os.system`");
+    let b = with_rank1(
+        &dir,
+        "eval.nemo",
+        torch_zip(b"\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.", &[]),
+    );
+    refused(&b, "refused global `builtins.eval`");
+    let c = with_rank1(
+        &dir,
+        "posix.nemo",
+        torch_zip(b"\x80\x02\x8c\x05posix\x8c\x06system\x93.", &[]),
+    );
+    refused(&c, "refused global `posix.system`");
+    assert!(!marker.exists(), "nothing was executed");
+}
+
+#[test]
+fn storage_key_without_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = with_rank1(
+        &dir,
+        "key.nemo",
+        torch_zip(&tensor_pickle("7", 6, &[2, 3]), &[("0", 12)]),
+    );
+    refused(
+        &p,
+        "tensor `w`: its storage `7` has no `data/7` record in the zip",
+    );
+}
+
+#[test]
+fn tensor_running_past_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    // The storage claims 6 elements (12 bytes) but the record holds 8 bytes.
+    let p = with_rank1(
+        &dir,
+        "short.nemo",
+        torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 8)]),
+    );
+    refused(
+        &p,
+        "its storage claims 12 bytes but record `data/0` holds 8",
+    );
+    // The storage fits its record but the view (3×3) runs past it.
+    let p = with_rank1(
+        &dir,
+        "view.nemo",
+        torch_zip(&tensor_pickle("0", 6, &[3, 3]), &[("0", 12)]),
+    );
+    refused(&p, "run past the end of its storage record `data/0`");
+}
+
+#[test]
+fn missing_rank_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "norank.nemo");
+    rebuild(&fixtures().join(TP2), &p, |n, d| {
+        if n.starts_with("mp_rank_01") {
+            None
+        } else {
+            keep(n, d)
+        }
+    });
+    refused(&p, "missing rank folder mp_rank_01");
+}
+
+#[test]
+fn tp_count_contradicting_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for (tp, want) in [
+        (
+            "1",
+            "has rank folder mp_rank_01 but model_config.yaml says tensor_model_parallel_size: 1",
+        ),
+        ("4", "missing rank folder mp_rank_02"),
+    ] {
+        let p = tmp(&dir, &format!("tp{tp}.nemo"));
+        rebuild(&fixtures().join(TP2), &p, |n, d| {
+            if n == "model_config.yaml" {
+                let y = String::from_utf8(d.to_vec()).unwrap();
+                assert!(y.contains("tensor_model_parallel_size: 2"));
+                Some((
+                    format!("./{n}"),
+                    y.replace(
+                        "tensor_model_parallel_size: 2",
+                        &format!("tensor_model_parallel_size: {tp}"),
+                    )
+                    .into_bytes(),
+                ))
+            } else {
+                keep(n, d)
+            }
+        });
+        refused(&p, want);
+    }
+}
+
+#[test]
+fn member_names_that_escape() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bad, want) in [
+        ("./../../etc/evil", "escapes the archive with `..`"),
+        ("/etc/evil", "has an absolute path"),
+    ] {
+        let p = tmp(&dir, "escape.nemo");
+        let mut first = true;
+        rebuild(&fixtures().join(TP2), &p, |n, d| {
+            if first {
+                first = false;
+                Some((bad.to_string(), d.to_vec()))
+            } else {
+                keep(n, d)
+            }
+        });
+        refused(&p, want);
+    }
+}
+
+#[test]
+fn config_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "nocfg.nemo");
+    rebuild(&fixtures().join(TP2), &p, |n, d| {
+        if n == "model_config.yaml" {
+            None
+        } else {
+            keep(n, d)
+        }
+    });
+    refused(&p, "no model_config.yaml member");
+    let p = tmp(&dir, "badcfg.nemo");
+    rebuild(&fixtures().join(TP2), &p, |n, d| {
+        if n == "model_config.yaml" {
+            Some((format!("./{n}"), b"num_layers: [unclosed\n".to_vec()))
+        } else {
+            keep(n, d)
+        }
+    });
+    refused(&p, "model_config.yaml: not valid YAML");
+}
+
+#[test]
+fn a_tokenizer_that_is_not_sentencepiece_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "tok.nemo");
+    rebuild(&fixtures().join(TP2), &p, |n, d| {
+        if n.ends_with("_tokenizer.model") {
+            Some((format!("./{n}"), b"\x0a\xff\xff\xff".to_vec()))
+        } else {
+            keep(n, d)
+        }
+    });
+    let (code, stdout, _) = inspect(&p);
+    assert_eq!(code, 0, "inspect still describes the weights");
+    assert!(
+        stdout.contains("warning:") && stdout.contains("not a SentencePiece model"),
+        "{stdout}"
+    );
+}
