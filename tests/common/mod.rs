@@ -97,7 +97,7 @@ pub fn rebuild(
         let data = &bytes[m.offset as usize..(m.offset + m.size) as usize];
         match m.kind {
             MemberKind::Dir => t
-                .dir(&format!("./{}", m.name).trim_end_matches('/').to_string())
+                .dir(format!("./{}", m.name).trim_end_matches('/'))
                 .unwrap(),
             MemberKind::File => {
                 if let Some((name, data)) = edit(&m.name, data) {
