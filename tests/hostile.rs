@@ -60,8 +60,6 @@ fn torch_zip(pickle: &[u8], storages: &[(&str, usize)]) -> Vec<u8> {
     cur.into_inner()
 }
 
-use std::io::Write;
-
 /// Replaces rank 1's checkpoint of the TP2 fixture by `ckpt`.
 fn with_rank1(dir: &tempfile::TempDir, name: &str, ckpt: Vec<u8>) -> PathBuf {
     let p = tmp(dir, name);
