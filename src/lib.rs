@@ -9,6 +9,7 @@ pub mod error;
 pub mod model;
 pub mod nemo;
 pub mod progress;
+pub mod synth;
 pub mod tensor;
 pub mod torch;
 

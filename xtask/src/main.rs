@@ -1,1 +1,185 @@
-fn main() {}
+//! Project tasks: `cargo xtask synth`, `cargo xtask bench inspect`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use steerlm_convert::synth::{self, SynthSpec};
+use steerlm_convert::tensor::DType;
+
+const USAGE: &str = "usage:
+  cargo xtask synth OUT.nemo [--layers N] [--tp N] [--pp N] [--dtype bf16|fp16|fp32]
+                             [--hidden H --heads A --ffn F --vocab V]
+      Writes a synthetic archive (Llama-2 13B shapes at TP 4 by default) with the
+      project's own torch writer.
+  cargo xtask bench inspect [--layers 4,16] [--dir DIR]
+      Times `steerlm-convert inspect` and measures its peak RSS on synthetic 13B-shaped
+      archives (made in DIR, default target/bench, if absent).";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("synth") => synth_cmd(&args[1..]),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("inspect") => bench_inspect(&args[2..]),
+            _ => bail!("{USAGE}"),
+        },
+        _ => bail!("{USAGE}"),
+    }
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn num(args: &[String], name: &str, default: u64) -> Result<u64> {
+    flag(args, name).map_or(Ok(default), |v| {
+        v.parse().with_context(|| format!("{name} {v}"))
+    })
+}
+
+fn synth_cmd(args: &[String]) -> Result<()> {
+    let out = args
+        .first()
+        .filter(|a| !a.starts_with("--"))
+        .context(USAGE)?;
+    let mut spec = SynthSpec::llama2_13b(num(args, "--layers", 4)?);
+    spec.tp = num(args, "--tp", spec.tp)?;
+    spec.pp = num(args, "--pp", spec.pp)?;
+    spec.hidden = num(args, "--hidden", spec.hidden)?;
+    spec.heads = num(args, "--heads", spec.heads)?;
+    spec.ffn = num(args, "--ffn", spec.ffn)?;
+    spec.vocab = num(args, "--vocab", spec.vocab)?;
+    spec.dtype = match flag(args, "--dtype").unwrap_or("bf16") {
+        "bf16" => DType::BF16,
+        "fp16" => DType::F16,
+        "fp32" => DType::F32,
+        d => bail!("unknown dtype {d}"),
+    };
+    let t = Instant::now();
+    let bytes = synth::write(&spec, Path::new(out), |_| {})?;
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "wrote {out}: {} layers, TP {} x PP {}, {:.2} GB of tensors in {s:.1} s ({:.2} GB/s)",
+        spec.layers,
+        spec.tp,
+        spec.pp,
+        bytes as f64 / 1e9,
+        bytes as f64 / 1e9 / s
+    );
+    Ok(())
+}
+
+/// Runs a command and returns (wall seconds, peak RSS of the child in bytes).
+fn measure(cmd: &mut Command) -> Result<(f64, u64, std::process::Output)> {
+    let t = Instant::now();
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    // Reap the child ourselves with wait4 to get its own rusage (not all children's).
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let out = {
+        let stdout = child.stdout;
+        let stderr = child.stderr;
+        let h1 = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut s) = stdout {
+                std::io::Read::read_to_end(&mut s, &mut v).ok();
+            }
+            v
+        });
+        let h2 = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut s) = stderr {
+                std::io::Read::read_to_end(&mut s, &mut v).ok();
+            }
+            v
+        });
+        // SAFETY: plain wait4 on our own child pid with valid out-pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r != pid {
+            bail!("wait4 failed");
+        }
+        let stdout = h1.join().unwrap_or_default();
+        let stderr = h2.join().unwrap_or_default();
+        std::process::Output {
+            status: std::os::unix::process::ExitStatusExt::from_raw(status),
+            stdout,
+            stderr,
+        }
+    };
+    Ok((
+        t.elapsed().as_secs_f64(),
+        usage.ru_maxrss as u64 * 1024,
+        out,
+    ))
+}
+
+fn release_binary() -> Result<PathBuf> {
+    let st = Command::new("cargo")
+        .args(["build", "--release", "--bin", "steerlm-convert"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/steerlm-convert"))
+}
+
+fn synth_if_absent(dir: &Path, layers: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let p = dir.join(format!("synth13b_tp4_l{layers}.nemo"));
+    if !p.exists() {
+        eprintln!("writing {} ...", p.display());
+        synth::write(&SynthSpec::llama2_13b(layers), &p, |_| {})?;
+    }
+    Ok(p)
+}
+
+fn bench_inspect(args: &[String]) -> Result<()> {
+    let dir = PathBuf::from(flag(args, "--dir").unwrap_or("target/bench"));
+    let layers: Vec<u64> = flag(args, "--layers")
+        .unwrap_or("4,16")
+        .split(',')
+        .map(|s| s.parse().context("--layers"))
+        .collect::<Result<_>>()?;
+    let bin = release_binary()?;
+    println!(
+        "{:<28} {:>10} {:>10} {:>12} {:>12}",
+        "archive", "size GB", "tensors", "inspect ms", "peak RSS MB"
+    );
+    for l in layers {
+        let p = synth_if_absent(&dir, l)?;
+        let size = std::fs::metadata(&p)?.len();
+        // Drop the page cache's advantage of the first run by taking the best of 3 runs
+        // after one warm-up; the quantity of interest is work done, not disk latency.
+        let mut best = f64::MAX;
+        let mut rss = 0;
+        let mut tensors = 0;
+        for _ in 0..4 {
+            let (s, r, out) = measure(Command::new(&bin).arg("inspect").arg(&p).arg("--json"))?;
+            if !out.status.success() {
+                bail!("inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            tensors = v["tensor_count"].as_u64().unwrap_or(0);
+            best = best.min(s);
+            rss = rss.max(r);
+        }
+        println!(
+            "{:<28} {:>10.2} {:>10} {:>12.1} {:>12.1}",
+            p.file_name().unwrap().to_string_lossy(),
+            size as f64 / 1e9,
+            tensors,
+            best * 1e3,
+            rss as f64 / 1e6
+        );
+    }
+    Ok(())
+}
