@@ -165,10 +165,10 @@ const TOKENIZER: &str = "5f2ed0c0a1b24c6c9f3e8d7a6b5c4d3e_tokenizer.model";
 /// Writes the archive to `out` (through a `.partial` sibling renamed at the end).
 /// `on_bytes` is told how many tensor bytes were written, for progress.
 pub fn write(spec: &SynthSpec, out: &Path, mut on_bytes: impl FnMut(u64)) -> Result<u64> {
-    if spec.layers % spec.pp != 0
-        || spec.heads % spec.tp != 0
-        || spec.ffn % spec.tp != 0
-        || spec.hidden % spec.heads != 0
+    if !spec.layers.is_multiple_of(spec.pp)
+        || !spec.heads.is_multiple_of(spec.tp)
+        || !spec.ffn.is_multiple_of(spec.tp)
+        || !spec.hidden.is_multiple_of(spec.heads)
     {
         return Err(Error::Usage(
             "synthetic shapes must divide by TP, PP and the head count".into(),

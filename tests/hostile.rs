@@ -360,3 +360,49 @@ fn a_tokenizer_that_is_not_sentencepiece_is_reported() {
         "{stdout}"
     );
 }
+
+#[test]
+fn dist_checkpoints_that_are_not_plain_zarr_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let zarr = fixtures().join("archives/gqa_dist_zarr_bf16.nemo");
+    let p = tmp(&dir, "torch_dist.nemo");
+    rebuild(&zarr, &p, |n, d| {
+        if n == "model_weights/metadata.json" {
+            Some((
+                format!("./{n}"),
+                br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1}"#.to_vec(),
+            ))
+        } else {
+            keep(n, d)
+        }
+    });
+    refused(&p, "sharded backend `torch_dist` is not supported yet");
+    let p = tmp(&dir, "blosc.nemo");
+    rebuild(&zarr, &p, |n, d| {
+        if n == "model_weights/model.output_layer.weight/.zarray" {
+            let z = String::from_utf8(d.to_vec()).unwrap().replace(
+                "\"compressor\": null",
+                "\"compressor\": {\"id\": \"blosc\"}",
+            );
+            Some((format!("./{n}"), z.into_bytes()))
+        } else {
+            keep(n, d)
+        }
+    });
+    refused(
+        &p,
+        "array `model.output_layer.weight`: compressed or filtered chunks are not supported",
+    );
+    let p = tmp(&dir, "chunk.nemo");
+    rebuild(&zarr, &p, |n, d| {
+        if n == "model_weights/model.output_layer.weight/1.0" {
+            None
+        } else {
+            keep(n, d)
+        }
+    });
+    refused(
+        &p,
+        "array `model.output_layer.weight`: 1 of 2 chunks present",
+    );
+}
