@@ -21,6 +21,15 @@ pub enum Command {
     /// so it takes well under a second even for a 50 GB archive. Exit code 2 on a
     /// malformed archive, with one line naming the file, member and offset.
     Inspect(InspectArgs),
+    /// Merge all TP/PP shards into a Hugging Face LlamaForCausalLM folder (safetensors).
+    ///
+    /// Writes model.safetensors (or shards plus model.safetensors.index.json), config.json,
+    /// generation_config.json, tokenizer.model, tokenizer_config.json and
+    /// special_tokens_map.json. Tensors are bit-exact copies of the source weights (or
+    /// exact casts with --dtype), produced one at a time from the mapped archive, so memory
+    /// stays bounded by one batch of rows whatever the model size. The output is written
+    /// into a temporary sibling and renamed at the end: on error or Ctrl-C nothing is left.
+    NemoToSafetensors(NemoToSafetensorsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -39,4 +48,73 @@ pub struct InspectArgs {
     /// Hide progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Output dtype of a conversion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    /// Keep the dtype the archive stores.
+    Keep,
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+#[derive(Debug, Args)]
+pub struct NemoToSafetensorsArgs {
+    /// The .nemo archive (any layout `inspect` reads).
+    pub input: PathBuf,
+    /// The Hugging Face folder to write (must not exist, unless --force).
+    pub output: PathBuf,
+    /// dtype of the written weights. Casting to fp16 refuses values that overflow
+    /// unless --allow-overflow.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub dtype: DTypeArg,
+    /// Largest safetensors file, e.g. 5GB, 500MB, 2GiB; bigger models are sharded with
+    /// model.safetensors.index.json, as transformers does.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+    /// Replace OUT if it exists (it is replaced only once the new output is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Write values that overflow fp16 as ±inf instead of refusing.
+    #[arg(long)]
+    pub allow_overflow: bool,
+    /// Print a JSON report (tensors, dropped keys, casts, timing) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Where a gzip-compressed archive is decompressed (default: beside OUT).
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
+    /// Hide progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Parses `5GB`, `500MB`, `2GiB`, `1024`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 5GB"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}`")),
+    };
+    let v = n * mult;
+    if v < 1.0 {
+        return Err(format!("`{s}` is too small"));
+    }
+    Ok(v as u64)
 }

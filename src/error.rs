@@ -59,6 +59,9 @@ pub enum Error {
     /// The user asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+    /// Ctrl-C was pressed; partial output was removed.
+    #[error("interrupted; partial output removed")]
+    Interrupted,
 }
 
 impl Error {

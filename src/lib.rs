@@ -5,9 +5,12 @@
 //! reads the config, tokenizer and rank grid; [`torch`] locates every tensor of every rank
 //! through a safe pickle VM; [`model::roles`] says what each tensor is and how it is split.
 
+pub mod convert;
 pub mod error;
+pub mod formats;
 pub mod model;
 pub mod nemo;
+pub mod output;
 pub mod progress;
 pub mod synth;
 pub mod tensor;

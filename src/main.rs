@@ -6,9 +6,15 @@ mod cli;
 mod commands;
 
 fn main() -> ExitCode {
+    // A file-size limit (ulimit -f) must be a write error we clean up after, not a kill.
+    // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Inspect(args) => commands::inspect::run(&args),
+        cli::Command::NemoToSafetensors(args) => commands::nemo_to_safetensors::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -17,6 +23,12 @@ fn main() -> ExitCode {
                 if io.kind() == std::io::ErrorKind::BrokenPipe {
                     return ExitCode::SUCCESS;
                 }
+            }
+            if let Some(steerlm_convert::Error::Interrupted) =
+                e.downcast_ref::<steerlm_convert::Error>()
+            {
+                eprintln!("steerlm-convert: interrupted; partial output removed");
+                return ExitCode::from(130);
             }
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("steerlm-convert: error: {msg}");

@@ -201,6 +201,60 @@ pub fn fmt_shape(shape: &[u64]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
+/// Converts little-endian elements of `from` in `src` to `to`, appending to `out`.
+/// Returns how many finite values overflowed to ±inf (casting to fp16 narrows the range).
+pub fn convert(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) -> Result<u64, String> {
+    use half::{bf16, f16};
+    if from == to {
+        out.extend_from_slice(src);
+        return Ok(0);
+    }
+    let n = src.len() / from.size();
+    let mut vals = Vec::with_capacity(n);
+    match from {
+        DType::F32 => vals.extend(
+            src.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        DType::F16 => vals.extend(
+            src.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        DType::BF16 => vals.extend(
+            src.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        d => return Err(format!("cannot convert from {d}")),
+    }
+    let mut overflow = 0u64;
+    out.reserve(n * to.size());
+    match to {
+        DType::F32 => vals
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => {
+            for &v in &vals {
+                let h = f16::from_f32(v);
+                if h.is_infinite() && v.is_finite() {
+                    overflow += 1;
+                }
+                out.extend_from_slice(&h.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for &v in &vals {
+                let h = bf16::from_f32(v);
+                if h.is_infinite() && v.is_finite() {
+                    overflow += 1;
+                }
+                out.extend_from_slice(&h.to_le_bytes());
+            }
+        }
+        d => return Err(format!("cannot convert to {d}")),
+    }
+    Ok(overflow)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +284,27 @@ mod tests {
                 Some(d)
             );
         }
+    }
+
+    #[test]
+    fn conversions_are_exact_and_count_fp16_overflow() {
+        let mut out = Vec::new();
+        let bf = [
+            half::bf16::from_f32(1.5),
+            half::bf16::from_f32(-3.0e38),
+            half::bf16::from_f32(0.25),
+        ];
+        let src: Vec<u8> = bf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(convert(&src, DType::BF16, DType::F16, &mut out), Ok(1));
+        let back: Vec<f32> = out
+            .chunks(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        assert_eq!(back[0], 1.5);
+        assert!(back[1].is_infinite());
+        out.clear();
+        assert_eq!(convert(&src, DType::BF16, DType::F32, &mut out), Ok(0));
+        assert_eq!(&out[..4], &1.5f32.to_le_bytes());
+        assert!(convert(&src, DType::I8, DType::F32, &mut out).is_err());
     }
 }

@@ -1,3 +1,4 @@
 //! The canonical Llama model: the role table that says what each stored tensor is.
 
 pub mod roles;
+pub mod shard;

@@ -117,6 +117,17 @@ impl Archive {
         &self.map[m.offset as usize..(m.offset + m.size) as usize]
     }
 
+    /// Drops our mapping's resident pages (they stay in the page cache), so that the
+    /// process's resident memory does not grow with the bytes read so far.
+    pub fn release_all(&self) {
+        // SAFETY: the mapping is read-only and file-backed: DONTNEED only unmaps pages,
+        // which are read again from the file on the next access.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     /// Names of regular-file members, in archive order.
     pub fn file_names(&self) -> impl Iterator<Item = &str> {
         self.members

@@ -1,0 +1,313 @@
+//! `nemo-to-safetensors`: merge every rank into a Hugging Face Llama folder, one tensor at a
+//! time, straight from the mapped archive into the output files.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::formats::hf::{self, HfTensor};
+use crate::formats::safetensors_out::{self, Counting, TensorSpec};
+use crate::model::roles::{Kind, Role};
+use crate::model::shard::{self, Logical, Seg};
+use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::output::{self, AtomicDir};
+use crate::progress::Progress;
+use crate::tensor::{self, DType};
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// `None` keeps the stored dtype.
+    pub dtype: Option<DType>,
+    pub max_shard_bytes: u64,
+    pub force: bool,
+    pub allow_overflow: bool,
+    pub progress: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub files: Vec<String>,
+    pub tensors: Vec<(TensorSpec, DType)>,
+    pub dropped: Vec<String>,
+    pub overflow: Vec<(String, u64)>,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl Report {
+    pub fn to_json(&self, out: &Path) -> Value {
+        json!({
+            "output": out.display().to_string(),
+            "files": self.files,
+            "tensors": self.tensors.iter().map(|(t, src)| json!({
+                "name": t.name, "shape": t.shape, "dtype": t.dtype.short_name(), "source_dtype": src.short_name(),
+            })).collect::<Vec<_>>(),
+            "dropped": self.dropped,
+            "fp16_overflow": self.overflow.iter().map(|(n, c)| json!({"tensor": n, "count": c})).collect::<Vec<_>>(),
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "peak_rss_bytes": output::peak_rss(),
+        })
+    }
+}
+
+/// Converts `ck` into the HF folder `out`.
+pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -> Result<Report> {
+    let start = Instant::now();
+    let tok = ck.tokenizer()?;
+    let sp = &tok.model;
+    let vocab = sp.vocab_size() as u64;
+    let logicals = shard::logical_tensors(ck)?;
+    let rows = logicals[&(Kind::Embedding, None)].rows();
+    if vocab > rows {
+        return Err(Error::Tokenizer {
+            file: ck.archive.display().to_string(),
+            msg: format!("the tokenizer has {vocab} pieces but the embedding has only {rows} rows"),
+        });
+    }
+    let plan = hf::plan(&logicals, &ck.config, vocab);
+    let out_dtype = |l: &Logical| opts.dtype.unwrap_or(l.dtype);
+    let specs: Vec<TensorSpec> = plan
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: out_dtype(&logicals[&t.key]),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let written_dtype = specs.first().map(|s| s.dtype).unwrap_or(DType::F32);
+    for (t, p) in specs.iter().zip(&plan) {
+        let src = logicals[&p.key].dtype;
+        if !matches!(src, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Tensor {
+                member: ck.archive.display().to_string(),
+                tensor: t.name.clone(),
+                msg: format!("stored as {src}, not a float dtype"),
+            });
+        }
+    }
+    check_replicas(ck, &logicals)?;
+    let dir = AtomicDir::create(out, opts.force)?;
+    let shards = safetensors_out::plan_shards(&specs, opts.max_shard_bytes);
+    let names = safetensors_out::shard_names(shards.len());
+    let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
+    let bar = Progress::bytes(total, "converting", opts.progress);
+    let mut overflow = Vec::new();
+    for (shard, name) in shards.iter().zip(&names) {
+        let path = dir.path().join(name);
+        let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = Counting {
+            inner: BufWriter::with_capacity(16 << 20, f),
+            written: 0,
+        };
+        let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
+        w.write_all(&safetensors_out::header(&refs))
+            .map_err(|e| Error::io(&path, e))?;
+        for &i in shard {
+            output::check_interrupted()?;
+            let l = &logicals[&plan[i].key];
+            let before = w.written;
+            let n = write_tensor(ck, l, &plan[i], specs[i].dtype, &mut w, &bar).map_err(
+                |e| match e {
+                    WriteError::Io(e) => Error::io(&path, e),
+                    WriteError::Lib(e) => e,
+                },
+            )?;
+            debug_assert_eq!(w.written - before, specs[i].nbytes());
+            if n > 0 {
+                if !opts.allow_overflow {
+                    return Err(Error::Tensor {
+                        member: ck.archive.display().to_string(),
+                        tensor: specs[i].name.clone(),
+                        msg: format!(
+                            "{n} values overflow {} (pass --allow-overflow to write them as ±inf)",
+                            specs[i].dtype
+                        ),
+                    });
+                }
+                overflow.push((specs[i].name.clone(), n));
+            }
+        }
+        let f = w
+            .inner
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(&path, e))?;
+    }
+    bar.finish();
+    let mut files = names.clone();
+    if shards.len() > 1 {
+        write_json(
+            dir.path(),
+            "model.safetensors.index.json",
+            &safetensors_out::index_json(&specs, &shards, &names),
+        )?;
+        files.push("model.safetensors.index.json".into());
+    }
+    write_json(
+        dir.path(),
+        "config.json",
+        &hf::config_json(&ck.config, sp, written_dtype),
+    )?;
+    write_json(
+        dir.path(),
+        "generation_config.json",
+        &hf::generation_config_json(sp),
+    )?;
+    write_json(
+        dir.path(),
+        "tokenizer_config.json",
+        &hf::tokenizer_config_json(sp, ck.config.max_position_embeddings),
+    )?;
+    write_json(
+        dir.path(),
+        "special_tokens_map.json",
+        &hf::special_tokens_map_json(sp),
+    )?;
+    let tm = dir.path().join("tokenizer.model");
+    let member = ck
+        .archive
+        .member(&tok.member)
+        .expect("resolved tokenizer member");
+    std::fs::write(&tm, ck.archive.data(member)).map_err(|e| Error::io(&tm, e))?;
+    files.extend(
+        [
+            "config.json",
+            "generation_config.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+        ]
+        .map(String::from),
+    );
+    dir.commit()?;
+    Ok(Report {
+        files,
+        tensors: specs
+            .iter()
+            .zip(&plan)
+            .map(|(s, p)| (s.clone(), logicals[&p.key].dtype))
+            .collect(),
+        dropped: dropped_keys(ck),
+        overflow,
+        bytes: total,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
+    let p = dir.join(name);
+    let mut text = serde_json::to_string_pretty(v).expect("JSON of plain values");
+    text.push('\n');
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+}
+
+/// Keys that are not weights and are not exported.
+fn dropped_keys(ck: &Checkpoint) -> Vec<String> {
+    let mut v: Vec<String> = match &ck.weights {
+        Weights::Ranks(ranks) => ranks
+            .iter()
+            .flat_map(|r| r.state.entries.iter().map(|(k, _)| k))
+            .filter(|k| ck.classify(k).is_some_and(|c| c.role == Role::Skip))
+            .cloned()
+            .collect(),
+        Weights::Distributed(d) => d.objects.iter().map(|(k, _)| k.clone()).collect(),
+    };
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Replicated tensors must be identical on every rank.
+fn check_replicas(
+    ck: &Checkpoint,
+    logicals: &BTreeMap<(Kind, Option<u64>), Logical<'_>>,
+) -> Result<()> {
+    let bytes = ck.archive.bytes();
+    for ((kind, layer), l) in logicals {
+        let reps = l.replicas();
+        if let Some(&(o0, n0)) = reps.first() {
+            let first = &bytes[o0 as usize..(o0 + n0) as usize];
+            for (r, &(o, n)) in reps.iter().enumerate().skip(1) {
+                if &bytes[o as usize..(o + n) as usize] != first {
+                    return Err(Error::Layout {
+                        file: ck.archive.display().to_string(),
+                        msg: format!("replicated tensor {kind:?} (layer {layer:?}) differs between TP rank 0 and rank {r}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+enum WriteError {
+    Io(std::io::Error),
+    Lib(Error),
+}
+
+/// Writes the rows of one HF tensor; returns the number of values that overflowed.
+fn write_tensor(
+    ck: &Checkpoint,
+    l: &Logical,
+    t: &HfTensor,
+    to: DType,
+    w: &mut impl Write,
+    bar: &Progress,
+) -> std::result::Result<u64, WriteError> {
+    let bytes = ck.archive.bytes();
+    let row_bytes = l.row_bytes();
+    // Rows are gathered in batches of about 8 MiB of source.
+    let batch = (8u64 << 20).div_ceil(row_bytes).max(1);
+    let mut segs: Vec<Seg> = Vec::new();
+    let mut overflow = 0;
+    for &(start, end) in &t.rows {
+        let mut r = start;
+        while r < end {
+            let stop = (r + batch).min(end);
+            segs.clear();
+            for i in r..stop {
+                l.row_segments(i, &mut segs);
+            }
+            if to == l.dtype {
+                for &(o, n) in &segs {
+                    w.write_all(&bytes[o as usize..(o + n) as usize])
+                        .map_err(WriteError::Io)?;
+                    bar.inc(n);
+                }
+            } else {
+                // Convert segments in parallel, then write in order.
+                let parts: Vec<std::result::Result<(Vec<u8>, u64), String>> = segs
+                    .par_iter()
+                    .map(|&(o, n)| {
+                        let mut v = Vec::new();
+                        let c = tensor::convert(
+                            &bytes[o as usize..(o + n) as usize],
+                            l.dtype,
+                            to,
+                            &mut v,
+                        )?;
+                        Ok((v, c))
+                    })
+                    .collect();
+                for p in parts {
+                    let (v, c) = p.map_err(|m| WriteError::Lib(Error::Usage(m)))?;
+                    overflow += c;
+                    bar.inc(v.len() as u64);
+                    w.write_all(&v).map_err(WriteError::Io)?;
+                }
+            }
+            r = stop;
+        }
+    }
+    ck.archive.release_all();
+    Ok(overflow)
+}

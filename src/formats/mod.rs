@@ -1,0 +1,4 @@
+//! Output formats.
+
+pub mod hf;
+pub mod safetensors_out;
