@@ -65,6 +65,41 @@ pub enum Error {
 }
 
 impl Error {
+    /// Prefixes the member of a zip, pickle or tensor error with the archive's path, so
+    /// that the message names both the file and the member inside it.
+    pub fn in_file(self, file: &str) -> Self {
+        match self {
+            Error::Zip {
+                member,
+                offset,
+                msg,
+            } => Error::Zip {
+                member: format!("{file}:{member}"),
+                offset,
+                msg,
+            },
+            Error::Pickle {
+                member,
+                offset,
+                msg,
+            } => Error::Pickle {
+                member: format!("{file}:{member}"),
+                offset,
+                msg,
+            },
+            Error::Tensor {
+                member,
+                tensor,
+                msg,
+            } => Error::Tensor {
+                member: format!("{file}:{member}"),
+                tensor,
+                msg,
+            },
+            other => other,
+        }
+    }
+
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

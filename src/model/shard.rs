@@ -240,7 +240,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                 for (name, t) in r.state.tensors() {
                     let Some(c) = ck.classify(name) else {
                         return Err(Error::Tensor {
-                            member: r.state.member.clone(),
+                            member: format!("{file}:{}", r.state.member),
                             tensor: name.to_string(),
                             msg: "unknown tensor key (not part of a Llama model)".into(),
                         });
@@ -252,7 +252,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                         Layer::Index(l) if l < per_stage => Some(r.pp * per_stage + l),
                         Layer::Index(l) => {
                             return Err(Error::Tensor {
-                                member: r.state.member.clone(),
+                                member: format!("{file}:{}", r.state.member),
                                 tensor: name.to_string(),
                                 msg: format!("layer {l} but a stage holds {per_stage} layers"),
                             })
@@ -272,7 +272,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                         .is_some()
                     {
                         return Err(Error::Tensor {
-                            member: r.state.member.clone(),
+                            member: format!("{file}:{}", r.state.member),
                             tensor: name.to_string(),
                             msg: "appears twice for the same layer".into(),
                         });
@@ -298,7 +298,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                 let want = d.rank_shape(kind, vocab_rows, d.tp);
                 for (t, name, member) in &refs {
                     let terr = |msg: String| Error::Tensor {
-                        member: member.to_string(),
+                        member: format!("{file}:{member}"),
                         tensor: name.to_string(),
                         msg,
                     };
