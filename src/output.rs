@@ -105,13 +105,23 @@ impl Drop for AtomicDir {
     }
 }
 
-/// Peak resident set size of this process so far, in bytes.
+/// Peak resident set size of this process so far, in bytes: `VmHWM` of /proc/self/status
+/// (getrusage's maxrss survives exec, so it would count a parent's memory).
 pub fn peak_rss() -> u64 {
-    // SAFETY: getrusage fills a plain struct we own.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
-        u.ru_maxrss as u64 * 1024
-    } else {
-        0
-    }
+    let from_proc = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        });
+    from_proc.unwrap_or_else(|| {
+        // SAFETY: getrusage fills a plain struct we own.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            u.ru_maxrss as u64 * 1024
+        } else {
+            0
+        }
+    })
 }

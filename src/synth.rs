@@ -201,12 +201,14 @@ fn write_to(spec: &SynthSpec, path: &Path, on_bytes: &mut dyn FnMut(u64)) -> Res
     let mut buf = vec![0u8; 1 << 20];
     for pp in 0..spec.pp {
         let entries = spec.rank_entries(pp);
-        let sizes: Vec<u64> = entries
+        // (bytes, replicated on every TP rank) of each storage, in order.
+        let sizes: Vec<(u64, bool)> = entries
             .iter()
-            .filter_map(|(_, e)| match e {
-                SaveEntry::Tensor { dtype, shape } => {
-                    Some(shape.iter().product::<u64>() * dtype.size() as u64)
-                }
+            .filter_map(|(name, e)| match e {
+                SaveEntry::Tensor { dtype, shape } => Some((
+                    shape.iter().product::<u64>() * dtype.size() as u64,
+                    name.contains("layernorm") || name.ends_with("inv_freq"),
+                )),
                 SaveEntry::None => None,
             })
             .collect();
@@ -225,9 +227,9 @@ fn write_to(spec: &SynthSpec, path: &Path, on_bytes: &mut dyn FnMut(u64)) -> Res
             t.begin_file(&format!("./{member}"), file.size())
                 .map_err(io_err)?;
             file.write(t.inner(), |i, o| {
-                let n = sizes[i];
-                let mut seed =
-                    0x9E37_79B9_7F4A_7C15u64 ^ ((tp * 1_000_003 + pp * 7919 + i as u64) << 1);
+                let (n, replicated) = sizes[i];
+                let rank_salt = if replicated { 0 } else { tp * 1_000_003 };
+                let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ ((rank_salt + pp * 7919 + i as u64) << 1);
                 let mut left = n;
                 while left > 0 {
                     let k = left.min(buf.len() as u64) as usize;
@@ -240,7 +242,7 @@ fn write_to(spec: &SynthSpec, path: &Path, on_bytes: &mut dyn FnMut(u64)) -> Res
             })
             .map_err(io_err)?;
             t.end_file().map_err(io_err)?;
-            total += sizes.iter().sum::<u64>();
+            total += sizes.iter().map(|s| s.0).sum::<u64>();
         }
     }
     let w = t.finish().map_err(io_err)?;
@@ -296,6 +298,16 @@ mod tests {
             };
             assert_eq!(r.len() as u64, tp * pp);
             assert!(!out.with_extension("nemo.partial").exists());
+            let hf = dir.path().join(format!("hf{tp}{pp}"));
+            let opts = crate::convert::ConvertOptions {
+                dtype: None,
+                max_shard_bytes: u64::MAX,
+                force: false,
+                allow_overflow: false,
+                progress: false,
+            };
+            let report = crate::convert::nemo_to_safetensors(&ck, &hf, &opts).unwrap();
+            assert_eq!(report.tensors.len(), 2 + 4 * 9 + 1);
         }
     }
 }

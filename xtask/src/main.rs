@@ -15,7 +15,11 @@ const USAGE: &str = "usage:
       project's own torch writer.
   cargo xtask bench inspect [--layers 4,16] [--dir DIR]
       Times `steerlm-convert inspect` and measures its peak RSS on synthetic 13B-shaped
-      archives (made in DIR, default target/bench, if absent).";
+      archives (made in DIR, default target/bench, if absent).
+  cargo xtask bench convert [--layers 4,16] [--dir DIR] [--python PY]
+      nemo-to-safetensors on the same archives against `cp` (+ fsync) of the archive to
+      the same disk, and against the Python way (torch.load + cat + save_file) when PY
+      (default: python3) imports torch.";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,6 +27,7 @@ fn main() -> Result<()> {
         Some("synth") => synth_cmd(&args[1..]),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("inspect") => bench_inspect(&args[2..]),
+            Some("convert") => bench_convert(&args[2..]),
             _ => bail!("{USAGE}"),
         },
         _ => bail!("{USAGE}"),
@@ -144,11 +149,7 @@ fn synth_if_absent(dir: &Path, layers: u64) -> Result<PathBuf> {
 
 fn bench_inspect(args: &[String]) -> Result<()> {
     let dir = PathBuf::from(flag(args, "--dir").unwrap_or("target/bench"));
-    let layers: Vec<u64> = flag(args, "--layers")
-        .unwrap_or("4,16")
-        .split(',')
-        .map(|s| s.parse().context("--layers"))
-        .collect::<Result<_>>()?;
+    let layers = layer_list(args)?;
     let bin = release_binary()?;
     println!(
         "{:<28} {:>10} {:>10} {:>12} {:>12}",
@@ -179,6 +180,106 @@ fn bench_inspect(args: &[String]) -> Result<()> {
             tensors,
             best * 1e3,
             rss as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+fn layer_list(args: &[String]) -> Result<Vec<u64>> {
+    flag(args, "--layers")
+        .unwrap_or("4,16")
+        .split(',')
+        .map(|s| s.parse().context("--layers"))
+        .collect()
+}
+
+fn remove(p: &Path) {
+    let _ = if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
+}
+
+fn bench_convert(args: &[String]) -> Result<()> {
+    let dir = PathBuf::from(flag(args, "--dir").unwrap_or("target/bench"));
+    let python = flag(args, "--python").unwrap_or("python3").to_string();
+    let has_torch = Command::new(&python)
+        .args(["-c", "import torch, safetensors, yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let bin = release_binary()?;
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/torch_merge.py");
+    println!(
+        "{:<24} {:>8} {:>9} {:>9} {:>7} {:>10} {:>9} {:>7} {:>10}",
+        "archive",
+        "GB",
+        "cp+sync s",
+        "ours s",
+        "ratio",
+        "ours RSS",
+        "torch s",
+        "ratio",
+        "torch RSS"
+    );
+    for l in layer_list(args)? {
+        let p = synth_if_absent(&dir, l)?;
+        let size = std::fs::metadata(&p)?.len();
+        // Warm the page cache equally for every contender.
+        Command::new("cat")
+            .arg(&p)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        let copy = dir.join("copy.nemo");
+        remove(&copy);
+        let (cp_s, _, o) = measure(Command::new("sh").arg("-c").arg(format!(
+            "cp '{}' '{}' && sync '{}'",
+            p.display(),
+            copy.display(),
+            copy.display()
+        )))?;
+        if !o.status.success() {
+            bail!("cp failed");
+        }
+        remove(&copy);
+        let out = dir.join("hf-out");
+        remove(&out);
+        let (ours_s, ours_rss, o) = measure(
+            Command::new(&bin)
+                .arg("nemo-to-safetensors")
+                .arg(&p)
+                .arg(&out)
+                .arg("-q"),
+        )?;
+        if !o.status.success() {
+            bail!("convert failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        remove(&out);
+        let (torch_s, torch_rss) = if has_torch {
+            let (s, r, o) = measure(Command::new(&python).arg(&peer).arg(&p).arg(&out))?;
+            remove(&out);
+            if !o.status.success() {
+                bail!("torch peer failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            (format!("{s:.1}"), format!("{:.0} MB", r as f64 / 1e6))
+        } else {
+            ("n/a".into(), "n/a".into())
+        };
+        let torch_ratio = torch_s
+            .parse::<f64>()
+            .map(|t| format!("{:.2}", t / cp_s))
+            .unwrap_or_else(|_| "n/a".into());
+        println!(
+            "{:<24} {:>8.2} {:>9.2} {:>9.2} {:>7.2} {:>7.0} MB {:>9} {:>7} {:>10}",
+            p.file_name().unwrap().to_string_lossy(),
+            size as f64 / 1e9,
+            cp_s,
+            ours_s,
+            ours_s / cp_s,
+            ours_rss as f64 / 1e6,
+            torch_s,
+            torch_ratio,
+            torch_rss
         );
     }
     Ok(())
