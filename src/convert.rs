@@ -231,13 +231,12 @@ fn check_replicas(
     ck: &Checkpoint,
     logicals: &BTreeMap<(Kind, Option<u64>), Logical<'_>>,
 ) -> Result<()> {
-    let bytes = ck.archive.bytes();
     for ((kind, layer), l) in logicals {
         let reps = l.replicas();
         if let Some(&(o0, n0)) = reps.first() {
-            let first = &bytes[o0 as usize..(o0 + n0) as usize];
+            let first = ck.archive.slice(o0, n0);
             for (r, &(o, n)) in reps.iter().enumerate().skip(1) {
-                if &bytes[o as usize..(o + n) as usize] != first {
+                if ck.archive.slice(o, n) != first {
                     return Err(Error::Layout {
                         file: ck.archive.display().to_string(),
                         msg: format!("replicated tensor {kind:?} (layer {layer:?}) differs between TP rank 0 and rank {r}"),
@@ -263,7 +262,6 @@ fn write_tensor(
     w: &mut impl Write,
     bar: &Progress,
 ) -> std::result::Result<u64, WriteError> {
-    let bytes = ck.archive.bytes();
     let row_bytes = l.row_bytes();
     // Rows are gathered in batches of about 8 MiB of source.
     let batch = (8u64 << 20).div_ceil(row_bytes).max(1);
@@ -279,7 +277,7 @@ fn write_tensor(
             }
             if to == l.dtype {
                 for &(o, n) in &segs {
-                    w.write_all(&bytes[o as usize..(o + n) as usize])
+                    w.write_all(ck.archive.slice(o, n))
                         .map_err(WriteError::Io)?;
                     bar.inc(n);
                 }
@@ -289,12 +287,7 @@ fn write_tensor(
                     .par_iter()
                     .map(|&(o, n)| {
                         let mut v = Vec::new();
-                        let c = tensor::convert(
-                            &bytes[o as usize..(o + n) as usize],
-                            l.dtype,
-                            to,
-                            &mut v,
-                        )?;
+                        let c = tensor::convert(ck.archive.slice(o, n), l.dtype, to, &mut v)?;
                         Ok((v, c))
                     })
                     .collect();

@@ -17,7 +17,7 @@ fn open(file: &str) -> Checkpoint {
 
 fn bytes<'a>(ck: &'a Checkpoint, t: &TensorRef) -> &'a [u8] {
     assert!(t.is_contiguous());
-    &ck.archive.bytes()[t.offset as usize..(t.offset + t.nbytes()) as usize]
+    ck.archive.slice(t.offset, t.nbytes())
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //!
 //! Uncompressed archives (what NeMo writes since 1.7) are mapped in place. Gzip archives
 //! (older NeMo) are decompressed once into a scratch file, which is then mapped the same way
-//! and deleted when the archive is dropped.
+//! and deleted when the archive is dropped. A folder (what `reshard --format safetensors`
+//! writes) is opened as an archive too: each file is mapped on its own at a virtual offset,
+//! so that every byte range the rest of the code holds means the same in both cases.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,8 +21,10 @@ use crate::progress::Progress;
 pub struct Archive {
     path: PathBuf,
     display: String,
-    map: Mmap,
+    /// Mappings at virtual offsets: one for a tar, one per file for a folder.
+    maps: Vec<(u64, Mmap)>,
     members: Vec<Member>,
+    is_dir: bool,
     by_name: HashMap<String, usize>,
     compressed: bool,
     // Keeps the decompressed copy alive (and deletes it on drop).
@@ -40,6 +44,9 @@ impl Archive {
     /// Opens and indexes `path`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Archive> {
         let display = path.display().to_string();
+        if path.is_dir() {
+            return Archive::open_dir(path);
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
@@ -74,11 +81,65 @@ impl Archive {
         Ok(Archive {
             path: path.to_path_buf(),
             display,
-            map,
+            maps: vec![(0, map)],
             members,
+            is_dir: false,
             by_name,
             compressed,
             _scratch: scratch,
+        })
+    }
+
+    /// Opens a folder: every regular file below it becomes a member.
+    fn open_dir(root: &Path) -> Result<Archive> {
+        let mut files = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            for e in rd {
+                let e = e.map_err(|e| Error::io(&dir, e))?;
+                let ft = e.file_type().map_err(|err| Error::io(e.path(), err))?;
+                if ft.is_dir() {
+                    stack.push(e.path());
+                } else if ft.is_file() {
+                    files.push(e.path());
+                }
+            }
+        }
+        files.sort();
+        let mut maps = Vec::new();
+        let mut members = Vec::new();
+        let mut by_name = HashMap::new();
+        let mut base = 0u64;
+        for f in files {
+            let name = f
+                .strip_prefix(root)
+                .expect("below root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            let file = File::open(&f).map_err(|e| Error::io(&f, e))?;
+            let size = file.metadata().map_err(|e| Error::io(&f, e))?.len();
+            if size > 0 {
+                maps.push((base, map_file(&file, &f)?));
+            }
+            by_name.insert(name.clone(), members.len());
+            members.push(Member {
+                name,
+                kind: MemberKind::File,
+                offset: base,
+                size,
+            });
+            base += size.div_ceil(4096) * 4096 + 4096;
+        }
+        Ok(Archive {
+            path: root.to_path_buf(),
+            display: root.display().to_string(),
+            maps,
+            members,
+            is_dir: true,
+            by_name,
+            compressed: false,
+            _scratch: None,
         })
     }
 
@@ -97,9 +158,28 @@ impl Archive {
         self.compressed
     }
 
-    /// The whole mapped (decompressed) archive.
-    pub fn bytes(&self) -> &[u8] {
-        &self.map
+    /// True when opened from a folder rather than a tar.
+    pub fn is_dir(&self) -> bool {
+        self.is_dir
+    }
+
+    /// `len` bytes at `offset`. Every range handed out by the reader lies inside one
+    /// member, so it is always inside one mapping; anything else is an internal bug.
+    pub fn slice(&self, offset: u64, len: u64) -> &[u8] {
+        let i = self
+            .maps
+            .partition_point(|(base, _)| *base <= offset)
+            .saturating_sub(1);
+        match self.maps.get(i) {
+            Some((base, map)) if offset >= *base => {
+                let start = (offset - base) as usize;
+                &map[start..start + len as usize]
+            }
+            _ => {
+                assert_eq!(len, 0, "byte range outside the archive");
+                &[]
+            }
+        }
     }
 
     /// Every member, in archive order.
@@ -114,7 +194,7 @@ impl Archive {
 
     /// The bytes of a member.
     pub fn data(&self, m: &Member) -> &[u8] {
-        &self.map[m.offset as usize..(m.offset + m.size) as usize]
+        self.slice(m.offset, m.size)
     }
 
     /// Drops our mapping's resident pages (they stay in the page cache), so that the
@@ -122,10 +202,9 @@ impl Archive {
     pub fn release_all(&self) {
         // SAFETY: the mapping is read-only and file-backed: DONTNEED only unmaps pages,
         // which are read again from the file on the next access.
-        let _ = unsafe {
-            self.map
-                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
-        };
+        for (_, map) in &self.maps {
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
     }
 
     /// Names of regular-file members, in archive order.

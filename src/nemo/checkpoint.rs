@@ -85,7 +85,7 @@ impl Checkpoint {
                 let m = archive
                     .member(member)
                     .expect("grid built from member names");
-                let state = StateDict::read(archive.bytes(), m.offset, m.size, member)
+                let state = StateDict::read(archive.data(m), m.offset, member)
                     .map_err(|e| e.in_file(&file))?;
                 ranks.push(Rank { tp, pp, state });
             }

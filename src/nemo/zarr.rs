@@ -131,7 +131,7 @@ fn read_array(
     files: &[(&str, u64, u64)],
     err: &dyn Fn(String) -> Error,
 ) -> Result<ZarrArray> {
-    let bytes = &archive.bytes()[off as usize..(off + size) as usize];
+    let bytes = archive.slice(off, size);
     let za: ZArray = serde_json::from_slice(bytes)
         .map_err(|e| err(format!("model_weights/{key}/.zarray: {e}")))?;
     let aerr = |msg: String| err(format!("array `{key}`: {msg}"));

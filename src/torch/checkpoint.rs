@@ -27,22 +27,9 @@ pub struct StateDict {
 }
 
 impl StateDict {
-    /// Reads the torch zip held in `archive[offset..offset + size]`, named `member`.
-    pub fn read(archive: &[u8], offset: u64, size: u64, member: &str) -> Result<StateDict> {
-        let start = usize::try_from(offset).ok();
-        let end = offset
-            .checked_add(size)
-            .and_then(|e| usize::try_from(e).ok());
-        let bytes = match (start, end) {
-            (Some(s), Some(e)) if e <= archive.len() => &archive[s..e],
-            _ => {
-                return Err(Error::Zip {
-                    member: member.to_string(),
-                    offset: 0,
-                    msg: "member lies outside the archive".into(),
-                })
-            }
-        };
+    /// Reads the torch zip `bytes` (a member named `member` whose data starts at archive
+    /// offset `offset`); tensor ranges are archive offsets.
+    pub fn read(bytes: &[u8], offset: u64, member: &str) -> Result<StateDict> {
         let records = zip::read_records(bytes, member)?;
         let zerr = |msg: String| Error::Zip {
             member: member.to_string(),

@@ -452,7 +452,7 @@ mod tests {
         .unwrap();
         let bytes = cur.into_inner();
         assert_eq!(bytes.len() as u64, f.size());
-        let sd = StateDict::read(&bytes, 0, bytes.len() as u64, "m").unwrap();
+        let sd = StateDict::read(&bytes, 0, "m").unwrap();
         assert_eq!(sd.zip_root, "mp_rank_00_model_weights");
         assert_eq!(sd.entries[1].1, StateEntry::Other("None".into()));
         let t: Vec<_> = sd.tensors().collect();
