@@ -7,18 +7,18 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::formats::hf::{self, HfTensor};
+use crate::formats::hf;
 use crate::formats::safetensors_out::{self, Counting, TensorSpec};
+use crate::model::emit::{self, Piece};
 use crate::model::roles::{Kind, Role};
-use crate::model::shard::{self, Logical, Seg};
+use crate::model::shard::{self, Logical};
 use crate::nemo::checkpoint::{Checkpoint, Weights};
 use crate::output::{self, AtomicDir};
 use crate::progress::Progress;
-use crate::tensor::{self, DType};
+use crate::tensor::DType;
 
 /// What to write.
 #[derive(Debug, Clone)]
@@ -115,12 +115,21 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
             output::check_interrupted()?;
             let l = &logicals[&plan[i].key];
             let before = w.written;
-            let n = write_tensor(ck, l, &plan[i], specs[i].dtype, &mut w, &bar).map_err(
-                |e| match e {
-                    WriteError::Io(e) => Error::io(&path, e),
-                    WriteError::Lib(e) => e,
-                },
-            )?;
+            let pieces: Vec<Piece> = plan[i]
+                .rows
+                .iter()
+                .map(|&(a, b)| Piece::Rows(a, b))
+                .collect();
+            let n = emit::write_pieces(
+                &ck.archive,
+                Some(l),
+                l.dtype,
+                &pieces,
+                specs[i].dtype,
+                &mut w,
+                &bar,
+            )
+            .map_err(|e| Error::io(&path, e))?;
             debug_assert_eq!(w.written - before, specs[i].nbytes());
             if n > 0 {
                 if !opts.allow_overflow {
@@ -246,61 +255,4 @@ fn check_replicas(
         }
     }
     Ok(())
-}
-
-enum WriteError {
-    Io(std::io::Error),
-    Lib(Error),
-}
-
-/// Writes the rows of one HF tensor; returns the number of values that overflowed.
-fn write_tensor(
-    ck: &Checkpoint,
-    l: &Logical,
-    t: &HfTensor,
-    to: DType,
-    w: &mut impl Write,
-    bar: &Progress,
-) -> std::result::Result<u64, WriteError> {
-    let row_bytes = l.row_bytes();
-    // Rows are gathered in batches of about 8 MiB of source.
-    let batch = (8u64 << 20).div_ceil(row_bytes).max(1);
-    let mut segs: Vec<Seg> = Vec::new();
-    let mut overflow = 0;
-    for &(start, end) in &t.rows {
-        let mut r = start;
-        while r < end {
-            let stop = (r + batch).min(end);
-            segs.clear();
-            for i in r..stop {
-                l.row_segments(i, &mut segs);
-            }
-            if to == l.dtype {
-                for &(o, n) in &segs {
-                    w.write_all(ck.archive.slice(o, n))
-                        .map_err(WriteError::Io)?;
-                    bar.inc(n);
-                }
-            } else {
-                // Convert segments in parallel, then write in order.
-                let parts: Vec<std::result::Result<(Vec<u8>, u64), String>> = segs
-                    .par_iter()
-                    .map(|&(o, n)| {
-                        let mut v = Vec::new();
-                        let c = tensor::convert(ck.archive.slice(o, n), l.dtype, to, &mut v)?;
-                        Ok((v, c))
-                    })
-                    .collect();
-                for p in parts {
-                    let (v, c) = p.map_err(|m| WriteError::Lib(Error::Usage(m)))?;
-                    overflow += c;
-                    bar.inc(v.len() as u64);
-                    w.write_all(&v).map_err(WriteError::Io)?;
-                }
-            }
-            r = stop;
-        }
-    }
-    ck.archive.release_all();
-    Ok(overflow)
 }

@@ -85,8 +85,16 @@ impl Checkpoint {
                 let m = archive
                     .member(member)
                     .expect("grid built from member names");
-                let state = StateDict::read(archive.data(m), m.offset, member)
-                    .map_err(|e| e.in_file(&file))?;
+                let state = if member.ends_with(".safetensors") {
+                    crate::formats::safetensors_in::read_state_dict(
+                        archive.data(m),
+                        m.offset,
+                        member,
+                    )
+                } else {
+                    StateDict::read(archive.data(m), m.offset, member)
+                }
+                .map_err(|e| e.in_file(&file))?;
                 ranks.push(Rank { tp, pp, state });
             }
             Weights::Ranks(ranks)

@@ -49,8 +49,15 @@ pub fn rank_member(tp: u64, pp: u64, tp_size: u64, pp_size: u64) -> String {
     }
 }
 
+/// The weight file names a rank folder can hold: NeMo's torch checkpoint, or the
+/// safetensors file `reshard --format safetensors` writes.
+pub const WEIGHT_FILES: [&str; 2] = ["model_weights.ckpt", "model.safetensors"];
+
 fn parse_rank_folder(name: &str) -> Option<(LayoutKind, u64, u64)> {
-    let folder = name.strip_suffix("/model_weights.ckpt")?;
+    let (folder, file) = name.rsplit_once('/')?;
+    if !WEIGHT_FILES.contains(&file) {
+        return None;
+    }
     if let Some(tp) = folder.strip_prefix("mp_rank_") {
         return Some((LayoutKind::TensorParallel, tp.parse().ok()?, 0));
     }
@@ -77,10 +84,12 @@ pub fn detect<'a>(
     let mut found: BTreeMap<(u64, u64), String> = BTreeMap::new();
     let mut kinds = Vec::new();
     let mut has_root = false;
+    let mut root_name = "";
     let mut has_dist = false;
     for n in names {
-        if n == "model_weights.ckpt" {
+        if WEIGHT_FILES.contains(&n) {
             has_root = true;
+            root_name = n;
         } else if n == "model_weights/metadata.json" {
             has_dist = true;
         } else if let Some((kind, tp, pp)) = parse_rank_folder(n) {
@@ -109,7 +118,7 @@ pub fn detect<'a>(
                     "the archive holds one model_weights.ckpt but model_config.yaml says tensor_model_parallel_size: {cfg_tp}, pipeline_model_parallel_size: {cfg_pp}"
                 )));
             }
-            found.insert((0, 0), "model_weights.ckpt".into());
+            found.insert((0, 0), root_name.to_string());
             return Ok(RankGrid {
                 kind: LayoutKind::Single,
                 tp: 1,
@@ -128,7 +137,7 @@ pub fn detect<'a>(
         if tp >= cfg_tp || pp >= cfg_pp {
             return Err(err(format!(
                 "the archive has rank folder {} but model_config.yaml says tensor_model_parallel_size: {cfg_tp}, pipeline_model_parallel_size: {cfg_pp}",
-                found[&(tp, pp)].trim_end_matches("/model_weights.ckpt")
+                found[&(tp, pp)].rsplit_once('/').map(|p| p.0).unwrap_or("")
             )));
         }
     }

@@ -1,0 +1,167 @@
+//! Producing a tensor's bytes from pieces of a logical tensor, one batch of rows at a
+//! time, cast on the way when asked. Shared by every sink.
+
+use std::io::Write;
+
+use rayon::prelude::*;
+
+use crate::model::shard::{Logical, Seg};
+use crate::nemo::archive::Archive;
+use crate::progress::Progress;
+use crate::tensor::{self, DType};
+
+/// A part of an output tensor, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Rows `a..b` of the logical tensor.
+    Rows(u64, u64),
+    /// `n` rows of zeros (vocabulary padding).
+    ZeroRows(u64),
+    /// Columns `c0..c1` of every row (row-parallel splits).
+    Cols(u64, u64),
+    /// Raw bytes of the archive in the logical tensor's dtype (e.g. `inv_freq`).
+    Raw(Seg),
+}
+
+/// Output shape of `pieces` of `l`.
+pub fn shape_of(l: &Logical, pieces: &[Piece]) -> Vec<u64> {
+    if l.shape.len() == 1 {
+        return l.shape.clone();
+    }
+    let mut rows = 0;
+    let mut cols = l.shape[1];
+    for p in pieces {
+        match p {
+            Piece::Rows(a, b) => rows += b - a,
+            Piece::ZeroRows(n) => rows += n,
+            Piece::Cols(c0, c1) => {
+                rows = l.shape[0];
+                cols = c1 - c0;
+            }
+            Piece::Raw(_) => {}
+        }
+    }
+    vec![rows, cols]
+}
+
+/// Writes `pieces` of a tensor whose source dtype is `from` as `to`; returns how many values
+/// overflowed. `l` is needed for every piece but `Raw`.
+pub fn write_pieces(
+    archive: &Archive,
+    l: Option<&Logical>,
+    from: DType,
+    pieces: &[Piece],
+    to: DType,
+    w: &mut dyn Write,
+    bar: &Progress,
+) -> std::io::Result<u64> {
+    let mut overflow = 0;
+    let mut segs: Vec<Seg> = Vec::new();
+    let mut emit = |segs: &[Seg], w: &mut dyn Write| -> std::io::Result<()> {
+        if to == from {
+            for &(o, n) in segs {
+                w.write_all(archive.slice(o, n))?;
+                bar.inc(n);
+            }
+            return Ok(());
+        }
+        let parts: Vec<Result<(Vec<u8>, u64), String>> = segs
+            .par_iter()
+            .map(|&(o, n)| {
+                let mut v = Vec::new();
+                let c = tensor::convert(archive.slice(o, n), from, to, &mut v)?;
+                Ok((v, c))
+            })
+            .collect();
+        for p in parts {
+            let (v, c) = p.map_err(std::io::Error::other)?;
+            overflow += c;
+            bar.inc(v.len() as u64);
+            w.write_all(&v)?;
+        }
+        Ok(())
+    };
+    for p in pieces {
+        match (p, l) {
+            (Piece::Raw(seg), _) => emit(std::slice::from_ref(seg), w)?,
+            (Piece::Rows(a, b), Some(l)) => {
+                // Batches of about 8 MiB of source rows.
+                let batch = (8u64 << 20).div_ceil(l.row_bytes()).max(1);
+                let mut r = *a;
+                while r < *b {
+                    let stop = (r + batch).min(*b);
+                    segs.clear();
+                    for i in r..stop {
+                        l.row_segments(i, &mut segs);
+                    }
+                    emit(&segs, w)?;
+                    r = stop;
+                }
+            }
+            (Piece::ZeroRows(n), Some(l)) => {
+                let bytes = n * l.row_bytes() / from.size() as u64 * to.size() as u64;
+                let zeros = vec![0u8; bytes.min(8 << 20) as usize];
+                let mut left = bytes;
+                while left > 0 {
+                    let k = left.min(zeros.len() as u64) as usize;
+                    w.write_all(&zeros[..k])?;
+                    bar.inc(k as u64);
+                    left -= k as u64;
+                }
+            }
+            (Piece::Cols(c0, c1), Some(l)) => {
+                let esz = from.size() as u64;
+                let (lo, hi) = (c0 * esz, c1 * esz);
+                let mut row = Vec::new();
+                let batch = (8u64 << 20).div_ceil(hi - lo).max(1);
+                let mut r = 0;
+                while r < l.rows() {
+                    let stop = (r + batch).min(l.rows());
+                    segs.clear();
+                    for i in r..stop {
+                        row.clear();
+                        l.row_segments(i, &mut row);
+                        sub_range(&row, lo, hi, &mut segs);
+                    }
+                    emit(&segs, w)?;
+                    r = stop;
+                }
+            }
+            (_, None) => return Err(std::io::Error::other("a piece without its tensor")),
+        }
+    }
+    archive.release_all();
+    Ok(overflow)
+}
+
+/// Appends the byte range `lo..hi` of the concatenation of `row` to `out`.
+fn sub_range(row: &[Seg], lo: u64, hi: u64, out: &mut Vec<Seg>) {
+    let mut pos = 0;
+    for &(o, n) in row {
+        let (s, e) = (pos.max(lo), (pos + n).min(hi));
+        if s < e {
+            let off = o + (s - pos);
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += e - s,
+                _ => out.push((off, e - s)),
+            }
+        }
+        pos += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_ranges_of_a_row() {
+        let row = [(100, 10), (200, 10), (300, 10)];
+        let mut out = Vec::new();
+        sub_range(&row, 5, 25, &mut out);
+        assert_eq!(out, vec![(105, 5), (200, 10), (300, 5)]);
+        out.clear();
+        sub_range(&row, 10, 20, &mut out);
+        assert_eq!(out, vec![(200, 10)]);
+    }
+}
