@@ -30,6 +30,14 @@ pub enum Command {
     /// stays bounded by one batch of rows whatever the model size. The output is written
     /// into a temporary sibling and renamed at the end: on error or Ctrl-C nothing is left.
     NemoToSafetensors(NemoToSafetensorsArgs),
+    /// Re-shard for another tensor/pipeline-parallel layout (e.g. the 13B's TP 4 to TP 1, 2
+    /// or 8), as per-rank safetensors folders or a .nemo archive that NeMo loads.
+    ///
+    /// Every output rank is written from the slices it needs, straight from the mapped
+    /// input: memory stays bounded whatever the model size. Split rules are the exact
+    /// inverses of the merge rules (whole query groups per rank, fused gate/up re-interleaved
+    /// per rank, vocabulary re-padded with zeros to make_vocab_size_divisible_by x TP).
+    Reshard(ReshardArgs),
 }
 
 #[derive(Debug, Args)]
@@ -117,4 +125,46 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("`{s}` is too small"));
     }
     Ok(v as u64)
+}
+
+/// Container of `reshard` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// A folder with one model.safetensors per rank folder (NeMo key names), the updated
+    /// model_config.yaml and the tokenizer artifact; reshard and nemo-to-safetensors read it.
+    Safetensors,
+    /// A .nemo archive as NeMo writes it (torch checkpoints per rank).
+    Nemo,
+}
+
+#[derive(Debug, Args)]
+pub struct ReshardArgs {
+    /// A .nemo archive, or a folder written by `reshard --format safetensors`.
+    pub input: PathBuf,
+    /// Output folder (--format safetensors) or .nemo file (--format nemo).
+    pub output: PathBuf,
+    /// Tensor-parallel degree to write; must divide the query groups, heads and ffn size.
+    #[arg(long)]
+    pub tp: u64,
+    /// Pipeline-parallel degree to write; must divide the layer count.
+    #[arg(long, default_value_t = 1)]
+    pub pp: u64,
+    /// Output container.
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: FormatArg,
+    /// dtype of the written weights.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub dtype: DTypeArg,
+    /// Replace OUT if it exists (only once the new output is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Where a gzip-compressed archive is decompressed (default: beside OUT).
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
+    /// Hide progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
 }

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Inspect(args) => commands::inspect::run(&args),
         cli::Command::NemoToSafetensors(args) => commands::nemo_to_safetensors::run(&args),
+        cli::Command::Reshard(args) => commands::reshard::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -20,6 +20,8 @@ pub struct SynthSpec {
     pub layers: u64,
     pub hidden: u64,
     pub heads: u64,
+    /// Query groups (KV heads); `heads` for multi-head attention.
+    pub groups: u64,
     pub ffn: u64,
     pub vocab: u64,
     pub tp: u64,
@@ -35,6 +37,7 @@ impl SynthSpec {
             layers,
             hidden: 5120,
             heads: 40,
+            groups: 40,
             ffn: 13824,
             vocab: 32000,
             tp: 4,
@@ -72,7 +75,7 @@ impl SynthSpec {
             e.push((format!("{p}.input_layernorm.weight"), t(vec![h])));
             e.push((
                 format!("{p}.self_attention.query_key_value.weight"),
-                t(vec![3 * h / tp, h]),
+                t(vec![(self.heads + 2 * self.groups) * hd / tp, h]),
             ));
             e.push((
                 format!("{p}.self_attention.query_key_value._extra_state"),
@@ -117,8 +120,8 @@ impl SynthSpec {
 
     fn config_yaml(&self) -> String {
         format!(
-            "mcore_gpt: false\nprecision: bf16\nmegatron_amp_O2: true\nencoder_seq_length: 4096\nmax_position_embeddings: ${{.encoder_seq_length}}\nnum_layers: {}\nhidden_size: {}\nffn_hidden_size: {}\nnum_attention_heads: {}\nnum_query_groups: null\nkv_channels: null\ninit_method_std: 0.02\nlayernorm_epsilon: 1.0e-05\nmake_vocab_size_divisible_by: {}\nactivation: fast-swiglu\nnormalization: rmsnorm\nposition_embedding_type: rope\nrotary_percentage: 1.0\nbias: false\nshare_embeddings_and_output_weights: false\ntensor_model_parallel_size: {}\npipeline_model_parallel_size: {}\ntokenizer:\n  library: sentencepiece\n  type: null\n  model: nemo:{TOKENIZER}\n  vocab_file: null\n  merge_file: null\n  sentencepiece_legacy: false\n",
-            self.layers, self.hidden, self.ffn, self.heads, self.make_vocab_size_divisible_by, self.tp, self.pp
+            "mcore_gpt: false\nprecision: bf16\nmegatron_amp_O2: true\nencoder_seq_length: 4096\nmax_position_embeddings: ${{.encoder_seq_length}}\nnum_layers: {}\nhidden_size: {}\nffn_hidden_size: {}\nnum_attention_heads: {}\nnum_query_groups: {}\nkv_channels: null\ninit_method_std: 0.02\nlayernorm_epsilon: 1.0e-05\nmake_vocab_size_divisible_by: {}\nactivation: fast-swiglu\nnormalization: rmsnorm\nposition_embedding_type: rope\nrotary_percentage: 1.0\nbias: false\nshare_embeddings_and_output_weights: false\ntensor_model_parallel_size: {}\npipeline_model_parallel_size: {}\ntokenizer:\n  library: sentencepiece\n  type: null\n  model: nemo:{TOKENIZER}\n  vocab_file: null\n  merge_file: null\n  sentencepiece_legacy: false\n",
+            self.layers, self.hidden, self.ffn, self.heads, self.groups, self.make_vocab_size_divisible_by, self.tp, self.pp
         )
     }
 
@@ -166,7 +169,8 @@ const TOKENIZER: &str = "5f2ed0c0a1b24c6c9f3e8d7a6b5c4d3e_tokenizer.model";
 /// `on_bytes` is told how many tensor bytes were written, for progress.
 pub fn write(spec: &SynthSpec, out: &Path, mut on_bytes: impl FnMut(u64)) -> Result<u64> {
     if !spec.layers.is_multiple_of(spec.pp)
-        || !spec.heads.is_multiple_of(spec.tp)
+        || !spec.groups.is_multiple_of(spec.tp)
+        || !spec.heads.is_multiple_of(spec.groups)
         || !spec.ffn.is_multiple_of(spec.tp)
         || !spec.hidden.is_multiple_of(spec.heads)
     {
@@ -278,6 +282,7 @@ mod tests {
                 layers: 4,
                 hidden: 64,
                 heads: 4,
+                groups: 4,
                 ffn: 96,
                 vocab: 300,
                 tp,

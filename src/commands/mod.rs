@@ -2,3 +2,4 @@
 
 pub mod inspect;
 pub mod nemo_to_safetensors;
+pub mod reshard;

@@ -10,7 +10,7 @@ use steerlm_convert::tensor::DType;
 
 const USAGE: &str = "usage:
   cargo xtask synth OUT.nemo [--layers N] [--tp N] [--pp N] [--dtype bf16|fp16|fp32]
-                             [--hidden H --heads A --ffn F --vocab V]
+                             [--hidden H --heads A --groups G --ffn F --vocab V]
       Writes a synthetic archive (Llama-2 13B shapes at TP 4 by default) with the
       project's own torch writer.
   cargo xtask bench inspect [--layers 4,16] [--dir DIR]
@@ -57,6 +57,7 @@ fn synth_cmd(args: &[String]) -> Result<()> {
     spec.pp = num(args, "--pp", spec.pp)?;
     spec.hidden = num(args, "--hidden", spec.hidden)?;
     spec.heads = num(args, "--heads", spec.heads)?;
+    spec.groups = num(args, "--groups", spec.heads)?;
     spec.ffn = num(args, "--ffn", spec.ffn)?;
     spec.vocab = num(args, "--vocab", spec.vocab)?;
     spec.dtype = match flag(args, "--dtype").unwrap_or("bf16") {

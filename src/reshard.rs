@@ -1,0 +1,566 @@
+//! `reshard`: split the logical tensors again for another TP × PP grid, with the inverse
+//! of every merge rule, and write per-rank safetensors folders or a `.nemo` NeMo loads.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_norway::Value as Yaml;
+
+use crate::error::{Error, Result};
+use crate::formats::safetensors_out::{self, Counting, TensorSpec};
+use crate::model::emit::{self, Piece};
+use crate::model::roles::{self, Kind, Layer, Role, Schema};
+use crate::model::shard::{self, Dims, Logical};
+use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::layout::rank_member;
+use crate::nemo::tar::MemberKind;
+use crate::nemo::tar_write::TarWriter;
+use crate::output::{self, AtomicDir};
+use crate::progress::Progress;
+use crate::tensor::DType;
+use crate::torch::save::{SaveEntry, TorchFile};
+
+/// Output container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A folder: one `model.safetensors` per rank folder, NeMo key names.
+    Safetensors,
+    /// A `.nemo` archive as NeMo writes it.
+    Nemo,
+}
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct ReshardOptions {
+    pub tp: u64,
+    pub pp: u64,
+    pub format: Format,
+    pub dtype: Option<DType>,
+    pub force: bool,
+    pub progress: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct ReshardReport {
+    pub ranks: Vec<String>,
+    pub tensors: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// One entry of an output rank's state dict.
+enum OutEntry<'a> {
+    Tensor {
+        name: String,
+        logical: Option<&'a Logical<'a>>,
+        from: DType,
+        pieces: Vec<Piece>,
+        shape: Vec<u64>,
+    },
+    None(String),
+}
+
+/// Key templates (`{L}` for the stage-local layer) by kind, as the source names them.
+struct Names {
+    weights: BTreeMap<Kind, String>,
+    /// `_extra_state` keys: per-layer templates and model-level keys.
+    extra_layer: Vec<String>,
+    extra_model: Vec<String>,
+    inv_freq: Option<(String, (u64, u64), DType)>,
+}
+
+fn templates(ck: &Checkpoint) -> Names {
+    let mut weights = BTreeMap::new();
+    let mut extra_layer = Vec::new();
+    let mut extra_model = Vec::new();
+    let mut inv_freq = None;
+    let mut note = |key: &str, inv: Option<(u64, u64, DType)>| {
+        let key = roles::normalise_key(key);
+        let Some(c) = ck.classify(&key) else { return };
+        let template = match c.layer {
+            Layer::Index(_) | Layer::Stacked => {
+                let (head, tail) = key
+                    .split_once("layers.")
+                    .expect("per-layer keys contain layers.");
+                let tail = match c.layer {
+                    Layer::Index(_) => tail.split_once('.').map(|t| t.1).unwrap_or(tail),
+                    _ => tail,
+                };
+                format!("{head}layers.{{L}}.{tail}")
+            }
+            Layer::None => key.clone(),
+        };
+        match c.kind {
+            Kind::ExtraState if c.layer == Layer::None => {
+                if !extra_model.contains(&template) {
+                    extra_model.push(template)
+                }
+            }
+            Kind::ExtraState => {
+                if !extra_layer.contains(&template) {
+                    extra_layer.push(template)
+                }
+            }
+            Kind::InvFreq => {
+                if let (None, Some((o, n, d))) = (&inv_freq, inv) {
+                    inv_freq = Some((template, (o, n), d));
+                }
+            }
+            k => {
+                weights.entry(k).or_insert(template);
+            }
+        }
+    };
+    match &ck.weights {
+        Weights::Ranks(ranks) => {
+            for r in ranks {
+                for (k, e) in &r.state.entries {
+                    let inv = match e {
+                        crate::torch::checkpoint::StateEntry::Tensor(t) => {
+                            Some((t.offset, t.nbytes(), t.dtype))
+                        }
+                        _ => None,
+                    };
+                    note(k, inv);
+                }
+            }
+        }
+        Weights::Distributed(d) => {
+            for a in &d.arrays {
+                note(&a.key, None);
+            }
+            for (k, _) in &d.objects {
+                note(k, None);
+            }
+        }
+    }
+    Names {
+        weights,
+        extra_layer,
+        extra_model,
+        inv_freq,
+    }
+}
+
+/// The pieces of the logical tensor that rank `r` of `n` holds.
+fn split(l: &Logical, role: Role, r: u64, n: u64, vocab: u64, new_rows: u64) -> Vec<Piece> {
+    match role {
+        Role::Replicated | Role::Skip => vec![Piece::Rows(0, 1)],
+        Role::VocabRows => {
+            let per = new_rows / n;
+            let (a, b) = (r * per, (r + 1) * per);
+            let real_end = b.min(vocab).max(a);
+            let mut p = Vec::new();
+            if real_end > a {
+                p.push(Piece::Rows(a, real_end));
+            }
+            if b > real_end {
+                p.push(Piece::ZeroRows(b - real_end));
+            }
+            p
+        }
+        Role::ColumnRows | Role::QkvGrouped => {
+            let per = l.rows() / n;
+            vec![Piece::Rows(r * per, (r + 1) * per)]
+        }
+        Role::GateUpFused => {
+            let f = l.rows() / 2;
+            let per = f / n;
+            vec![
+                Piece::Rows(r * per, (r + 1) * per),
+                Piece::Rows(f + r * per, f + (r + 1) * per),
+            ]
+        }
+        Role::RowCols => {
+            let per = l.shape[1] / n;
+            vec![Piece::Cols(r * per, (r + 1) * per)]
+        }
+    }
+}
+
+/// Checks that the model can be split `tp` × `pp` ways.
+pub fn check_grid(ck: &Checkpoint, tp: u64, pp: u64) -> Result<()> {
+    let d = Dims::of(ck);
+    let file = ck.archive.display().to_string();
+    if tp == 0 || pp == 0 {
+        return Err(Error::Usage("--tp and --pp must be at least 1".into()));
+    }
+    d.check_tp(tp)
+        .map_err(|m| Error::Usage(format!("{file}: cannot split for --tp {tp}: {m}")))?;
+    if !d.layers.is_multiple_of(pp) {
+        return Err(Error::Usage(format!(
+            "{file}: cannot split for --pp {pp}: {} layers are not divisible by {pp}",
+            d.layers
+        )));
+    }
+    Ok(())
+}
+
+/// The updated `model_config.yaml` text.
+pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64) -> Result<String> {
+    let mut doc = ck.config.document.clone();
+    let wrapped = matches!(&doc, Yaml::Mapping(m) if !m.contains_key("hidden_size") && matches!(m.get("model"), Some(Yaml::Mapping(_))));
+    let map = match (&mut doc, wrapped) {
+        (Yaml::Mapping(m), true) => match m.get_mut("model") {
+            Some(Yaml::Mapping(inner)) => inner,
+            _ => unreachable!("checked above"),
+        },
+        (Yaml::Mapping(m), false) => m,
+        _ => return Err(Error::Usage("model_config.yaml is not a mapping".into())),
+    };
+    map.insert("tensor_model_parallel_size".into(), Yaml::Number(tp.into()));
+    map.insert(
+        "pipeline_model_parallel_size".into(),
+        Yaml::Number(pp.into()),
+    );
+    serde_norway::to_string(&doc)
+        .map_err(|e| Error::Usage(format!("cannot write model_config.yaml: {e}")))
+}
+
+/// Reshards `ck` into `out`.
+pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<ReshardReport> {
+    let start = Instant::now();
+    check_grid(ck, opts.tp, opts.pp)?;
+    let tok = ck.tokenizer()?;
+    let vocab = tok.model.vocab_size() as u64;
+    let logicals = shard::logical_tensors(ck)?;
+    let rows = logicals[&(Kind::Embedding, None)].rows();
+    if vocab > rows {
+        return Err(Error::Tokenizer {
+            file: ck.archive.display().to_string(),
+            msg: format!("the tokenizer has {vocab} pieces but the embedding has only {rows} rows"),
+        });
+    }
+    let new_rows = ck.config.padded_vocab(vocab, opts.tp);
+    let names = templates(ck);
+    let yaml = updated_yaml(ck, opts.tp, opts.pp)?;
+    let per_stage = ck.config.num_layers / opts.pp;
+    // Every rank's entries.
+    let mut ranks: Vec<(u64, u64, Vec<OutEntry>)> = Vec::new();
+    for p in 0..opts.pp {
+        for r in 0..opts.tp {
+            let mut entries = Vec::new();
+            let mut add = |kind: Kind, layer: Option<u64>, local: Option<u64>| {
+                let Some(l) = logicals.get(&(kind, layer)) else {
+                    return;
+                };
+                let t = &names.weights[&kind];
+                let name = match local {
+                    Some(i) => t.replace("{L}", &i.to_string()),
+                    None => t.clone(),
+                };
+                let pieces = split(l, roles::role_of(kind), r, opts.tp, vocab, new_rows);
+                let shape = emit::shape_of(l, &pieces);
+                entries.push(OutEntry::Tensor {
+                    name,
+                    logical: Some(l),
+                    from: l.dtype,
+                    pieces,
+                    shape,
+                });
+            };
+            if p == 0 {
+                add(Kind::Embedding, None, None);
+            }
+            for i in 0..per_stage {
+                let g = Some(p * per_stage + i);
+                for k in [
+                    Kind::InputNorm,
+                    Kind::Qkv,
+                    Kind::AttnOut,
+                    Kind::PostAttnNorm,
+                    Kind::GateUp,
+                    Kind::Gate,
+                    Kind::Up,
+                    Kind::Down,
+                ] {
+                    add(k, g, Some(i));
+                }
+            }
+            if p == opts.pp - 1 {
+                add(Kind::FinalNorm, None, None);
+                add(Kind::Output, None, None);
+            }
+            if let Some((name, seg, d)) = &names.inv_freq {
+                entries.insert(
+                    usize::from(p == 0),
+                    OutEntry::Tensor {
+                        name: name.clone(),
+                        logical: None,
+                        from: *d,
+                        pieces: vec![Piece::Raw(*seg)],
+                        shape: vec![seg.1 / d.size() as u64],
+                    },
+                );
+            }
+            if opts.format == Format::Nemo {
+                for i in 0..per_stage {
+                    for t in &names.extra_layer {
+                        entries.push(OutEntry::None(t.replace("{L}", &i.to_string())));
+                    }
+                }
+                if p == opts.pp - 1 {
+                    for k in &names.extra_model {
+                        entries.push(OutEntry::None(k.clone()));
+                    }
+                }
+            }
+            ranks.push((r, p, entries));
+        }
+    }
+    let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
+    let total: u64 = ranks
+        .iter()
+        .flat_map(|(_, _, e)| e)
+        .filter_map(|e| match e {
+            OutEntry::Tensor { from, shape, .. } => {
+                Some(shape.iter().product::<u64>() * out_dtype(*from).size() as u64)
+            }
+            OutEntry::None(_) => None,
+        })
+        .sum();
+    let bar = Progress::bytes(total, "resharding", opts.progress);
+    let artifacts: Vec<(String, &[u8])> = ck
+        .archive
+        .members()
+        .iter()
+        .filter(|m| {
+            m.kind == MemberKind::File
+                && !m.name.contains('/')
+                && m.name != "model_config.yaml"
+                && !crate::nemo::layout::WEIGHT_FILES.contains(&m.name.as_str())
+        })
+        .map(|m| (m.name.clone(), ck.archive.data(m)))
+        .collect();
+    let mut rank_names = Vec::new();
+    let mut tensors = 0;
+    match opts.format {
+        Format::Safetensors => {
+            let dir = AtomicDir::create(out, opts.force)?;
+            write_file(&dir.path().join("model_config.yaml"), yaml.as_bytes())?;
+            for (name, data) in &artifacts {
+                write_file(&dir.path().join(name), data)?;
+            }
+            for (r, p, entries) in &ranks {
+                let member = rank_member(*r, *p, opts.tp, opts.pp)
+                    .replace("model_weights.ckpt", "model.safetensors");
+                let path = dir.path().join(&member);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                let specs: Vec<TensorSpec> = entries
+                    .iter()
+                    .filter_map(|e| match e {
+                        OutEntry::Tensor {
+                            name, from, shape, ..
+                        } => Some(TensorSpec {
+                            name: name.clone(),
+                            dtype: out_dtype(*from),
+                            shape: shape.clone(),
+                        }),
+                        OutEntry::None(_) => None,
+                    })
+                    .collect();
+                let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut w = Counting {
+                    inner: BufWriter::with_capacity(16 << 20, f),
+                    written: 0,
+                };
+                let refs: Vec<&TensorSpec> = specs.iter().collect();
+                w.write_all(&safetensors_out::header(&refs))
+                    .map_err(|e| Error::io(&path, e))?;
+                for e in entries {
+                    if let OutEntry::Tensor {
+                        logical,
+                        from,
+                        pieces,
+                        ..
+                    } = e
+                    {
+                        output::check_interrupted()?;
+                        emit::write_pieces(
+                            &ck.archive,
+                            *logical,
+                            *from,
+                            pieces,
+                            out_dtype(*from),
+                            &mut w,
+                            &bar,
+                        )
+                        .map_err(|e| Error::io(&path, e))?;
+                        tensors += 1;
+                    }
+                }
+                let f = w
+                    .inner
+                    .into_inner()
+                    .map_err(|e| Error::io(&path, e.into_error()))?;
+                f.sync_all().map_err(|e| Error::io(&path, e))?;
+                rank_names.push(member);
+            }
+            dir.commit()?;
+        }
+        Format::Nemo => {
+            let file = AtomicFile::create(out, opts.force)?;
+            let io = |e: std::io::Error| Error::io(&file.partial, e);
+            let f = File::create(&file.partial).map_err(io)?;
+            let mut t = TarWriter::new(BufWriter::with_capacity(16 << 20, f));
+            t.dir(".").map_err(io)?;
+            t.file("./model_config.yaml", yaml.as_bytes()).map_err(io)?;
+            for (name, data) in &artifacts {
+                t.file(&format!("./{name}"), data).map_err(io)?;
+            }
+            for (r, p, entries) in &ranks {
+                let member = rank_member(*r, *p, opts.tp, opts.pp);
+                let root = match member.rsplit_once('/') {
+                    Some((folder, _)) => {
+                        t.dir(&format!("./{folder}")).map_err(io)?;
+                        format!("{folder}_model_weights")
+                    }
+                    None => "model_weights".to_string(),
+                };
+                let save: Vec<(String, SaveEntry)> = entries
+                    .iter()
+                    .map(|e| match e {
+                        OutEntry::Tensor {
+                            name, from, shape, ..
+                        } => (
+                            name.clone(),
+                            SaveEntry::Tensor {
+                                dtype: out_dtype(*from),
+                                shape: shape.clone(),
+                            },
+                        ),
+                        OutEntry::None(name) => (name.clone(), SaveEntry::None),
+                    })
+                    .collect();
+                let tensor_entries: Vec<&OutEntry> = entries
+                    .iter()
+                    .filter(|e| matches!(e, OutEntry::Tensor { .. }))
+                    .collect();
+                let tf = TorchFile::new(&root, &save);
+                t.begin_file(&format!("./{member}"), tf.size())
+                    .map_err(io)?;
+                tf.write(t.inner(), |i, w| {
+                    check_interrupted_io()?;
+                    let OutEntry::Tensor {
+                        logical,
+                        from,
+                        pieces,
+                        ..
+                    } = tensor_entries[i]
+                    else {
+                        unreachable!()
+                    };
+                    emit::write_pieces(
+                        &ck.archive,
+                        *logical,
+                        *from,
+                        pieces,
+                        out_dtype(*from),
+                        w,
+                        &bar,
+                    )
+                    .map(|_| ())
+                })
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        Error::Interrupted
+                    } else {
+                        io(e)
+                    }
+                })?;
+                t.end_file().map_err(io)?;
+                tensors += tensor_entries.len();
+                rank_names.push(member);
+            }
+            let w = t.finish().map_err(io)?;
+            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+            f.sync_all().map_err(io)?;
+            file.commit()?;
+        }
+    }
+    bar.finish();
+    Ok(ReshardReport {
+        ranks: rank_names,
+        tensors,
+        bytes: total,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn check_interrupted_io() -> std::io::Result<()> {
+    output::check_interrupted()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"))
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    std::fs::write(path, data).map_err(|e| Error::io(path, e))
+}
+
+/// A single output file written through a `.partial-<pid>` sibling.
+struct AtomicFile {
+    target: PathBuf,
+    partial: PathBuf,
+    committed: bool,
+}
+
+impl AtomicFile {
+    fn create(target: &Path, force: bool) -> Result<AtomicFile> {
+        if target.exists() && !force {
+            return Err(Error::Usage(format!(
+                "{} already exists; pass --force to replace it",
+                target.display()
+            )));
+        }
+        if target.is_dir() {
+            return Err(Error::Usage(format!(
+                "{} is a folder; a .nemo output is a file",
+                target.display()
+            )));
+        }
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            return Err(Error::Usage(format!(
+                "{}: the output's folder does not exist",
+                parent.display()
+            )));
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let partial = parent.join(format!("{name}.partial-{}", std::process::id()));
+        Ok(AtomicFile {
+            target: target.to_path_buf(),
+            partial,
+            committed: false,
+        })
+    }
+
+    fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.partial, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+/// Schema of the written keys (the source's).
+pub fn schema(ck: &Checkpoint) -> Schema {
+    ck.schema
+}

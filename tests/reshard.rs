@@ -1,0 +1,296 @@
+//! `reshard` on every fixture and grid, checked through `nemo-to-safetensors` against the
+//! ground truth; split ∘ merge = identity for every role on random shapes; refusals.
+
+mod common;
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use common::*;
+use proptest::prelude::*;
+use serde_json::Value;
+use steerlm_convert::convert::{nemo_to_safetensors, ConvertOptions};
+use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::nemo::checkpoint::Checkpoint;
+use steerlm_convert::reshard::{reshard, Format, ReshardOptions};
+use steerlm_convert::synth::{self, SynthSpec};
+use steerlm_convert::tensor::DType;
+
+fn open(p: &Path) -> Checkpoint {
+    Checkpoint::open(p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn opts(tp: u64, pp: u64, format: Format) -> ReshardOptions {
+    ReshardOptions {
+        tp,
+        pp,
+        format,
+        dtype: None,
+        force: false,
+        progress: false,
+    }
+}
+
+fn to_hf(ck: &Checkpoint, out: &Path) {
+    let o = ConvertOptions {
+        dtype: Some(DType::F32),
+        max_shard_bytes: u64::MAX,
+        force: false,
+        allow_overflow: false,
+        progress: false,
+    };
+    nemo_to_safetensors(ck, out, &o).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+}
+
+/// name → bytes of an HF output folder's single safetensors file.
+fn tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn truth_f32(model: &str) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = hf_tensors(model)
+        .into_iter()
+        .map(|(n, (_, vals))| (n, cast(&vals, DType::F32)))
+        .collect();
+    v.sort();
+    v
+}
+
+fn yaml_without_grid(ck: &Checkpoint) -> serde_norway::Value {
+    let mut d = ck.config.document.clone();
+    if let serde_norway::Value::Mapping(m) = &mut d {
+        m.remove("tensor_model_parallel_size");
+        m.remove("pipeline_model_parallel_size");
+    }
+    d
+}
+
+#[test]
+fn every_fixture_reshards_to_every_grid_and_back_to_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for a in archives() {
+        let file = a["file"].as_str().unwrap();
+        let src = open(&fixtures().join(file));
+        let truth = truth_f32(a["model"].as_str().unwrap());
+        let groups = src.config.num_query_groups;
+        for (i, (tp, pp)) in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            if !groups.is_multiple_of(tp) {
+                continue;
+            }
+            let format = if i % 2 == 0 {
+                Format::Nemo
+            } else {
+                Format::Safetensors
+            };
+            let out = dir.path().join(format!("{n}.out"));
+            let r = reshard(&src, &out, &opts(tp, pp, format))
+                .unwrap_or_else(|e| panic!("{file} -> {tp}x{pp}: {e}"));
+            assert_eq!(r.ranks.len() as u64, tp * pp);
+            let back = open(&out);
+            assert_eq!(
+                (back.grid.tp, back.grid.pp),
+                (tp, pp),
+                "{file} -> {tp}x{pp}"
+            );
+            assert_eq!(
+                back.stored_vocab_rows(),
+                Some(src.config.padded_vocab(400, tp)),
+                "{file} -> {tp}x{pp}: vocab re-padded"
+            );
+            assert!(back.unknown_keys().is_empty());
+            assert_eq!(
+                yaml_without_grid(&back),
+                yaml_without_grid(&src),
+                "{file} -> {tp}x{pp}: model_config.yaml"
+            );
+            let hf = dir.path().join(format!("{n}.hf"));
+            to_hf(&back, &hf);
+            assert!(
+                tensors(&hf) == truth,
+                "{file} -> {tp}x{pp} ({format:?}): tensors differ from the truth"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 60, "{n} reshards checked");
+}
+
+#[test]
+fn a_resharded_folder_is_input_for_another_reshard() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = open(&fixtures().join("archives/nemo_legacy_tp4.nemo"));
+    let a = dir.path().join("tp2");
+    reshard(&src, &a, &opts(2, 1, Format::Safetensors)).unwrap();
+    let b = dir.path().join("tp1pp2.nemo");
+    reshard(&open(&a), &b, &opts(1, 2, Format::Nemo)).unwrap();
+    let c = dir.path().join("tp4");
+    reshard(&open(&b), &c, &opts(4, 1, Format::Safetensors)).unwrap();
+    let hf = dir.path().join("hf");
+    to_hf(&open(&c), &hf);
+    assert!(tensors(&hf) == truth_f32("mha"));
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::cargo_bin("steerlm-convert")
+        .unwrap()
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn impossible_grids_and_bad_inputs_are_refused_with_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out");
+    let o = out.to_str().unwrap();
+    let gqa = fixtures().join("archives/gqa_mcore_tp2_bf16.nemo");
+    let mha = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    for (args, want) in [
+        (
+            vec!["reshard", gqa.to_str().unwrap(), o, "--tp", "4"],
+            "cannot split for --tp 4: query groups (2) is not divisible by TP 4",
+        ),
+        (
+            vec![
+                "reshard",
+                mha.to_str().unwrap(),
+                o,
+                "--tp",
+                "1",
+                "--pp",
+                "3",
+            ],
+            "cannot split for --pp 3: 4 layers are not divisible by 3",
+        ),
+        (
+            vec!["reshard", mha.to_str().unwrap(), o, "--tp", "0"],
+            "--tp and --pp must be at least 1",
+        ),
+        (
+            vec![
+                "reshard",
+                fixtures().join("models/mha/hf").to_str().unwrap(),
+                o,
+                "--tp",
+                "1",
+            ],
+            "not a NeMo model archive",
+        ),
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "expected `{want}` in {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!out.exists());
+    }
+    std::fs::write(&out, b"mine").unwrap();
+    let (code, err) = run(&[
+        "reshard",
+        mha.to_str().unwrap(),
+        o,
+        "--tp",
+        "1",
+        "--format",
+        "nemo",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("already exists; pass --force"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"mine");
+    let (code, err) = run(&[
+        "reshard",
+        mha.to_str().unwrap(),
+        o,
+        "--tp",
+        "1",
+        "--format",
+        "nemo",
+        "--force",
+        "--json",
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.nemo");
+    let f = fixtures().join("archives/legacy_tp2_pp2_bf16.nemo");
+    let o = Command::cargo_bin("steerlm-convert")
+        .unwrap()
+        .args([
+            "reshard",
+            f.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--tp",
+            "4",
+            "--format",
+            "nemo",
+            "--json",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["from"], serde_json::json!({"tp": 2, "pp": 2}));
+    assert_eq!(v["to"], serde_json::json!({"tp": 4, "pp": 1}));
+    assert_eq!(v["ranks"].as_array().unwrap().len(), 4);
+    assert_eq!(v["ranks"][3], "mp_rank_03/model_weights.ckpt");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// split ∘ merge = identity for every role (vocab rows, QKV groups with GQA, fused
+    /// gate/up, row-parallel columns, replicated norms), on random shapes and degrees:
+    /// a TP=a archive resharded to TP=b and back to TP=a holds the same logical tensors.
+    #[test]
+    fn split_then_merge_is_the_identity(
+        groups_per_tp in 1u64..3, q_per_group in 1u64..4, hd in prop::sample::select(vec![2u64, 4, 8]),
+        ffn_per_tp in 1u64..5, vocab in 50u64..300, a in prop::sample::select(vec![1u64, 2, 4, 8]),
+        b in prop::sample::select(vec![1u64, 2, 4, 8]), pp in 1u64..3, dtype in prop::sample::select(vec![DType::F32, DType::BF16, DType::F16]),
+    ) {
+        let lcm = a.max(b);
+        let groups = groups_per_tp * lcm;
+        let heads = groups * q_per_group;
+        let spec = SynthSpec {
+            layers: 2 * pp, hidden: heads * hd, heads, groups, ffn: ffn_per_tp * lcm, vocab: vocab.max(262),
+            tp: a, pp, dtype, make_vocab_size_divisible_by: 8,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.nemo");
+        synth::write(&spec, &src, |_| {}).unwrap();
+        let there = dir.path().join("there");
+        reshard(&open(&src), &there, &opts(b, 1, Format::Safetensors)).unwrap();
+        let back = dir.path().join("back.nemo");
+        reshard(&open(&there), &back, &opts(a, pp, Format::Nemo)).unwrap();
+        let (h1, h2) = (dir.path().join("h1"), dir.path().join("h2"));
+        to_hf(&open(&src), &h1);
+        to_hf(&open(&back), &h2);
+        prop_assert!(tensors(&h1) == tensors(&h2));
+    }
+}
