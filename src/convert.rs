@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::formats::hf;
-use crate::formats::safetensors_out::{self, Counting, TensorSpec};
+use crate::formats::safetensors_out::{self, FileSink, TensorSpec};
 use crate::model::emit::{self, Piece};
 use crate::model::roles::{Kind, Role};
 use crate::model::shard::{self, Logical};
@@ -104,10 +104,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     for (shard, name) in shards.iter().zip(&names) {
         let path = dir.path().join(name);
         let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = Counting {
-            inner: BufWriter::with_capacity(16 << 20, f),
-            written: 0,
-        };
+        let mut w = FileSink::new(f);
         let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
         w.write_all(&safetensors_out::header(&refs))
             .map_err(|e| Error::io(&path, e))?;
@@ -145,10 +142,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
                 overflow.push((specs[i].name.clone(), n));
             }
         }
-        let f = w
-            .inner
-            .into_inner()
-            .map_err(|e| Error::io(&path, e.into_error()))?;
+        let f = w.into_file().map_err(|e| Error::io(&path, e))?;
         f.sync_all().map_err(|e| Error::io(&path, e))?;
     }
     bar.finish();

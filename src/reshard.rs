@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_norway::Value as Yaml;
 
 use crate::error::{Error, Result};
-use crate::formats::safetensors_out::{self, Counting, TensorSpec};
+use crate::formats::safetensors_out::{self, FileSink, Plain, TensorSpec};
 use crate::model::emit::{self, Piece};
 use crate::model::roles::{self, Kind, Layer, Role, Schema};
 use crate::model::shard::{self, Dims, Logical};
@@ -366,10 +366,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     })
                     .collect();
                 let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-                let mut w = Counting {
-                    inner: BufWriter::with_capacity(16 << 20, f),
-                    written: 0,
-                };
+                let mut w = FileSink::new(f);
                 let refs: Vec<&TensorSpec> = specs.iter().collect();
                 w.write_all(&safetensors_out::header(&refs))
                     .map_err(|e| Error::io(&path, e))?;
@@ -395,10 +392,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         tensors += 1;
                     }
                 }
-                let f = w
-                    .inner
-                    .into_inner()
-                    .map_err(|e| Error::io(&path, e.into_error()))?;
+                let f = w.into_file().map_err(|e| Error::io(&path, e))?;
                 f.sync_all().map_err(|e| Error::io(&path, e))?;
                 rank_names.push(member);
             }
@@ -462,7 +456,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         *from,
                         pieces,
                         out_dtype(*from),
-                        w,
+                        &mut Plain(w),
                         &bar,
                     )
                     .map(|_| ())

@@ -422,3 +422,90 @@ fn a_full_disk_leaves_nothing_behind() {
         "model.safetensors",
     );
 }
+
+#[test]
+fn large_ranges_copied_by_the_kernel_are_exact() {
+    // Tensors of several MiB take the copy_file_range path (the fixtures are too small
+    // for it); check them against the TP=1 archive's own bytes, merged here by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.nemo");
+    let spec = steerlm_convert::synth::SynthSpec {
+        layers: 2,
+        hidden: 512,
+        heads: 8,
+        groups: 8,
+        ffn: 1024,
+        vocab: 2000,
+        tp: 1,
+        pp: 1,
+        dtype: DType::F32,
+        make_vocab_size_divisible_by: 8,
+    };
+    steerlm_convert::synth::write(&spec, &src, |_| {}).unwrap();
+    let out = dir.path().join("hf");
+    let (code, _, err) = convert(&src, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    let got = read_output(&out);
+    let ck =
+        steerlm_convert::nemo::checkpoint::Checkpoint::open(&src, &Default::default()).unwrap();
+    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.weights else {
+        panic!()
+    };
+    let t = |name: &str| -> Vec<u8> {
+        let (_, t) = ranks[0]
+            .state
+            .tensors()
+            .find(|(n, _)| n.ends_with(name))
+            .unwrap();
+        ck.archive.slice(t.offset, t.nbytes()).to_vec()
+    };
+    let (h, f, hd) = (512usize, 1024usize, 64usize);
+    let row = h * 4;
+    assert_eq!(
+        got["model.embed_tokens.weight"].2,
+        t("embedding.word_embeddings.weight")[..2000 * row]
+    );
+    assert_eq!(
+        got["lm_head.weight"].2,
+        t("output_layer.weight")[..2000 * row]
+    );
+    for l in 0..2 {
+        let p = format!("layers.{l}.");
+        let fc1 = t(&format!("{p}mlp.dense_h_to_4h.weight"));
+        assert_eq!(
+            got[&format!("model.layers.{l}.mlp.gate_proj.weight")].2,
+            fc1[..f * row]
+        );
+        assert_eq!(
+            got[&format!("model.layers.{l}.mlp.up_proj.weight")].2,
+            fc1[f * row..]
+        );
+        assert_eq!(
+            got[&format!("model.layers.{l}.mlp.down_proj.weight")].2,
+            t(&format!("{p}mlp.dense_4h_to_h.weight"))
+        );
+        assert_eq!(
+            got[&format!("model.layers.{l}.self_attn.o_proj.weight")].2,
+            t(&format!("{p}self_attention.dense.weight"))
+        );
+        let qkv = t(&format!("{p}self_attention.query_key_value.weight"));
+        let head = |i: usize, j: usize| &qkv[(3 * i + j) * hd * row..(3 * i + j + 1) * hd * row];
+        let cat = |j: usize| {
+            (0..8)
+                .flat_map(|i| head(i, j).to_vec())
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(
+            got[&format!("model.layers.{l}.self_attn.q_proj.weight")].2,
+            cat(0)
+        );
+        assert_eq!(
+            got[&format!("model.layers.{l}.self_attn.k_proj.weight")].2,
+            cat(1)
+        );
+        assert_eq!(
+            got[&format!("model.layers.{l}.self_attn.v_proj.weight")].2,
+            cat(2)
+        );
+    }
+}

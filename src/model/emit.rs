@@ -1,10 +1,9 @@
 //! Producing a tensor's bytes from pieces of a logical tensor, one batch of rows at a
 //! time, cast on the way when asked. Shared by every sink.
 
-use std::io::Write;
-
 use rayon::prelude::*;
 
+use crate::formats::safetensors_out::Sink;
 use crate::model::shard::{Logical, Seg};
 use crate::nemo::archive::Archive;
 use crate::progress::Progress;
@@ -52,15 +51,27 @@ pub fn write_pieces(
     from: DType,
     pieces: &[Piece],
     to: DType,
-    w: &mut dyn Write,
+    w: &mut dyn Sink,
     bar: &Progress,
 ) -> std::io::Result<u64> {
     let mut overflow = 0;
     let mut segs: Vec<Seg> = Vec::new();
-    let mut emit = |segs: &[Seg], w: &mut dyn Write| -> std::io::Result<()> {
+    if let Some(l) = l {
+        for (o, n) in l.source_ranges() {
+            archive.populate(o, n);
+        }
+    }
+    let mut emit = |segs: &[Seg], w: &mut dyn Sink| -> std::io::Result<()> {
         if to == from {
             for &(o, n) in segs {
-                w.write_all(archive.slice(o, n))?;
+                // Large contiguous ranges are copied by the kernel, as `cp` does.
+                let copied = match archive.file_at(o) {
+                    Some((f, fo)) if n >= 1 << 20 => w.copy_from(f, fo, n)?,
+                    _ => false,
+                };
+                if !copied {
+                    w.write_all(archive.slice(o, n))?;
+                }
                 bar.inc(n);
             }
             return Ok(());

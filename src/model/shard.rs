@@ -124,6 +124,23 @@ impl Logical<'_> {
         }
     }
 
+    /// Byte ranges of everything this tensor reads (whole rank parts or chunks).
+    pub fn source_ranges(&self) -> Vec<Seg> {
+        match &self.rows {
+            Rows::Ranks {
+                role: Role::Replicated,
+                parts,
+            } => vec![(parts[0].offset, parts[0].nbytes())],
+            Rows::Ranks { parts, .. } => parts.iter().map(|p| (p.offset, p.nbytes())).collect(),
+            Rows::Zarr { array, layer } => array
+                .chunk_refs
+                .iter()
+                .filter(|(idx, _)| layer.is_none_or(|l| idx.first() == Some(&l)))
+                .map(|(_, c)| (c.offset, c.span))
+                .collect(),
+        }
+    }
+
     /// For replicated tensors: the copies on the other ranks (to check they are equal).
     pub fn replicas(&self) -> Vec<Seg> {
         match &self.rows {

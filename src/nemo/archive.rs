@@ -23,6 +23,8 @@ pub struct Archive {
     display: String,
     /// Mappings at virtual offsets: one for a tar, one per file for a folder.
     maps: Vec<(u64, Mmap)>,
+    /// The open files behind `maps` (same order), for kernel-side copies.
+    files: Vec<File>,
     members: Vec<Member>,
     is_dir: bool,
     by_name: HashMap<String, usize>,
@@ -60,12 +62,13 @@ impl Archive {
         (&file)
             .read_exact(&mut head)
             .map_err(|e| Error::io(path, e))?;
-        let (map, scratch, compressed) = if head == [0x1f, 0x8b] {
+        let (map, scratch, compressed, source) = if head == [0x1f, 0x8b] {
             let scratch = decompress(path, &file, len, opts)?;
             let map = map_file(scratch.as_file(), scratch.path())?;
-            (map, Some(scratch), true)
+            let source = scratch.reopen().map_err(|e| Error::io(scratch.path(), e))?;
+            (map, Some(scratch), true, source)
         } else {
-            (map_file(&file, path)?, None, false)
+            (map_file(&file, path)?, None, false, file)
         };
         let members = tar::index(&map, &display)?;
         let mut by_name = HashMap::new();
@@ -82,6 +85,7 @@ impl Archive {
             path: path.to_path_buf(),
             display,
             maps: vec![(0, map)],
+            files: vec![source],
             members,
             is_dir: false,
             by_name,
@@ -108,6 +112,7 @@ impl Archive {
         }
         files.sort();
         let mut maps = Vec::new();
+        let mut handles = Vec::new();
         let mut members = Vec::new();
         let mut by_name = HashMap::new();
         let mut base = 0u64;
@@ -121,6 +126,7 @@ impl Archive {
             let size = file.metadata().map_err(|e| Error::io(&f, e))?.len();
             if size > 0 {
                 maps.push((base, map_file(&file, &f)?));
+                handles.push(file);
             }
             by_name.insert(name.clone(), members.len());
             members.push(Member {
@@ -135,6 +141,7 @@ impl Archive {
             path: root.to_path_buf(),
             display: root.display().to_string(),
             maps,
+            files: handles,
             members,
             is_dir: true,
             by_name,
@@ -195,6 +202,36 @@ impl Archive {
     /// The bytes of a member.
     pub fn data(&self, m: &Member) -> &[u8] {
         self.slice(m.offset, m.size)
+    }
+
+    /// The file holding archive offset `offset`, and the offset within that file.
+    pub fn file_at(&self, offset: u64) -> Option<(&File, u64)> {
+        let i = self
+            .maps
+            .partition_point(|(base, _)| *base <= offset)
+            .saturating_sub(1);
+        let (base, _) = self.maps.get(i)?;
+        (offset >= *base).then(|| (&self.files[i], offset - base))
+    }
+
+    /// Maps the pages of `offset..offset + len` in one call (instead of one page fault per
+    /// 64 KiB while copying); a hint, so failure (old kernels) is ignored.
+    pub fn populate(&self, offset: u64, len: u64) {
+        let i = self
+            .maps
+            .partition_point(|(base, _)| *base <= offset)
+            .saturating_sub(1);
+        if let Some((base, map)) = self.maps.get(i) {
+            if offset >= *base && len > 0 {
+                let start = (offset - base) as usize;
+                let page = start & !4095;
+                let _ = map.advise_range(
+                    memmap2::Advice::PopulateRead,
+                    page,
+                    start + len as usize - page,
+                );
+            }
+        }
     }
 
     /// Drops our mapping's resident pages (they stay in the page cache), so that the
