@@ -19,7 +19,10 @@ const USAGE: &str = "usage:
   cargo xtask bench convert [--layers 4,16] [--dir DIR] [--python PY]
       nemo-to-safetensors on the same archives against `cp` (+ fsync) of the archive to
       the same disk, and against the Python way (torch.load + cat + save_file) when PY
-      (default: python3) imports torch.";
+      (default: python3) imports torch.
+  cargo xtask bench reshard [--layers 4,16] [--dir DIR]
+      reshard TP 4 -> TP 2 and -> TP 8 (safetensors and .nemo output) against `cp` (+ fsync)
+      of the archive, with peak RSS.";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +31,7 @@ fn main() -> Result<()> {
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("inspect") => bench_inspect(&args[2..]),
             Some("convert") => bench_convert(&args[2..]),
+            Some("reshard") => bench_reshard(&args[2..]),
             _ => bail!("{USAGE}"),
         },
         _ => bail!("{USAGE}"),
@@ -282,6 +286,57 @@ fn bench_convert(args: &[String]) -> Result<()> {
             torch_ratio,
             torch_rss
         );
+    }
+    Ok(())
+}
+
+fn cp_sync_seconds(src: &Path, dir: &Path) -> Result<f64> {
+    let copy = dir.join("copy.nemo");
+    remove(&copy);
+    let (s, _, o) = measure(Command::new("sh").arg("-c").arg(format!(
+        "cp '{}' '{}' && sync '{}'",
+        src.display(),
+        copy.display(),
+        copy.display()
+    )))?;
+    remove(&copy);
+    if !o.status.success() {
+        bail!("cp failed");
+    }
+    Ok(s)
+}
+
+fn bench_reshard(args: &[String]) -> Result<()> {
+    let dir = PathBuf::from(flag(args, "--dir").unwrap_or("target/bench"));
+    let bin = release_binary()?;
+    println!("{:<24} {:>8} {:>7} {:>12} {:>9} {:>9} {:>7} {:>10}", "archive", "GB", "to", "format", "cp+sync s", "ours s", "ratio", "peak RSS");
+    for l in layer_list(args)? {
+        let p = synth_if_absent(&dir, l)?;
+        let size = std::fs::metadata(&p)?.len();
+        Command::new("cat").arg(&p).stdout(std::process::Stdio::null()).status()?;
+        for tp in ["2", "8"] {
+            for format in ["safetensors", "nemo"] {
+                let cp_s = cp_sync_seconds(&p, &dir)?;
+                let out = dir.join("resharded");
+                remove(&out);
+                let (s, rss, o) = measure(Command::new(&bin).arg("reshard").arg(&p).arg(&out).args(["--tp", tp, "--format", format, "-q"]))?;
+                remove(&out);
+                if !o.status.success() {
+                    bail!("reshard failed: {}", String::from_utf8_lossy(&o.stderr));
+                }
+                println!(
+                    "{:<24} {:>8.2} {:>7} {:>12} {:>9.2} {:>9.2} {:>7.2} {:>7.0} MB",
+                    p.file_name().unwrap().to_string_lossy(),
+                    size as f64 / 1e9,
+                    format!("TP {tp}"),
+                    format,
+                    cp_s,
+                    s,
+                    s / cp_s,
+                    rss as f64 / 1e6
+                );
+            }
+        }
     }
     Ok(())
 }
