@@ -50,12 +50,8 @@ pub struct InspectArgs {
     /// Print one JSON document on stdout instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Where a gzip-compressed archive is decompressed (default: the system temp dir).
-    #[arg(long, value_name = "DIR")]
-    pub scratch_dir: Option<PathBuf>,
-    /// Hide progress bars.
-    #[arg(long, short)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub io: IoArgs,
 }
 
 /// Output dtype of a conversion.
@@ -91,12 +87,8 @@ pub struct NemoToSafetensorsArgs {
     /// Print a JSON report (tensors, dropped keys, casts, timing) on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Where a gzip-compressed archive is decompressed (default: beside OUT).
-    #[arg(long, value_name = "DIR")]
-    pub scratch_dir: Option<PathBuf>,
-    /// Hide progress bars.
-    #[arg(long, short)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub io: IoArgs,
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1024`.
@@ -161,10 +153,31 @@ pub struct ReshardArgs {
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Where a gzip-compressed archive is decompressed (default: beside OUT).
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+/// Options every command that reads an archive shares.
+#[derive(Debug, Args)]
+pub struct IoArgs {
+    /// Where a gzip-compressed archive is decompressed (default: beside the output, or
+    /// the system temp dir for inspect).
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
     /// Hide progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+impl DTypeArg {
+    /// The dtype to write, `None` to keep the stored one.
+    pub fn dtype(self) -> Option<steerlm_convert::tensor::DType> {
+        use steerlm_convert::tensor::DType;
+        match self {
+            DTypeArg::Keep => None,
+            DTypeArg::Bf16 => Some(DType::BF16),
+            DTypeArg::Fp16 => Some(DType::F16),
+            DTypeArg::Fp32 => Some(DType::F32),
+        }
+    }
 }

@@ -66,13 +66,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     let sp = &tok.model;
     let vocab = sp.vocab_size() as u64;
     let logicals = shard::logical_tensors(ck)?;
-    let rows = logicals[&(Kind::Embedding, None)].rows();
-    if vocab > rows {
-        return Err(Error::Tokenizer {
-            file: ck.archive.display().to_string(),
-            msg: format!("the tokenizer has {vocab} pieces but the embedding has only {rows} rows"),
-        });
-    }
+    shard::check_vocab(ck, &logicals, vocab)?;
     let plan = hf::plan(&logicals, &ck.config, vocab);
     let out_dtype = |l: &Logical| opts.dtype.unwrap_or(l.dtype);
     let specs: Vec<TensorSpec> = plan

@@ -26,6 +26,34 @@ pub fn check_interrupted() -> Result<()> {
     }
 }
 
+/// Checks that `target` may be written and returns its `.partial-<pid>` sibling.
+fn partial_sibling(target: &Path, force: bool) -> Result<PathBuf> {
+    if target.exists() && !force {
+        return Err(Error::Usage(format!(
+            "{} already exists; pass --force to replace it",
+            target.display()
+        )));
+    }
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{} is not a usable output path", target.display())))?;
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::Usage(format!(
+            "{}: the output's folder does not exist",
+            parent.display()
+        )));
+    }
+    Ok(parent.join(format!(
+        "{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
 /// A directory being written; removed on drop unless committed.
 pub struct AtomicDir {
     target: PathBuf,
@@ -36,30 +64,7 @@ pub struct AtomicDir {
 impl AtomicDir {
     /// Prepares to write `target`. Refuses an existing target unless `force`.
     pub fn create(target: &Path, force: bool) -> Result<AtomicDir> {
-        if target.exists() && !force {
-            return Err(Error::Usage(format!(
-                "{} already exists; pass --force to replace it",
-                target.display()
-            )));
-        }
-        let name = target.file_name().ok_or_else(|| {
-            Error::Usage(format!("{} is not a usable output path", target.display()))
-        })?;
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !parent.is_dir() {
-            return Err(Error::Usage(format!(
-                "{}: the output's folder does not exist",
-                parent.display()
-            )));
-        }
-        let partial = parent.join(format!(
-            "{}.partial-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let partial = partial_sibling(target, force)?;
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
         }
@@ -80,18 +85,7 @@ impl AtomicDir {
     pub fn commit(mut self) -> Result<()> {
         let dir = std::fs::File::open(&self.partial).map_err(|e| Error::io(&self.partial, e))?;
         dir.sync_all().map_err(|e| Error::io(&self.partial, e))?;
-        if self.target.exists() {
-            let old = self.partial.with_extension("old");
-            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
-            std::fs::rename(&self.partial, &self.target).map_err(|e| Error::io(&self.target, e))?;
-            let _ = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
-        } else {
-            std::fs::rename(&self.partial, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        }
+        replace(&self.partial, &self.target)?;
         self.committed = true;
         Ok(())
     }
@@ -103,6 +97,63 @@ impl Drop for AtomicDir {
             let _ = std::fs::remove_dir_all(&self.partial);
         }
     }
+}
+
+/// A single file being written; removed on drop unless committed.
+pub struct AtomicFile {
+    target: PathBuf,
+    partial: PathBuf,
+    committed: bool,
+}
+
+impl AtomicFile {
+    /// Prepares to write `target`. Refuses an existing target unless `force`.
+    pub fn create(target: &Path, force: bool) -> Result<AtomicFile> {
+        let partial = partial_sibling(target, force)?;
+        Ok(AtomicFile {
+            target: target.to_path_buf(),
+            partial,
+            committed: false,
+        })
+    }
+
+    /// Where the file goes while writing (the caller syncs it).
+    pub fn path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Renames the written file over the target.
+    pub fn commit(mut self) -> Result<()> {
+        replace(&self.partial, &self.target)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+/// Renames `partial` over `target`, moving an existing target (file or folder) aside first
+/// and deleting it only after the rename.
+fn replace(partial: &Path, target: &Path) -> Result<()> {
+    if target.exists() {
+        let old = partial.with_extension("old");
+        std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+        std::fs::rename(partial, target).map_err(|e| Error::io(target, e))?;
+        let _ = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
+    } else {
+        std::fs::rename(partial, target).map_err(|e| Error::io(target, e))?;
+    }
+    Ok(())
 }
 
 /// Peak resident set size of this process so far, in bytes: `VmHWM` of /proc/self/status

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde_norway::Value as Yaml;
@@ -18,7 +18,7 @@ use crate::nemo::checkpoint::{Checkpoint, Weights};
 use crate::nemo::layout::rank_member;
 use crate::nemo::tar::MemberKind;
 use crate::nemo::tar_write::TarWriter;
-use crate::output::{self, AtomicDir};
+use crate::output::{self, AtomicDir, AtomicFile};
 use crate::progress::Progress;
 use crate::tensor::DType;
 use crate::torch::save::{SaveEntry, TorchFile};
@@ -228,13 +228,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
     let tok = ck.tokenizer()?;
     let vocab = tok.model.vocab_size() as u64;
     let logicals = shard::logical_tensors(ck)?;
-    let rows = logicals[&(Kind::Embedding, None)].rows();
-    if vocab > rows {
-        return Err(Error::Tokenizer {
-            file: ck.archive.display().to_string(),
-            msg: format!("the tokenizer has {vocab} pieces but the embedding has only {rows} rows"),
-        });
-    }
+    shard::check_vocab(ck, &logicals, vocab)?;
     let new_rows = ck.config.padded_vocab(vocab, opts.tp);
     let names = templates(ck);
     let yaml = updated_yaml(ck, opts.tp, opts.pp)?;
@@ -400,8 +394,8 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
         }
         Format::Nemo => {
             let file = AtomicFile::create(out, opts.force)?;
-            let io = |e: std::io::Error| Error::io(&file.partial, e);
-            let f = File::create(&file.partial).map_err(io)?;
+            let io = |e: std::io::Error| Error::io(file.path(), e);
+            let f = File::create(file.path()).map_err(io)?;
             let mut t = TarWriter::new(BufWriter::with_capacity(16 << 20, f));
             t.dir(".").map_err(io)?;
             t.file("./model_config.yaml", yaml.as_bytes()).map_err(io)?;
@@ -494,64 +488,6 @@ fn check_interrupted_io() -> std::io::Result<()> {
 
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::write(path, data).map_err(|e| Error::io(path, e))
-}
-
-/// A single output file written through a `.partial-<pid>` sibling.
-struct AtomicFile {
-    target: PathBuf,
-    partial: PathBuf,
-    committed: bool,
-}
-
-impl AtomicFile {
-    fn create(target: &Path, force: bool) -> Result<AtomicFile> {
-        if target.exists() && !force {
-            return Err(Error::Usage(format!(
-                "{} already exists; pass --force to replace it",
-                target.display()
-            )));
-        }
-        if target.is_dir() {
-            return Err(Error::Usage(format!(
-                "{} is a folder; a .nemo output is a file",
-                target.display()
-            )));
-        }
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !parent.is_dir() {
-            return Err(Error::Usage(format!(
-                "{}: the output's folder does not exist",
-                parent.display()
-            )));
-        }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let partial = parent.join(format!("{name}.partial-{}", std::process::id()));
-        Ok(AtomicFile {
-            target: target.to_path_buf(),
-            partial,
-            committed: false,
-        })
-    }
-
-    fn commit(mut self) -> Result<()> {
-        std::fs::rename(&self.partial, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.partial);
-        }
-    }
 }
 
 /// Schema of the written keys (the source's).

@@ -2,22 +2,8 @@
 
 mod common;
 
-use assert_cmd::Command;
 use common::*;
 use serde_json::Value;
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::cargo_bin("steerlm-convert")
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn json(file: &str, extra: &[&str]) -> Value {
     let path = fixtures().join(file);

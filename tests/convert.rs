@@ -6,23 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use common::*;
 use serde_json::Value;
 use steerlm_convert::tensor::DType;
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::cargo_bin("steerlm-convert")
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn convert(input: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
     let mut args = vec![

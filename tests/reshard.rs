@@ -142,18 +142,6 @@ fn a_resharded_folder_is_input_for_another_reshard() {
     assert!(tensors(&hf) == truth_f32("mha"));
 }
 
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::cargo_bin("steerlm-convert")
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn impossible_grids_and_bad_inputs_are_refused_with_nothing_written() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,14 +182,14 @@ fn impossible_grids_and_bad_inputs_are_refused_with_nothing_written() {
             "not a NeMo model archive",
         ),
     ] {
-        let (code, err) = run(&args);
+        let (code, _, err) = run(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(want), "expected `{want}` in {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(!out.exists());
     }
     std::fs::write(&out, b"mine").unwrap();
-    let (code, err) = run(&[
+    let (code, _, err) = run(&[
         "reshard",
         mha.to_str().unwrap(),
         o,
@@ -213,7 +201,7 @@ fn impossible_grids_and_bad_inputs_are_refused_with_nothing_written() {
     assert_eq!(code, 2);
     assert!(err.contains("already exists; pass --force"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), b"mine");
-    let (code, err) = run(&[
+    let (code, _, err) = run(&[
         "reshard",
         mha.to_str().unwrap(),
         o,

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use steerlm_convert::model::roles::Role;
-use steerlm_convert::nemo::archive::OpenOptions;
 use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
 use steerlm_convert::tensor::fmt_shape;
 use steerlm_convert::torch::checkpoint::StateEntry;
@@ -13,11 +12,7 @@ use steerlm_convert::torch::checkpoint::StateEntry;
 use crate::cli::InspectArgs;
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let opts = OpenOptions {
-        scratch_dir: args.scratch_dir.clone(),
-        progress: !args.quiet,
-    };
-    let ck = Checkpoint::open(&args.input, &opts)?;
+    let ck = super::open_input(&args.input, None, &args.io)?;
     let report = report(&ck, args.tensors);
     let mut out = std::io::stdout().lock();
     if args.json {

@@ -3,39 +3,19 @@
 use std::process::ExitCode;
 
 use steerlm_convert::convert::{self, ConvertOptions};
-use steerlm_convert::nemo::archive::OpenOptions;
-use steerlm_convert::nemo::checkpoint::Checkpoint;
 use steerlm_convert::output;
-use steerlm_convert::tensor::DType;
 
-use crate::cli::{DTypeArg, NemoToSafetensorsArgs};
+use crate::cli::NemoToSafetensorsArgs;
 
 pub fn run(args: &NemoToSafetensorsArgs) -> anyhow::Result<ExitCode> {
     output::install_interrupt_handler();
-    let scratch = args.scratch_dir.clone().or_else(|| {
-        args.output
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(|p| p.to_path_buf())
-    });
-    let ck = Checkpoint::open(
-        &args.input,
-        &OpenOptions {
-            scratch_dir: scratch,
-            progress: !args.quiet,
-        },
-    )?;
+    let ck = super::open_input(&args.input, Some(&args.output), &args.io)?;
     let opts = ConvertOptions {
-        dtype: match args.dtype {
-            DTypeArg::Keep => None,
-            DTypeArg::Bf16 => Some(DType::BF16),
-            DTypeArg::Fp16 => Some(DType::F16),
-            DTypeArg::Fp32 => Some(DType::F32),
-        },
+        dtype: args.dtype.dtype(),
         max_shard_bytes: args.max_shard_size,
         force: args.force,
         allow_overflow: args.allow_overflow,
-        progress: !args.quiet,
+        progress: !args.io.quiet,
     };
     let report = convert::nemo_to_safetensors(&ck, &args.output, &opts)?;
     let casts: Vec<String> = {

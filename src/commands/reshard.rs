@@ -3,29 +3,14 @@
 use std::process::ExitCode;
 
 use serde_json::json;
-use steerlm_convert::nemo::archive::OpenOptions;
-use steerlm_convert::nemo::checkpoint::Checkpoint;
 use steerlm_convert::output;
 use steerlm_convert::reshard::{self, Format, ReshardOptions};
-use steerlm_convert::tensor::DType;
 
-use crate::cli::{DTypeArg, FormatArg, ReshardArgs};
+use crate::cli::{FormatArg, ReshardArgs};
 
 pub fn run(args: &ReshardArgs) -> anyhow::Result<ExitCode> {
     output::install_interrupt_handler();
-    let scratch = args.scratch_dir.clone().or_else(|| {
-        args.output
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(|p| p.to_path_buf())
-    });
-    let ck = Checkpoint::open(
-        &args.input,
-        &OpenOptions {
-            scratch_dir: scratch,
-            progress: !args.quiet,
-        },
-    )?;
+    let ck = super::open_input(&args.input, Some(&args.output), &args.io)?;
     let opts = ReshardOptions {
         tp: args.tp,
         pp: args.pp,
@@ -33,14 +18,9 @@ pub fn run(args: &ReshardArgs) -> anyhow::Result<ExitCode> {
             FormatArg::Safetensors => Format::Safetensors,
             FormatArg::Nemo => Format::Nemo,
         },
-        dtype: match args.dtype {
-            DTypeArg::Keep => None,
-            DTypeArg::Bf16 => Some(DType::BF16),
-            DTypeArg::Fp16 => Some(DType::F16),
-            DTypeArg::Fp32 => Some(DType::F32),
-        },
+        dtype: args.dtype.dtype(),
         force: args.force,
-        progress: !args.quiet,
+        progress: !args.io.quiet,
     };
     let r = reshard::reshard(&ck, &args.output, &opts)?;
     if args.json {

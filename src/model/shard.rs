@@ -466,3 +466,19 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
     }
     Ok(out)
 }
+
+/// The tokenizer's pieces must all have embedding rows.
+pub fn check_vocab(
+    ck: &Checkpoint,
+    logicals: &BTreeMap<(Kind, Option<u64>), Logical<'_>>,
+    vocab: u64,
+) -> Result<()> {
+    let rows = logicals[&(Kind::Embedding, None)].rows();
+    if vocab > rows {
+        return Err(Error::Tokenizer {
+            file: ck.archive.display().to_string(),
+            msg: format!("the tokenizer has {vocab} pieces but the embedding has only {rows} rows"),
+        });
+    }
+    Ok(())
+}

@@ -114,3 +114,17 @@ pub fn rebuild(
 pub fn keep(name: &str, data: &[u8]) -> Option<(String, Vec<u8>)> {
     Some((format!("./{name}"), data.to_vec()))
 }
+
+/// Runs the binary: (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = assert_cmd::Command::cargo_bin("steerlm-convert")
+        .unwrap()
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
