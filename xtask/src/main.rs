@@ -309,17 +309,29 @@ fn cp_sync_seconds(src: &Path, dir: &Path) -> Result<f64> {
 fn bench_reshard(args: &[String]) -> Result<()> {
     let dir = PathBuf::from(flag(args, "--dir").unwrap_or("target/bench"));
     let bin = release_binary()?;
-    println!("{:<24} {:>8} {:>7} {:>12} {:>9} {:>9} {:>7} {:>10}", "archive", "GB", "to", "format", "cp+sync s", "ours s", "ratio", "peak RSS");
+    println!(
+        "{:<24} {:>8} {:>7} {:>12} {:>9} {:>9} {:>7} {:>10}",
+        "archive", "GB", "to", "format", "cp+sync s", "ours s", "ratio", "peak RSS"
+    );
     for l in layer_list(args)? {
         let p = synth_if_absent(&dir, l)?;
         let size = std::fs::metadata(&p)?.len();
-        Command::new("cat").arg(&p).stdout(std::process::Stdio::null()).status()?;
+        Command::new("cat")
+            .arg(&p)
+            .stdout(std::process::Stdio::null())
+            .status()?;
         for tp in ["2", "8"] {
             for format in ["safetensors", "nemo"] {
                 let cp_s = cp_sync_seconds(&p, &dir)?;
                 let out = dir.join("resharded");
                 remove(&out);
-                let (s, rss, o) = measure(Command::new(&bin).arg("reshard").arg(&p).arg(&out).args(["--tp", tp, "--format", format, "-q"]))?;
+                let (s, rss, o) = measure(
+                    Command::new(&bin)
+                        .arg("reshard")
+                        .arg(&p)
+                        .arg(&out)
+                        .args(["--tp", tp, "--format", format, "-q"]),
+                )?;
                 remove(&out);
                 if !o.status.success() {
                     bail!("reshard failed: {}", String::from_utf8_lossy(&o.stderr));
