@@ -495,3 +495,55 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
         );
     }
 }
+
+#[test]
+fn an_unknown_tensor_key_is_refused_by_name() {
+    use steerlm_convert::torch::checkpoint::{StateDict, StateEntry};
+    use steerlm_convert::torch::save::{SaveEntry, TorchFile};
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    let src = dir.path().join("lora.nemo");
+    rebuild(&fixture, &src, |n, d| {
+        if n != "mp_rank_01/model_weights.ckpt" {
+            return keep(n, d);
+        }
+        // Rewrite rank 1 with our torch writer: the same tensors plus an adapter weight.
+        let sd = StateDict::read(d, 0, n).unwrap();
+        let mut entries = Vec::new();
+        let mut data: Vec<Vec<u8>> = Vec::new();
+        for (name, e) in &sd.entries {
+            match e {
+                StateEntry::Tensor(t) => {
+                    entries.push((
+                        name.clone(),
+                        SaveEntry::Tensor {
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                        },
+                    ));
+                    data.push(d[t.offset as usize..(t.offset + t.nbytes()) as usize].to_vec());
+                }
+                StateEntry::Other(_) => entries.push((name.clone(), SaveEntry::None)),
+            }
+        }
+        let lora = "model.language_model.encoder.layers.0.self_attention.adapter_layer.lora_kqv_adapter.linear_in.weight";
+        entries.push((
+            lora.into(),
+            SaveEntry::Tensor {
+                dtype: DType::BF16,
+                shape: vec![8, 64],
+            },
+        ));
+        data.push(vec![0; 8 * 64 * 2]);
+        let f = TorchFile::new("mp_rank_01_model_weights", &entries);
+        let mut cur = std::io::Cursor::new(Vec::new());
+        f.write(&mut cur, |i, o| o.write_all(&data[i])).unwrap();
+        Some((format!("./{n}"), cur.into_inner()))
+    });
+    let (code, stdout, _) = run(&["inspect", src.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("warning: unknown tensor key `model.language_model.encoder.layers.0.self_attention.adapter_layer"), "{stdout}");
+    let out = dir.path().join("out");
+    let (code, _, err) = convert(&src, &out, &[]);
+    refused(code, &err, &out, "lora.nemo:mp_rank_01/model_weights.ckpt: tensor `model.language_model.encoder.layers.0.self_attention.adapter_layer.lora_kqv_adapter.linear_in.weight`: unknown tensor key");
+}
