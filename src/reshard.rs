@@ -233,6 +233,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
     let names = templates(ck);
     let yaml = updated_yaml(ck, opts.tp, opts.pp)?;
     let per_stage = ck.config.num_layers / opts.pp;
+    let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
     // Every rank's entries.
     let mut ranks: Vec<(u64, u64, Vec<OutEntry>)> = Vec::new();
     for p in 0..opts.pp {
@@ -280,14 +281,22 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                 add(Kind::Output, None, None);
             }
             if let Some((name, seg, d)) = &names.inv_freq {
+                let n = seg.1 / d.size() as u64;
+                // The source's bytes when the dtype is kept (as NeMo re-saves them); a widened
+                // dtype gets the frequencies recomputed, not the rounded ones widened.
+                let piece = if out_dtype(*d) == *d {
+                    Piece::Raw(*seg)
+                } else {
+                    Piece::Values(rope_inv_freq(ck.config.rotary_base, n))
+                };
                 entries.insert(
                     usize::from(p == 0),
                     OutEntry::Tensor {
                         name: name.clone(),
                         logical: None,
                         from: *d,
-                        pieces: vec![Piece::Raw(*seg)],
-                        shape: vec![seg.1 / d.size() as u64],
+                        pieces: vec![piece],
+                        shape: vec![n],
                     },
                 );
             }
@@ -306,7 +315,6 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
             ranks.push((r, p, entries));
         }
     }
-    let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
     let total: u64 = ranks
         .iter()
         .flat_map(|(_, _, e)| e)
@@ -479,6 +487,15 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
         bytes: total,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// NeMo's rotary frequencies `1 / base^(2i / dim)` for the `n = dim / 2` pairs, computed
+/// in float32 as torch computes them (so the values are the same to the bit).
+pub fn rope_inv_freq(base: f64, n: u64) -> Vec<f32> {
+    let dim = (2 * n) as f32;
+    (0..n)
+        .map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / dim))
+        .collect()
 }
 
 fn check_interrupted_io() -> std::io::Result<()> {

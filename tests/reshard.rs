@@ -282,3 +282,23 @@ proptest! {
         prop_assert!(tensors(&h1) == tensors(&h2));
     }
 }
+
+#[test]
+fn recomputed_rope_frequencies_are_torchs_to_the_bit() {
+    // legacy_tp1_fp32 stores the inv_freq transformers computed in float32.
+    let ck = open(&fixtures().join("archives/legacy_tp1_fp32.nemo"));
+    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.weights else {
+        panic!()
+    };
+    let (_, t) = ranks[0]
+        .state
+        .tensors()
+        .find(|(n, _)| n.ends_with("inv_freq"))
+        .unwrap();
+    let want = ck.archive.slice(t.offset, t.nbytes()).to_vec();
+    let got: Vec<u8> = steerlm_convert::reshard::rope_inv_freq(10000.0, 8)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert_eq!(got, want);
+}

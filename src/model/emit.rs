@@ -10,7 +10,7 @@ use crate::progress::Progress;
 use crate::tensor::{self, DType};
 
 /// A part of an output tensor, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
     /// Rows `a..b` of the logical tensor.
     Rows(u64, u64),
@@ -20,6 +20,8 @@ pub enum Piece {
     Cols(u64, u64),
     /// Raw bytes of the archive in the logical tensor's dtype (e.g. `inv_freq`).
     Raw(Seg),
+    /// Values computed here, written in the output dtype.
+    Values(Vec<f32>),
 }
 
 /// Output shape of `pieces` of `l`.
@@ -37,7 +39,7 @@ pub fn shape_of(l: &Logical, pieces: &[Piece]) -> Vec<u64> {
                 rows = l.shape[0];
                 cols = c1 - c0;
             }
-            Piece::Raw(_) => {}
+            Piece::Raw(_) | Piece::Values(_) => {}
         }
     }
     vec![rows, cols]
@@ -95,6 +97,14 @@ pub fn write_pieces(
     for p in pieces {
         match (p, l) {
             (Piece::Raw(seg), _) => emit(std::slice::from_ref(seg), w)?,
+            (Piece::Values(v), _) => {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let mut out = Vec::new();
+                // Frequencies are below 1: no cast of them overflows.
+                tensor::convert(&bytes, DType::F32, to, &mut out).map_err(std::io::Error::other)?;
+                w.write_all(&out)?;
+                bar.inc(out.len() as u64);
+            }
             (Piece::Rows(a, b), Some(l)) => {
                 // Batches of about 8 MiB of source rows.
                 let batch = (8u64 << 20).div_ceil(l.row_bytes()).max(1);
