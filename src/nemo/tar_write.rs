@@ -152,4 +152,33 @@ mod tests {
         assert_eq!(&bytes[m[2].offset as usize..][..3], &[7, 7, 7]);
         assert_eq!(pax_record("path", "abc"), "12 path=abc\n");
     }
+
+    #[test]
+    fn pax_size_overrides_the_header_and_gnu_long_names_are_read() {
+        // A PAX `size` record (what Python writes for members of 8 GiB and more) with a
+        // zero ustar size field, then a GNU `L` long name for the next member.
+        let mut t = TarWriter::new(io::Cursor::new(Vec::new()));
+        let pax = pax_record("size", "700");
+        t.raw_header("./PaxHeaders/big", pax.len() as u64, b'x', 0o644)
+            .unwrap();
+        t.w.write_all(pax.as_bytes()).unwrap();
+        t.w.write_all(&vec![0; BLOCK - pax.len()]).unwrap();
+        t.raw_header("./big.ckpt", 0, b'0', 0o644).unwrap();
+        t.w.write_all(&[1u8; 700]).unwrap();
+        t.w.write_all(&vec![0; 2 * BLOCK - 700]).unwrap();
+        let long = format!("./{}/x.ckpt", "d".repeat(150));
+        t.raw_header("././@LongLink", long.len() as u64 + 1, b'L', 0o644)
+            .unwrap();
+        t.w.write_all(long.as_bytes()).unwrap();
+        t.w.write_all(&vec![0; BLOCK - long.len() - 1 + 1]).unwrap();
+        t.raw_header("truncated-name", 3, b'0', 0o644).unwrap();
+        t.w.write_all(&[2u8; 3]).unwrap();
+        t.w.write_all(&vec![0; BLOCK - 3]).unwrap();
+        let bytes = t.finish().unwrap().into_inner();
+        let m = index(&bytes, "t").unwrap();
+        assert_eq!((m[0].name.as_str(), m[0].size), ("big.ckpt", 700));
+        assert_eq!(&bytes[m[0].offset as usize..][..700], &[1u8; 700][..]);
+        assert_eq!(m[1].name, long.trim_start_matches("./"));
+        assert_eq!(m[1].size, 3);
+    }
 }
