@@ -1,7 +1,28 @@
-import glob, hashlib, io, os, shutil, tarfile, zipfile
+"""Regenerates fuzz/seeds/ from the committed fixtures (run from anywhere with the torch venv):
+
+    /work/venvs/fx/bin/python fuzz/make_seeds.py
+
+Seeds stay < 64 KB each: rank checkpoints are re-saved with every tensor cut to one row
+(same keys, dtypes and zip root), tar seeds keep the real member names with 24-byte bodies.
+"""
+import glob, hashlib, io, os, shutil, tarfile, tempfile, zipfile
 import torch
 
-S = '/work/main/fuzz/seeds'
+HERE = os.path.dirname(os.path.abspath(__file__))
+ARCHIVES = os.path.join(HERE, '..', 'fixtures', 'archives')
+WORK = tempfile.mkdtemp(prefix='fuzz-seeds-')
+os.chdir(WORK)
+os.makedirs('raw')
+for f in sorted(glob.glob(f'{ARCHIVES}/*.nemo')):
+    b = os.path.basename(f)[:-5]
+    with tarfile.open(f) as t:
+        for m in t.getmembers():
+            n = m.name[2:].replace('/', '__')
+            if not m.isfile() or n.endswith('.zarray') or '.weight__' in n:
+                continue
+            open(f'raw/{b}__{n}', 'wb').write(t.extractfile(m).read())
+
+S = os.path.join(HERE, 'seeds')
 for t in ['pickle', 'tar_index', 'zip_records', 'config_yaml', 'sentencepiece']:
     shutil.rmtree(f'{S}/{t}', ignore_errors=True)
     os.makedirs(f'{S}/{t}')
@@ -22,7 +43,7 @@ for f in raw:
         put('config_yaml', arch(f) + '.yaml', open(f, 'rb').read())
     if f.endswith('tokenizer.model'):
         put('sentencepiece', arch(f) + '.model', open(f, 'rb').read())
-for f in glob.glob('/work/main/fixtures/tokenizers/*/tokenizer.model'):
+for f in glob.glob(f'{ARCHIVES}/../tokenizers/*/tokenizer.model'):
     put('sentencepiece', 'fixtures_' + f.split('/')[-2] + '.model', open(f, 'rb').read())
 
 # torch zips: data.pkl records of every rank, whole small zips, shrunk rank checkpoints
@@ -66,7 +87,7 @@ put('zip_records', 'truncated_head.ckpt', open(small, 'rb').read()[:16384])
 put('zip_records', 'truncated_tail.ckpt', open(small, 'rb').read()[-16384:])
 
 # tar: the real member lists with tiny bodies, in the three header formats
-for f in sorted(glob.glob('/work/main/fixtures/archives/*.nemo')):
+for f in sorted(glob.glob(f'{ARCHIVES}/*.nemo')):
     b = os.path.basename(f)[:-5]
     src = tarfile.open(f)
     for fmt, fname in [(tarfile.USTAR_FORMAT, 'ustar'), (tarfile.GNU_FORMAT, 'gnu'), (tarfile.PAX_FORMAT, 'pax')]:
@@ -91,5 +112,7 @@ for f in sorted(glob.glob('/work/main/fixtures/archives/*.nemo')):
             data = data[:63 * 1024]
         put('tar_index', f'{b}_{fname}.tar', data)
 # a real archive head and the gzip one's head
-put('tar_index', 'legacy_tp2_bf16_head.nemo', open('/work/main/fixtures/archives/legacy_tp2_bf16.nemo', 'rb').read()[:20480])
-put('tar_index', 'legacy_tp2_gzip_head.nemo', open('/work/main/fixtures/archives/legacy_tp2_gzip.nemo', 'rb').read()[:4096])
+put('tar_index', 'legacy_tp2_bf16_head.nemo', open(f'{ARCHIVES}/legacy_tp2_bf16.nemo', 'rb').read()[:20480])
+put('tar_index', 'legacy_tp2_gzip_head.nemo', open(f'{ARCHIVES}/legacy_tp2_gzip.nemo', 'rb').read()[:4096])
+
+shutil.rmtree(WORK)
