@@ -13,6 +13,7 @@ pub mod nemo;
 pub mod output;
 pub mod progress;
 pub mod reshard;
+pub mod runtime;
 pub mod synth;
 pub mod tensor;
 pub mod torch;

@@ -347,6 +347,8 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
             for (name, data) in &artifacts {
                 write_file(&dir.path().join(name), data)?;
             }
+            // Each finished rank file is synced in the background while the next is written.
+            let mut syncs = Vec::new();
             for (r, p, entries) in &ranks {
                 let member = rank_member(*r, *p, opts.tp, opts.pp)
                     .replace("model_weights.ckpt", "model.safetensors");
@@ -395,8 +397,13 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     }
                 }
                 let f = w.into_file().map_err(|e| Error::io(&path, e))?;
-                f.sync_all().map_err(|e| Error::io(&path, e))?;
+                syncs.push((path.clone(), std::thread::spawn(move || f.sync_all())));
                 rank_names.push(member);
+            }
+            for (path, h) in syncs {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
+                    .map_err(|e| Error::io(&path, e))?;
             }
             dir.commit()?;
         }
