@@ -58,12 +58,11 @@ pub fn write_pieces(
 ) -> std::io::Result<u64> {
     let mut overflow = 0;
     let mut segs: Vec<Seg> = Vec::new();
-    if let Some(l) = l {
-        for (o, n) in l.source_ranges() {
+    let mut emit = |segs: &[Seg], w: &mut dyn Sink| -> std::io::Result<()> {
+        // Large ranges are mapped in one call instead of a page fault per 64 KiB.
+        for &(o, n) in segs.iter().filter(|s| s.1 >= 256 << 10) {
             archive.populate(o, n);
         }
-    }
-    let mut emit = |segs: &[Seg], w: &mut dyn Sink| -> std::io::Result<()> {
         if to == from {
             for &(o, n) in segs {
                 // Large contiguous ranges are copied by the kernel, as `cp` does.
@@ -151,7 +150,17 @@ pub fn write_pieces(
             (_, None) => return Err(std::io::Error::other("a piece without its tensor")),
         }
     }
-    archive.release_all();
+    match l {
+        Some(l) => l
+            .source_ranges()
+            .into_iter()
+            .for_each(|(o, n)| archive.release(o, n)),
+        None => pieces.iter().for_each(|p| {
+            if let Piece::Raw((o, n)) = p {
+                archive.release(*o, *n)
+            }
+        }),
+    }
     Ok(overflow)
 }
 

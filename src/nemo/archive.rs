@@ -234,13 +234,24 @@ impl Archive {
         }
     }
 
-    /// Drops our mapping's resident pages (they stay in the page cache), so that the
-    /// process's resident memory does not grow with the bytes read so far.
-    pub fn release_all(&self) {
-        // SAFETY: the mapping is read-only and file-backed: DONTNEED only unmaps pages,
-        // which are read again from the file on the next access.
-        for (_, map) in &self.maps {
-            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    /// Drops the resident pages of `offset..offset + len` from our mapping (they stay in
+    /// the page cache), so that resident memory does not grow with the bytes read.
+    pub fn release(&self, offset: u64, len: u64) {
+        let i = self
+            .maps
+            .partition_point(|(base, _)| *base <= offset)
+            .saturating_sub(1);
+        if let Some((base, map)) = self.maps.get(i) {
+            if offset >= *base && len > 0 {
+                let start = (offset - base) as usize;
+                let page = start & !4095;
+                let end = (start + len as usize).min(map.len());
+                // SAFETY: read-only, file-backed mapping: DONTNEED only unmaps pages, which
+                // are read again from the file on the next access.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, page, end - page)
+                };
+            }
         }
     }
 
