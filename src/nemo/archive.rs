@@ -173,16 +173,9 @@ impl Archive {
     /// `len` bytes at `offset`. Every range handed out by the reader lies inside one
     /// member, so it is always inside one mapping; anything else is an internal bug.
     pub fn slice(&self, offset: u64, len: u64) -> &[u8] {
-        let i = self
-            .maps
-            .partition_point(|(base, _)| *base <= offset)
-            .saturating_sub(1);
-        match self.maps.get(i) {
-            Some((base, map)) if offset >= *base => {
-                let start = (offset - base) as usize;
-                &map[start..start + len as usize]
-            }
-            _ => {
+        match self.locate(offset) {
+            Some((i, start)) => &self.maps[i].1[start..start + len as usize],
+            None => {
                 assert_eq!(len, 0, "byte range outside the archive");
                 &[]
             }
@@ -204,54 +197,47 @@ impl Archive {
         self.slice(m.offset, m.size)
     }
 
-    /// The file holding archive offset `offset`, and the offset within that file.
-    pub fn file_at(&self, offset: u64) -> Option<(&File, u64)> {
+    /// The mapping holding archive offset `offset` and the offset within it.
+    fn locate(&self, offset: u64) -> Option<(usize, usize)> {
         let i = self
             .maps
             .partition_point(|(base, _)| *base <= offset)
             .saturating_sub(1);
         let (base, _) = self.maps.get(i)?;
-        (offset >= *base).then(|| (&self.files[i], offset - base))
+        (offset >= *base).then(|| (i, (offset - base) as usize))
+    }
+
+    /// The file holding archive offset `offset`, and the offset within that file.
+    pub fn file_at(&self, offset: u64) -> Option<(&File, u64)> {
+        self.locate(offset)
+            .map(|(i, start)| (&self.files[i], start as u64))
+    }
+
+    /// The page-aligned range of one mapping covering `offset..offset + len`.
+    fn pages(&self, offset: u64, len: u64) -> Option<(&Mmap, usize, usize)> {
+        let (i, start) = self.locate(offset).filter(|_| len > 0)?;
+        let map = &self.maps[i].1;
+        let page = start & !4095;
+        let end = (start + len as usize).min(map.len());
+        Some((map, page, end - page))
     }
 
     /// Maps the pages of `offset..offset + len` in one call (instead of one page fault per
     /// 64 KiB while copying); a hint, so failure (old kernels) is ignored.
     pub fn populate(&self, offset: u64, len: u64) {
-        let i = self
-            .maps
-            .partition_point(|(base, _)| *base <= offset)
-            .saturating_sub(1);
-        if let Some((base, map)) = self.maps.get(i) {
-            if offset >= *base && len > 0 {
-                let start = (offset - base) as usize;
-                let page = start & !4095;
-                let _ = map.advise_range(
-                    memmap2::Advice::PopulateRead,
-                    page,
-                    start + len as usize - page,
-                );
-            }
+        if let Some((map, at, n)) = self.pages(offset, len) {
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, at, n);
         }
     }
 
     /// Drops the resident pages of `offset..offset + len` from our mapping (they stay in
     /// the page cache), so that resident memory does not grow with the bytes read.
     pub fn release(&self, offset: u64, len: u64) {
-        let i = self
-            .maps
-            .partition_point(|(base, _)| *base <= offset)
-            .saturating_sub(1);
-        if let Some((base, map)) = self.maps.get(i) {
-            if offset >= *base && len > 0 {
-                let start = (offset - base) as usize;
-                let page = start & !4095;
-                let end = (start + len as usize).min(map.len());
-                // SAFETY: read-only, file-backed mapping: DONTNEED only unmaps pages, which
-                // are read again from the file on the next access.
-                let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, page, end - page)
-                };
-            }
+        if let Some((map, at, n)) = self.pages(offset, len) {
+            // SAFETY: read-only, file-backed mapping: DONTNEED only unmaps pages, which
+            // are read again from the file on the next access.
+            let _ =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, n) };
         }
     }
 

@@ -199,6 +199,30 @@ fn layer_list(args: &[String]) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// Alternates `cp` + `sync` of `src` with the command `cmd()` (which writes `out`) `runs`
+/// times, as the disk is noisy; returns (best cp seconds, best command seconds, its peak RSS).
+fn best_against_cp(
+    src: &Path,
+    dir: &Path,
+    out: &Path,
+    runs: u64,
+    cmd: &mut dyn FnMut() -> Command,
+) -> Result<(f64, f64, u64)> {
+    let (mut cp_s, mut best, mut rss) = (f64::MAX, f64::MAX, 0u64);
+    for _ in 0..runs {
+        cp_s = cp_s.min(cp_sync_seconds(src, dir)?);
+        remove(out);
+        let (s, r, o) = measure(&mut cmd())?;
+        remove(out);
+        if !o.status.success() {
+            bail!("{:?} failed: {}", cmd(), String::from_utf8_lossy(&o.stderr));
+        }
+        best = best.min(s);
+        rss = rss.max(r);
+    }
+    Ok((cp_s, best, rss))
+}
+
 /// `--runs N`: repetitions whose best time is kept (default 3).
 fn runs(args: &[String]) -> Result<u64> {
     num(args, "--runs", 3).map(|n| n.max(1))
@@ -241,26 +265,13 @@ fn bench_convert(args: &[String]) -> Result<()> {
             .arg(&p)
             .stdout(std::process::Stdio::null())
             .status()?;
-        // The disk is noisy: alternate cp and ours, and keep the best of `runs` each.
-        let (mut cp_s, mut ours_s, mut ours_rss) = (f64::MAX, f64::MAX, 0u64);
         let out = dir.join("hf-out");
-        for _ in 0..runs(args)? {
-            cp_s = cp_s.min(cp_sync_seconds(&p, &dir)?);
-            remove(&out);
-            let (s, rss, o) = measure(
-                Command::new(&bin)
-                    .arg("nemo-to-safetensors")
-                    .arg(&p)
-                    .arg(&out)
-                    .arg("-q"),
-            )?;
-            if !o.status.success() {
-                bail!("convert failed: {}", String::from_utf8_lossy(&o.stderr));
-            }
-            remove(&out);
-            ours_s = ours_s.min(s);
-            ours_rss = ours_rss.max(rss);
-        }
+        let mut cmd = || {
+            let mut c = Command::new(&bin);
+            c.arg("nemo-to-safetensors").arg(&p).arg(&out).arg("-q");
+            c
+        };
+        let (cp_s, ours_s, ours_rss) = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
         let (torch_s, torch_rss) = if has_torch {
             let (s, r, o) = measure(Command::new(&python).arg(&peer).arg(&p).arg(&out))?;
             remove(&out);
@@ -323,25 +334,16 @@ fn bench_reshard(args: &[String]) -> Result<()> {
             .status()?;
         for tp in ["2", "8"] {
             for format in ["safetensors", "nemo"] {
-                let (mut cp_s, mut s, mut rss) = (f64::MAX, f64::MAX, 0u64);
                 let out = dir.join("resharded");
-                for _ in 0..runs(args)? {
-                    cp_s = cp_s.min(cp_sync_seconds(&p, &dir)?);
-                    remove(&out);
-                    let (t, r, o) = measure(
-                        Command::new(&bin)
-                            .arg("reshard")
-                            .arg(&p)
-                            .arg(&out)
-                            .args(["--tp", tp, "--format", format, "-q"]),
-                    )?;
-                    remove(&out);
-                    if !o.status.success() {
-                        bail!("reshard failed: {}", String::from_utf8_lossy(&o.stderr));
-                    }
-                    s = s.min(t);
-                    rss = rss.max(r);
-                }
+                let mut cmd = || {
+                    let mut c = Command::new(&bin);
+                    c.arg("reshard")
+                        .arg(&p)
+                        .arg(&out)
+                        .args(["--tp", tp, "--format", format, "-q"]);
+                    c
+                };
+                let (cp_s, s, rss) = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
                 println!(
                     "{:<24} {:>8.2} {:>7} {:>12} {:>9.2} {:>9.2} {:>7.2} {:>7.0} MB",
                     p.file_name().unwrap().to_string_lossy(),
