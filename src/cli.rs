@@ -38,6 +38,61 @@ pub enum Command {
     /// inverses of the merge rules (whole query groups per rank, fused gate/up re-interleaved
     /// per rank, vocabulary re-padded with zeros to make_vocab_size_divisible_by x TP).
     Reshard(ReshardArgs),
+    /// Run the model with greedy decoding and stream the completion to stdout.
+    ///
+    /// MODEL is a .nemo archive (computed on its tensor-parallel shards as stored, no
+    /// merged copy), a per-rank folder written by `reshard`, or a Hugging Face folder
+    /// (float, or int8 from `quantize`). By default the prompt is wrapped in the SteerLM
+    /// template of the model card (system turn, user turn, attribute line after
+    /// <extra_id_2>) and generation stops at the card's end strings (<extra_id_1>,
+    /// quality:, ...); --raw sends the text untouched and applies no end strings. BOS is
+    /// prepended unless --no-bos. Runs on the CPU with all cores (--threads to change).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A .nemo archive, a per-rank folder or a Hugging Face folder.
+    pub model: PathBuf,
+    /// The user's message (or the whole text with --raw).
+    #[arg(
+        long,
+        conflicts_with = "prompt_file",
+        required_unless_present = "prompt_file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// A SteerLM attribute, name=value (repeatable, order kept). Overrides the model
+    /// card's defaults quality:9,toxicity:0,humor:0,creativity:0,violence:0,
+    /// helpfulness:9,not_appropriate:0 in place; new names are appended.
+    #[arg(long = "attr", value_name = "NAME=VALUE")]
+    pub attrs: Vec<String>,
+    /// The system turn (default: the model card's).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Send the prompt as given: no template and no end strings.
+    #[arg(long)]
+    pub raw: bool,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Do not prepend the BOS token.
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print one JSON document (prompt ids, generated ids, text, timing) instead of
+    /// streaming the text.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub io: IoArgs,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ pub mod model;
 pub mod nemo;
 pub mod output;
 pub mod progress;
+pub mod quant;
 pub mod reshard;
 pub mod runtime;
 pub mod synth;

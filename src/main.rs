@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         cli::Command::Inspect(args) => commands::inspect::run(&args),
         cli::Command::NemoToSafetensors(args) => commands::nemo_to_safetensors::run(&args),
         cli::Command::Reshard(args) => commands::reshard::run(&args),
+        cli::Command::Generate(args) => commands::generate::run(&args),
     };
     match result {
         Ok(code) => code,

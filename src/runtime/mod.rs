@@ -1,3 +1,9 @@
-//! The built-in runtime: tokenizer (more to come: SteerLM prompts, the Llama forward pass).
+//! The built-in runtime: SentencePiece tokenizer, SteerLM prompts, and the Llama forward
+//! pass on the CPU over weights used in place from the mapped files.
 
+pub mod cpu;
+pub mod generate;
+pub mod llama;
+pub mod load;
+pub mod steerlm;
 pub mod tokenizer;

@@ -1,0 +1,132 @@
+//! `steerlm-convert generate`: greedy decoding on the CPU, streamed to stdout.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use serde_json::json;
+use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::runtime::generate::{generate, GenOptions};
+use steerlm_convert::runtime::load::{Model, SourceKind};
+use steerlm_convert::runtime::{cpu, steerlm};
+use steerlm_convert::Error;
+
+use crate::cli::GenerateArgs;
+
+pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
+    let text = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| Error::io("<stdin>", e))?;
+            s
+        }
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    if args.raw && (!args.attrs.is_empty() || args.system.is_some()) {
+        return Err(Error::Usage(
+            "--attr and --system apply to the template; --raw sends the prompt untouched".into(),
+        )
+        .into());
+    }
+    let threads = args.threads.unwrap_or(0);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Usage(format!("cannot start {threads} threads: {e}")))?;
+    pool.install(|| generate_in_pool(args, &text))
+}
+
+fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode> {
+    let model = Model::open(
+        &args.model,
+        &OpenOptions {
+            scratch_dir: args.io.scratch_dir.clone(),
+            progress: !args.io.quiet,
+        },
+    )?;
+    let (prompt, ends) = if args.raw {
+        (text.to_string(), Vec::new())
+    } else {
+        let attrs = steerlm::Attributes::with_overrides(&args.attrs).map_err(Error::Usage)?;
+        let system = args.system.as_deref().unwrap_or(steerlm::DEFAULT_SYSTEM);
+        (
+            steerlm::prompt(system, text, &attrs),
+            steerlm::END_STRINGS.iter().map(|s| s.to_string()).collect(),
+        )
+    };
+    let mut ids = Vec::new();
+    if !args.no_bos {
+        ids.push(
+            model.bos.ok_or_else(|| {
+                Error::Usage("the tokenizer has no BOS token; pass --no-bos".into())
+            })?,
+        );
+    }
+    ids.extend(model.tokenizer.encode(&prompt));
+    let opts = GenOptions {
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        end_strings: ends,
+    };
+    let stream = !args.json;
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let g = generate(&model, &ids, &opts, &mut |s| {
+        if stream && write_err.is_none() {
+            if let Err(e) = out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    let prompt_tps = g.prompt_ids.len() as f64 / g.prompt_secs.max(1e-9);
+    let decode_tps = g.decode_steps as f64 / g.decode_secs.max(1e-9);
+    let source = match model.source {
+        SourceKind::Nemo { tp, pp } => format!("nemo tp{tp} pp{pp}"),
+        SourceKind::HuggingFace => "hf".to_string(),
+    };
+    if args.json {
+        let doc = json!({
+            "model": args.model.display().to_string(),
+            "source": source,
+            "weights": model.weights.layers.first().map(|l| l.qkv.wtype.name()),
+            "prompt": prompt,
+            "prompt_ids": g.prompt_ids,
+            "ids": g.ids,
+            "text": g.text,
+            "stop": g.stop.as_str(),
+            "timing": {
+                "prompt_tokens": g.prompt_ids.len(),
+                "prompt_seconds": g.prompt_secs,
+                "prompt_tokens_per_s": prompt_tps,
+                "decode_steps": g.decode_steps,
+                "decode_seconds": g.decode_secs,
+                "decode_tokens_per_s": decode_tps,
+                "threads": rayon::current_num_threads(),
+                "isa": cpu::isa(),
+            },
+        });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out)?;
+        if !args.io.quiet {
+            eprintln!(
+                "[{} tokens, stop: {}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {} threads, {}]",
+                g.ids.len(),
+                g.stop.as_str(),
+                g.prompt_ids.len(),
+                prompt_tps,
+                decode_tps,
+                rayon::current_num_threads(),
+                cpu::isa()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

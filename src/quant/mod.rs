@@ -1,0 +1,5 @@
+//! Weight quantization: the int8 scheme (defined once, shared by the CPU and GPU paths),
+//! the compressed-tensors `pack-quantized` layout, and error metrics.
+
+pub mod compressed;
+pub mod int8;

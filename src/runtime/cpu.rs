@@ -1,0 +1,383 @@
+//! CPU kernels of the runtime: dot products of one weight row (as stored in the mapped
+//! file, any alignment) with f32 activations, and rows dequantized to f32.
+//!
+//! Every kernel is written once as plain Rust with 16 independent f32 lanes, which the
+//! compiler turns into SIMD. On x86-64 the same code is compiled a second time with AVX2 +
+//! FMA + F16C enabled and chosen at run time, so one binary runs everywhere and uses the
+//! wide units where they exist. Accumulation is always in f32.
+
+// Kernels index lanes explicitly: that is what lets the compiler vectorize them.
+#![allow(clippy::needless_range_loop)]
+
+use std::sync::OnceLock;
+
+/// How a weight row is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WType {
+    F32,
+    F16,
+    BF16,
+    /// int8 stored as unsigned bytes `q + 128` (compressed-tensors `pack-quantized`:
+    /// four of them per little-endian int32).
+    U8Offset,
+    /// Plain signed int8.
+    I8,
+}
+
+impl WType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WType::F32 => 4,
+            WType::F16 | WType::BF16 => 2,
+            WType::U8Offset | WType::I8 => 1,
+        }
+    }
+
+    /// Whether rows carry scales.
+    pub fn is_int8(self) -> bool {
+        matches!(self, WType::U8Offset | WType::I8)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WType::F32 => "f32",
+            WType::F16 => "f16",
+            WType::BF16 => "bf16",
+            WType::U8Offset | WType::I8 => "int8",
+        }
+    }
+}
+
+const L: usize = 16;
+
+#[inline(always)]
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+#[inline(always)]
+fn bf16_at(b: &[u8], i: usize) -> f32 {
+    f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16)
+}
+
+#[inline(always)]
+fn q_at(b: &[u8], i: usize, offset: bool) -> f32 {
+    if offset {
+        ((b[i] ^ 0x80) as i8) as f32
+    } else {
+        (b[i] as i8) as f32
+    }
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32()
+}
+
+#[inline(always)]
+fn reduce(acc: [f32; L]) -> f32 {
+    let mut a8 = [0f32; 8];
+    for l in 0..8 {
+        a8[l] = acc[l] + acc[l + 8];
+    }
+    let a4 = [a8[0] + a8[4], a8[1] + a8[5], a8[2] + a8[6], a8[3] + a8[7]];
+    (a4[0] + a4[2]) + (a4[1] + a4[3])
+}
+
+macro_rules! dot_body {
+    ($w:expr, $x:expr, $at:expr) => {{
+        let (w, x) = ($w, $x);
+        let n = x.len();
+        let mut acc = [0f32; L];
+        let full = n / L * L;
+        let mut i = 0;
+        while i < full {
+            let xb = &x[i..i + L];
+            for l in 0..L {
+                acc[l] += $at(w, i + l) * xb[l];
+            }
+            i += L;
+        }
+        let mut tail = 0f32;
+        for j in full..n {
+            tail += $at(w, j) * x[j];
+        }
+        reduce(acc) + tail
+    }};
+}
+
+#[inline(always)]
+fn dot_generic(t: WType, w: &[u8], x: &[f32]) -> f32 {
+    match t {
+        WType::F32 => {
+            let w = &w[..x.len() * 4];
+            dot_body!(w, x, f32_at)
+        }
+        WType::BF16 => {
+            let w = &w[..x.len() * 2];
+            dot_body!(w, x, bf16_at)
+        }
+        WType::F16 => {
+            let w = &w[..x.len() * 2];
+            dot_body!(w, x, f16_at)
+        }
+        WType::U8Offset => {
+            let w = &w[..x.len()];
+            dot_body!(w, x, |b, i| q_at(b, i, true))
+        }
+        WType::I8 => {
+            let w = &w[..x.len()];
+            dot_body!(w, x, |b, i| q_at(b, i, false))
+        }
+    }
+}
+
+#[inline(always)]
+fn dequant_generic(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+    let n = out.len();
+    match t {
+        WType::F32 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f32_at(w, i)),
+        WType::BF16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = bf16_at(w, i)),
+        WType::F16 => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+            bytemuck_f16(&w[..2 * n]).as_slice(),
+            out,
+        ),
+        WType::U8Offset | WType::I8 => {
+            let off = t == WType::U8Offset;
+            for (g, chunk) in out.chunks_mut(group).enumerate() {
+                let s = scales[g];
+                let base = g * group;
+                for (j, o) in chunk.iter_mut().enumerate() {
+                    *o = q_at(w, base + j, off) * s;
+                }
+            }
+        }
+    }
+}
+
+fn bytemuck_f16(b: &[u8]) -> Vec<half::f16> {
+    b.chunks_exact(2)
+        .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+#[inline(always)]
+fn row_dot_generic(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+    if !t.is_int8() {
+        return dot_generic(t, w, x);
+    }
+    let mut total = 0f32;
+    for (g, xs) in x.chunks(group).enumerate() {
+        let base = g * group;
+        total += dot_generic(t, &w[base..base + xs.len()], xs) * scales[g];
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+        if t == WType::F16 {
+            return dot_f16(w, x);
+        }
+        row_dot_generic(t, w, x, scales, group)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len());
+        let mut acc = [0f32; L];
+        let full = n / L * L;
+        let mut i = 0;
+        while i < full {
+            for l in 0..L {
+                acc[l] += w[i + l] * x[i + l];
+            }
+            i += L;
+        }
+        let mut tail = 0f32;
+        for j in full..n {
+            tail += w[j] * x[j];
+        }
+        reduce(acc) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+        dequant_generic(t, w, scales, group, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        assert!(w.len() >= 2 * n);
+        let full = n / 16 * 16;
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= n, so 32 bytes of w and 16 floats of x are in bounds;
+            // the loads are unaligned.
+            let h0 = _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i);
+            let h1 = _mm_loadu_si128(w.as_ptr().add(2 * i + 16) as *const __m128i);
+            let x0 = _mm256_loadu_ps(x.as_ptr().add(i));
+            let x1 = _mm256_loadu_ps(x.as_ptr().add(i + 8));
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_cvtph_ps(h0), x0));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_cvtph_ps(h1), x1));
+            i += 16;
+        }
+        let mut lanes = [0f32; 16];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), a0);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a1);
+        // Same pairing as `reduce` on the generic path's lanes.
+        let mut acc = [0f32; L];
+        acc.copy_from_slice(&lanes);
+        let mut tail = 0f32;
+        for j in full..n {
+            tail += f16_at(w, j) * x[j];
+        }
+        reduce(acc) + tail
+    }
+}
+
+fn wide() -> bool {
+    static WIDE: OnceLock<bool> = OnceLock::new();
+    *WIDE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("STEERLM_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Which instruction set the kernels use.
+pub fn isa() -> &'static str {
+    if wide() {
+        "avx2"
+    } else {
+        "generic"
+    }
+}
+
+/// `Σ w[i]·x[i]` over one stored row (`x.len()` elements); int8 rows are scaled per
+/// group of `group` columns by `scales`.
+#[inline]
+pub fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked once in `wide`).
+        return unsafe { x86::row_dot(t, w, x, scales, group) };
+    }
+    row_dot_generic(t, w, x, scales, group)
+}
+
+/// `Σ w[i]·x[i]` over f32 slices.
+#[inline]
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: as above.
+        return unsafe { x86::dot_f32(w, x) };
+    }
+    let n = x.len().min(w.len());
+    let mut acc = [0f32; L];
+    let full = n / L * L;
+    for i in (0..full).step_by(L) {
+        for l in 0..L {
+            acc[l] += w[i + l] * x[i + l];
+        }
+    }
+    let mut tail = 0f32;
+    for j in full..n {
+        tail += w[j] * x[j];
+    }
+    reduce(acc) + tail
+}
+
+/// One stored row as f32 (`out.len()` elements), int8 multiplied by its scales.
+#[inline]
+pub fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: as above.
+        return unsafe { x86::dequant(t, w, scales, group, out) };
+    }
+    dequant_generic(t, w, scales, group, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_f32(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn kernels_agree_with_f64_sums() {
+        let n = 301;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 19) as f32 - 9.0) / 8.0).collect();
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) / 16.0)
+            .collect();
+        let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let bf: Vec<u8> = w
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = w
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        for (t, b) in [
+            (WType::F32, bytes_f32(&w)),
+            (WType::BF16, bf),
+            (WType::F16, hf),
+        ] {
+            let got = row_dot(t, &b, &x, &[], 0);
+            assert!((got as f64 - exact).abs() < 1e-4, "{t:?}: {got} vs {exact}");
+            let mut row = vec![0f32; n];
+            dequant(t, &b, &[], 0, &mut row);
+            assert_eq!(row, w, "{t:?}");
+        }
+        // int8 with groups of 64: q = i % 255 - 127, scales 0.5, 0.25, …
+        let q: Vec<i8> = (0..n).map(|i| (i % 255) as i16 as i8).collect();
+        let scales: Vec<f32> = (0..n.div_ceil(64)).map(|g| 1.0 / (2 << g) as f32).collect();
+        let exact: f64 = (0..n)
+            .map(|i| q[i] as f64 * scales[i / 64] as f64 * x[i] as f64)
+            .sum();
+        let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+        let offset: Vec<u8> = q.iter().map(|v| (*v as i16 + 128) as u8).collect();
+        for (t, b) in [(WType::I8, signed), (WType::U8Offset, offset)] {
+            let got = row_dot(t, &b, &x, &scales, 64);
+            assert!((got as f64 - exact).abs() < 1e-3, "{t:?}: {got} vs {exact}");
+            let mut row = vec![0f32; n];
+            dequant(t, &b, &scales, 64, &mut row);
+            for i in 0..n {
+                assert_eq!(row[i], q[i] as f32 * scales[i / 64]);
+            }
+        }
+        assert!((dot_f32(&w, &x) as f64 - exact_f32(&w, &x)).abs() < 1e-4);
+    }
+
+    fn exact_f32(w: &[f32], x: &[f32]) -> f64 {
+        w.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+}

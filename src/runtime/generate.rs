@@ -1,0 +1,140 @@
+//! Greedy generation with streaming output and NeMo-style end strings.
+
+use std::time::Instant;
+
+use crate::runtime::load::Model;
+use crate::runtime::steerlm;
+
+/// What stops generation, besides the token budget.
+#[derive(Debug, Clone, Default)]
+pub struct GenOptions {
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    /// Checked on the decoded completion after each token.
+    pub end_strings: Vec<String>,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    MaxTokens,
+    Eos,
+    EndString(String),
+    /// The model's context is full.
+    Context,
+}
+
+impl Stop {
+    pub fn as_str(&self) -> String {
+        match self {
+            Stop::MaxTokens => "max_tokens".into(),
+            Stop::Eos => "eos".into(),
+            Stop::EndString(s) => format!("end_string {s}"),
+            Stop::Context => "context".into(),
+        }
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub ids: Vec<u32>,
+    /// The completion, without the end string that stopped it.
+    pub text: String,
+    pub stop: Stop,
+    /// Logits of the prompt's last position.
+    pub prompt_logits: Vec<f32>,
+    pub prompt_secs: f64,
+    /// Single-token forward passes and the time they took.
+    pub decode_steps: usize,
+    pub decode_secs: f64,
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The completion's text: the whole sequence decoded, less the prompt's own decoding (as
+/// NeMo's clients cut `sentences[0][len(prompt):]`), so that a leading space survives.
+fn completion(model: &Model, prompt_text: &str, all: &[u32], n_prompt: usize) -> String {
+    let full = model.tokenizer.decode(all);
+    match full.strip_prefix(prompt_text) {
+        Some(rest) => rest.to_string(),
+        None => model.tokenizer.decode(&all[n_prompt..]),
+    }
+}
+
+/// Runs greedy decoding from `prompt_ids`; `emit` receives the completion's text as it
+/// becomes final (never text that might still turn out to be part of an end string).
+pub fn generate(
+    model: &Model,
+    prompt_ids: &[u32],
+    opts: &GenOptions,
+    emit: &mut dyn FnMut(&str),
+) -> crate::Result<Generation> {
+    model.check_ids(prompt_ids)?;
+    let w = &model.weights;
+    let ends: Vec<&str> = opts.end_strings.iter().map(String::as_str).collect();
+    let mut cache = w.new_cache();
+    let t0 = Instant::now();
+    let prompt_logits = w.forward(&model.archive, &mut cache, prompt_ids);
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let prompt_text = model.tokenizer.decode(prompt_ids);
+    let mut all = prompt_ids.to_vec();
+    let mut logits = prompt_logits.clone();
+    let mut shown = 0usize;
+    let mut text = String::new();
+    let mut steps = 0usize;
+    let t1 = Instant::now();
+    let stop = loop {
+        if all.len() - prompt_ids.len() >= opts.max_tokens {
+            break Stop::MaxTokens;
+        }
+        let next = argmax(&logits);
+        if !opts.ignore_eos && Some(next) == model.eos {
+            break Stop::Eos;
+        }
+        all.push(next);
+        text = completion(model, &prompt_text, &all, prompt_ids.len());
+        if let Some((at, i)) = steerlm::find_end(&text, &ends) {
+            text.truncate(at);
+            if text.len() > shown {
+                emit(&text[shown..]);
+            }
+            break Stop::EndString(ends[i].to_string());
+        }
+        let safe = steerlm::safe_prefix(&text, &ends);
+        if safe > shown {
+            emit(&text[shown..safe]);
+            shown = safe;
+        }
+        if all.len() - prompt_ids.len() >= opts.max_tokens {
+            break Stop::MaxTokens;
+        }
+        if all.len() >= w.dims.max_positions {
+            break Stop::Context;
+        }
+        logits = w.forward(&model.archive, &mut cache, &[next]);
+        steps += 1;
+    };
+    if !matches!(stop, Stop::EndString(_)) && text.len() > shown {
+        emit(&text[shown..]);
+    }
+    Ok(Generation {
+        prompt_ids: prompt_ids.to_vec(),
+        ids: all[prompt_ids.len()..].to_vec(),
+        text,
+        stop,
+        prompt_logits,
+        prompt_secs,
+        decode_steps: steps,
+        decode_secs: t1.elapsed().as_secs_f64(),
+    })
+}

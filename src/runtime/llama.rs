@@ -1,0 +1,427 @@
+//! The Llama decoder on the CPU: embeddings, RMSNorm, RoPE, grouped-query attention with a
+//! KV cache, SwiGLU MLP, final norm and `lm_head`, with weights used in place from the
+//! mapped files.
+//!
+//! A linear layer is a set of *bands* (row ranges) each made of *parts* (column ranges),
+//! every part a strided block of the mapped file. A Hugging Face tensor is one band of one
+//! part; a column-parallel NeMo tensor is one band per TP rank; a row-parallel one is one
+//! band with a part per rank, whose partial products are summed. So a `.nemo` runs on its
+//! shards as stored, with no merged copy.
+
+use rayon::prelude::*;
+
+use crate::nemo::archive::Archive;
+use crate::runtime::cpu::{self, WType};
+
+/// A strided block of a linear layer's weight: columns `col0..col0 + cols` of the band's
+/// rows, row `r` of the band at `offset + r·stride`.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub col0: usize,
+    pub cols: usize,
+    pub offset: u64,
+    pub stride: u64,
+    /// int8 only: `rows × cols/group` scales, row-major.
+    pub scales: Vec<f32>,
+}
+
+/// Rows `row0..row0 + rows`, their columns split into parts.
+#[derive(Debug, Clone)]
+pub struct Band {
+    pub row0: usize,
+    pub rows: usize,
+    pub parts: Vec<Part>,
+}
+
+/// A weight matrix `[out, inp]` (or an embedding table) laid over the mapped file.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub name: String,
+    pub out: usize,
+    pub inp: usize,
+    pub wtype: WType,
+    /// Columns per scale (int8).
+    pub group: usize,
+    pub bands: Vec<Band>,
+}
+
+impl Linear {
+    /// Bytes of weights (and scales) one pass over every row reads.
+    pub fn bytes(&self) -> u64 {
+        let w = (self.out * self.inp * self.wtype.size()) as u64;
+        let s: usize = self
+            .bands
+            .iter()
+            .flat_map(|b| b.parts.iter().map(|p| p.scales.len() * 4))
+            .sum();
+        w + s as u64
+    }
+
+    fn band(&self, r: usize) -> &Band {
+        let i = self.bands.partition_point(|b| b.row0 + b.rows <= r);
+        &self.bands[i]
+    }
+
+    fn part_row<'a>(&self, ar: &'a Archive, b: &Band, p: &Part, r: usize) -> &'a [u8] {
+        let local = (r - b.row0) as u64;
+        ar.slice(
+            p.offset + local * p.stride,
+            (p.cols * self.wtype.size()) as u64,
+        )
+    }
+
+    fn scales<'a>(&self, p: &'a Part, b: &Band, r: usize) -> &'a [f32] {
+        if p.scales.is_empty() {
+            return &[];
+        }
+        let g = p.cols.div_ceil(self.group);
+        let local = r - b.row0;
+        &p.scales[local * g..(local + 1) * g]
+    }
+
+    /// `w[r] · x`.
+    pub fn row_dot(&self, ar: &Archive, r: usize, x: &[f32]) -> f32 {
+        let b = self.band(r);
+        let mut acc = 0f32;
+        for p in &b.parts {
+            let w = self.part_row(ar, b, p, r);
+            acc += cpu::row_dot(
+                self.wtype,
+                w,
+                &x[p.col0..p.col0 + p.cols],
+                self.scales(p, b, r),
+                self.group,
+            );
+        }
+        acc
+    }
+
+    /// Row `r` as f32.
+    pub fn row(&self, ar: &Archive, r: usize, out: &mut [f32]) {
+        let b = self.band(r);
+        for p in &b.parts {
+            let w = self.part_row(ar, b, p, r);
+            cpu::dequant(
+                self.wtype,
+                w,
+                self.scales(p, b, r),
+                self.group,
+                &mut out[p.col0..p.col0 + p.cols],
+            );
+        }
+    }
+
+    /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
+    /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
+    pub fn matmul(&self, ar: &Archive, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
+        debug_assert_eq!(x.len(), t * self.inp);
+        debug_assert_eq!(y.len(), t * rows);
+        const CHUNK: usize = 16;
+        if t == 1 {
+            y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ys)| {
+                for (j, yv) in ys.iter_mut().enumerate() {
+                    *yv = self.row_dot(ar, c * CHUNK + j, x);
+                }
+            });
+            return;
+        }
+        // A batch: each row is read (and converted) once and used for every token.
+        let mut yt = vec![0f32; rows * t];
+        yt.par_chunks_mut(CHUNK * t).enumerate().for_each_init(
+            || vec![0f32; self.inp],
+            |buf, (c, ys)| {
+                for (j, yr) in ys.chunks_mut(t).enumerate() {
+                    self.row(ar, c * CHUNK + j, buf);
+                    for (tok, yv) in yr.iter_mut().enumerate() {
+                        *yv = cpu::dot_f32(buf, &x[tok * self.inp..(tok + 1) * self.inp]);
+                    }
+                }
+            },
+        );
+        for r in 0..rows {
+            for tok in 0..t {
+                y[tok * rows + r] = yt[r * t + tok];
+            }
+        }
+    }
+}
+
+/// How the fused QKV output is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvOrder {
+    /// `[q (all heads); k; v]` (Hugging Face `q_proj`, `k_proj`, `v_proj` stacked).
+    Separate,
+    /// Per query group `[q heads of the group; k; v]` (Megatron `query_key_value`).
+    Grouped,
+}
+
+/// Model dimensions and constants.
+#[derive(Debug, Clone)]
+pub struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub layers: usize,
+    /// Logits computed (the tokenizer's vocabulary; padding rows are skipped).
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope_theta: f64,
+    /// Linear RoPE scaling factor (positions divided by it); 1 when none.
+    pub rope_factor: f64,
+    pub max_positions: usize,
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub qkv: Linear,
+    pub o: Linear,
+    pub mlp_norm: Vec<f32>,
+    /// Output `[gate (ffn); up (ffn)]`.
+    pub gate_up: Linear,
+    pub down: Linear,
+}
+
+/// The weights of a Llama model laid over its mapped files.
+pub struct Weights {
+    pub dims: Dims,
+    pub embed: Linear,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    pub lm_head: Linear,
+    pub qkv_order: QkvOrder,
+}
+
+/// Keys and values of the positions seen so far.
+pub struct Cache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    pub len: usize,
+}
+
+impl Weights {
+    /// Bytes one decode step reads (every weight once, the embedding row aside).
+    pub fn bytes_per_token(&self) -> u64 {
+        let mut b = self.lm_head.bytes() / self.lm_head.out as u64 * self.dims.vocab as u64;
+        for l in &self.layers {
+            b += l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes();
+            b += 4 * (l.attn_norm.len() + l.mlp_norm.len()) as u64;
+        }
+        b
+    }
+
+    pub fn parameter_count(&self) -> u64 {
+        let mut n = (self.embed.out * self.embed.inp + self.lm_head.out * self.lm_head.inp) as u64;
+        for l in &self.layers {
+            for lin in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+                n += (lin.out * lin.inp) as u64;
+            }
+            n += (l.attn_norm.len() + l.mlp_norm.len()) as u64;
+        }
+        n + self.norm.len() as u64
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            k: vec![Vec::new(); self.layers.len()],
+            v: vec![Vec::new(); self.layers.len()],
+            len: 0,
+        }
+    }
+
+    fn inv_freq(&self) -> Vec<f32> {
+        let d = &self.dims;
+        let mut f = crate::reshard::rope_inv_freq(d.rope_theta, (d.head_dim / 2) as u64);
+        if d.rope_factor != 1.0 {
+            let factor = d.rope_factor as f32;
+            f.iter_mut().for_each(|v| *v /= factor);
+        }
+        f
+    }
+
+    /// Runs `tokens` (at positions `cache.len..`) through the model and returns the
+    /// logits of the last one.
+    pub fn forward(&self, ar: &Archive, cache: &mut Cache, tokens: &[u32]) -> Vec<f32> {
+        let d = &self.dims;
+        let t = tokens.len();
+        let (h, hd, nh, nkv) = (d.hidden, d.head_dim, d.heads, d.kv_heads);
+        let qdim = nh * hd;
+        let kvdim = nkv * hd;
+        let p0 = cache.len;
+        let mut x = vec![0f32; t * h];
+        for (i, &tok) in tokens.iter().enumerate() {
+            self.embed.row(ar, tok as usize, &mut x[i * h..(i + 1) * h]);
+        }
+        let inv_freq = self.inv_freq();
+        // cos/sin per position, as transformers computes them (f32 products).
+        let half = hd / 2;
+        let mut cos = vec![0f32; t * half];
+        let mut sin = vec![0f32; t * half];
+        for i in 0..t {
+            let pos = (p0 + i) as f32;
+            for j in 0..half {
+                let a = pos * inv_freq[j];
+                cos[i * half + j] = a.cos();
+                sin[i * half + j] = a.sin();
+            }
+        }
+        let mut hbuf = vec![0f32; t * h];
+        let qkv_out = qdim + 2 * kvdim;
+        let mut qkv = vec![0f32; t * qkv_out];
+        let mut attn = vec![0f32; t * qdim];
+        let mut o = vec![0f32; t * h];
+        let mut gu = vec![0f32; t * 2 * d.ffn];
+        let mut act = vec![0f32; t * d.ffn];
+        let per_group = nh / nkv;
+        for (li, l) in self.layers.iter().enumerate() {
+            rms_norm(&x, &l.attn_norm, d.eps, &mut hbuf);
+            l.qkv.matmul(ar, &hbuf, t, qkv_out, &mut qkv);
+            let mut q = vec![0f32; t * qdim];
+            let kc = &mut cache.k[li];
+            let vc = &mut cache.v[li];
+            kc.truncate(p0 * kvdim);
+            vc.truncate(p0 * kvdim);
+            for i in 0..t {
+                let row = &qkv[i * qkv_out..(i + 1) * qkv_out];
+                let (qr, kr, vr) = split_qkv(row, self.qkv_order, nh, nkv, hd);
+                let (c, s) = (
+                    &cos[i * half..(i + 1) * half],
+                    &sin[i * half..(i + 1) * half],
+                );
+                let qt = &mut q[i * qdim..(i + 1) * qdim];
+                for hh in 0..nh {
+                    rope(qr[hh], c, s, &mut qt[hh * hd..(hh + 1) * hd]);
+                }
+                let mut kt = vec![0f32; kvdim];
+                for g in 0..nkv {
+                    rope(kr[g], c, s, &mut kt[g * hd..(g + 1) * hd]);
+                }
+                kc.extend_from_slice(&kt);
+                for vg in &vr {
+                    vc.extend_from_slice(vg);
+                }
+            }
+            let (kc, vc) = (&cache.k[li], &cache.v[li]);
+            let scale = (hd as f32).sqrt();
+            attn.par_chunks_mut(hd).enumerate().for_each_init(
+                Vec::new,
+                |scores: &mut Vec<f32>, (idx, out)| {
+                    let (i, hh) = (idx / nh, idx % nh);
+                    let g = hh / per_group;
+                    let qv = &q[i * qdim + hh * hd..i * qdim + (hh + 1) * hd];
+                    let n = p0 + i + 1;
+                    scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for p in 0..n {
+                        let kv = &kc[p * kvdim + g * hd..p * kvdim + (g + 1) * hd];
+                        let s = cpu::dot_f32(qv, kv) / scale;
+                        max = max.max(s);
+                        scores.push(s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    out.fill(0.0);
+                    for (p, s) in scores.iter().enumerate() {
+                        let w = s / sum;
+                        let vv = &vc[p * kvdim + g * hd..p * kvdim + (g + 1) * hd];
+                        for (o, v) in out.iter_mut().zip(vv) {
+                            *o += w * v;
+                        }
+                    }
+                },
+            );
+            l.o.matmul(ar, &attn, t, h, &mut o);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            rms_norm(&x, &l.mlp_norm, d.eps, &mut hbuf);
+            l.gate_up.matmul(ar, &hbuf, t, 2 * d.ffn, &mut gu);
+            for i in 0..t {
+                let row = &gu[i * 2 * d.ffn..(i + 1) * 2 * d.ffn];
+                let (g, u) = row.split_at(d.ffn);
+                for j in 0..d.ffn {
+                    act[i * d.ffn + j] = silu(g[j]) * u[j];
+                }
+            }
+            l.down.matmul(ar, &act, t, h, &mut o);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+        cache.len = p0 + t;
+        let last = &x[(t - 1) * h..t * h];
+        let mut normed = vec![0f32; h];
+        rms_norm(last, &self.norm, d.eps, &mut normed);
+        let mut logits = vec![0f32; d.vocab];
+        self.lm_head.matmul(ar, &normed, 1, d.vocab, &mut logits);
+        logits
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// transformers' `LlamaRMSNorm` in f32, row by row.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (xr, or) in x.chunks(h).zip(out.chunks_mut(h)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = g * (v * r);
+        }
+    }
+}
+
+/// Rotate-half RoPE of one head (the convention of both Megatron and Hugging Face Llama).
+fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        let (a, b) = (x[j], x[j + half]);
+        out[j] = a * cos[j] - b * sin[j];
+        out[j + half] = b * cos[j] + a * sin[j];
+    }
+}
+
+type Heads<'a> = Vec<&'a [f32]>;
+
+fn split_qkv(
+    row: &[f32],
+    order: QkvOrder,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> (Heads<'_>, Heads<'_>, Heads<'_>) {
+    let mut q = Vec::with_capacity(nh);
+    let mut k = Vec::with_capacity(nkv);
+    let mut v = Vec::with_capacity(nkv);
+    match order {
+        QkvOrder::Separate => {
+            for hh in 0..nh {
+                q.push(&row[hh * hd..(hh + 1) * hd]);
+            }
+            let kb = nh * hd;
+            let vb = kb + nkv * hd;
+            for g in 0..nkv {
+                k.push(&row[kb + g * hd..kb + (g + 1) * hd]);
+                v.push(&row[vb + g * hd..vb + (g + 1) * hd]);
+            }
+        }
+        QkvOrder::Grouped => {
+            let per = nh / nkv;
+            let gsz = (per + 2) * hd;
+            for g in 0..nkv {
+                let base = g * gsz;
+                for j in 0..per {
+                    q.push(&row[base + j * hd..base + (j + 1) * hd]);
+                }
+                k.push(&row[base + per * hd..base + (per + 1) * hd]);
+                v.push(&row[base + (per + 1) * hd..base + (per + 2) * hd]);
+            }
+        }
+    }
+    (q, k, v)
+}
