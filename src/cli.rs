@@ -48,6 +48,88 @@ pub enum Command {
     /// quality:, ...); --raw sends the text untouched and applies no end strings. BOS is
     /// prepended unless --no-bos. Runs on the CPU with all cores (--threads to change).
     Generate(GenerateArgs),
+    /// Quantize to int8 weight-only, or cast to fp16 / bf16, in one streaming pass.
+    ///
+    /// IN is a .nemo (quantized while merging, no intermediate copy), a per-rank folder, or
+    /// a Hugging Face folder; OUT is a Hugging Face folder. int8 is symmetric and
+    /// weight-only: scale = absmax/127 per output channel (or per group of --group-size
+    /// input columns), stored in the model's float dtype, values rounded half to even with
+    /// that stored scale. It applies to the linear layers (q/k/v/o, gate/up/down; lm_head
+    /// unless kept); embeddings and norms stay in float. The output is the
+    /// compressed-tensors `pack-quantized` W8A16 layout that vLLM and transformers (with
+    /// the compressed-tensors package) load. A per-tensor error table (max abs error,
+    /// relative RMS error, SNR) goes to stderr, and to a JSON file with --report.
+    Quantize(QuantizeArgs),
+}
+
+/// Quantization scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemeArg {
+    /// int8 weight-only (W8A16), compressed-tensors pack-quantized.
+    Int8,
+    /// Cast every float tensor to float16 (overflow refused unless --allow-overflow).
+    Fp16,
+    /// Cast every float tensor to bfloat16.
+    Bf16,
+}
+
+/// Scale granularity of int8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GranularityArg {
+    /// One scale per output channel (row).
+    Channel,
+    /// One scale per group of --group-size input columns of each row.
+    Group,
+}
+
+/// Where to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The GPU when a CUDA driver and device are present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// A .nemo archive, a per-rank folder, or a Hugging Face folder.
+    pub input: PathBuf,
+    /// The Hugging Face folder to write (must not exist, unless --force).
+    pub output: PathBuf,
+    #[arg(long, value_enum)]
+    pub scheme: SchemeArg,
+    /// int8 only (default channel).
+    #[arg(long, value_enum)]
+    pub granularity: Option<GranularityArg>,
+    /// Input columns per scale with --granularity group (default 128); must divide every
+    /// quantized layer's input dimension.
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Modules kept in float, comma-separated: embed, lm_head, q_proj, k_proj, v_proj,
+    /// o_proj, gate_proj, up_proj, down_proj. Embeddings are always kept.
+    #[arg(long, value_delimiter = ',', default_value = "embed,lm_head")]
+    pub keep: Vec<String>,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Write the per-tensor error report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Largest safetensors file, e.g. 5GB.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+    /// Replace OUT if it exists (only once the new output is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Write values that overflow fp16 as ±inf instead of refusing.
+    #[arg(long)]
+    pub allow_overflow: bool,
+    /// Rows of the error table on stderr (the worst tensors by relative RMS error).
+    #[arg(long, default_value_t = 10)]
+    pub worst: usize,
+    #[command(flatten)]
+    pub io: IoArgs,
 }
 
 #[derive(Debug, Args)]

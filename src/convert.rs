@@ -149,42 +149,11 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
         )?;
         files.push("model.safetensors.index.json".into());
     }
-    write_json(
+    files.extend(write_side_files(
         dir.path(),
-        "config.json",
-        &hf::config_json(&ck.config, sp, written_dtype),
-    )?;
-    write_json(
-        dir.path(),
-        "generation_config.json",
-        &hf::generation_config_json(sp),
-    )?;
-    write_json(
-        dir.path(),
-        "tokenizer_config.json",
-        &hf::tokenizer_config_json(sp, ck.config.max_position_embeddings),
-    )?;
-    write_json(
-        dir.path(),
-        "special_tokens_map.json",
-        &hf::special_tokens_map_json(sp),
-    )?;
-    let tm = dir.path().join("tokenizer.model");
-    let member = ck
-        .archive
-        .member(&tok.member)
-        .expect("resolved tokenizer member");
-    std::fs::write(&tm, ck.archive.data(member)).map_err(|e| Error::io(&tm, e))?;
-    files.extend(
-        [
-            "config.json",
-            "generation_config.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "tokenizer.model",
-        ]
-        .map(String::from),
-    );
+        ck,
+        hf::config_json(&ck.config, sp, written_dtype),
+    )?);
     dir.commit()?;
     Ok(Report {
         files,
@@ -200,7 +169,46 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     })
 }
 
-fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
+/// Writes `config` as config.json and the generation and tokenizer files of `ck` into
+/// `dir`; returns their names.
+pub fn write_side_files(dir: &Path, ck: &Checkpoint, config: Value) -> Result<Vec<String>> {
+    let tok = ck.tokenizer()?;
+    let sp = &tok.model;
+    write_json(dir, "config.json", &config)?;
+    write_json(
+        dir,
+        "generation_config.json",
+        &hf::generation_config_json(sp),
+    )?;
+    write_json(
+        dir,
+        "tokenizer_config.json",
+        &hf::tokenizer_config_json(sp, ck.config.max_position_embeddings),
+    )?;
+    write_json(
+        dir,
+        "special_tokens_map.json",
+        &hf::special_tokens_map_json(sp),
+    )?;
+    let tm = dir.join("tokenizer.model");
+    let member = ck
+        .archive
+        .member(&tok.member)
+        .expect("resolved tokenizer member");
+    std::fs::write(&tm, ck.archive.data(member)).map_err(|e| Error::io(&tm, e))?;
+    Ok([
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    ]
+    .map(String::from)
+    .to_vec())
+}
+
+/// Writes `v` as pretty JSON to `dir/name`.
+pub fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
     let p = dir.join(name);
     let mut text = serde_json::to_string_pretty(v).expect("JSON of plain values");
     text.push('\n');

@@ -8,11 +8,13 @@
 pub mod convert;
 pub mod error;
 pub mod formats;
+pub mod gpu;
 pub mod model;
 pub mod nemo;
 pub mod output;
 pub mod progress;
 pub mod quant;
+pub mod quantize;
 pub mod reshard;
 pub mod runtime;
 pub mod synth;

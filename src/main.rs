@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         cli::Command::NemoToSafetensors(args) => commands::nemo_to_safetensors::run(&args),
         cli::Command::Reshard(args) => commands::reshard::run(&args),
         cli::Command::Generate(args) => commands::generate::run(&args),
+        cli::Command::Quantize(args) => commands::quantize::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 pub mod generate;
 pub mod inspect;
 pub mod nemo_to_safetensors;
+pub mod quantize;
 pub mod reshard;
 
 use std::path::Path;
@@ -29,4 +30,25 @@ pub fn open_input(
             progress: !io.quiet,
         },
     )
+}
+
+/// The GPU engine `--device` asks for: `None` for the CPU. `auto` falls back to the CPU
+/// with the reason on stderr; `cuda` fails when no GPU can be used.
+pub fn gpu_engine(
+    device: crate::cli::DeviceArg,
+) -> steerlm_convert::Result<Option<Box<dyn steerlm_convert::quantize::Engine>>> {
+    use crate::cli::DeviceArg;
+    if device == DeviceArg::Cpu {
+        return Ok(None);
+    }
+    match steerlm_convert::gpu::CudaEngine::open() {
+        Ok(g) => Ok(Some(Box::new(g))),
+        Err(why) if device == DeviceArg::Auto => {
+            eprintln!("no GPU used ({why}); computing on the CPU");
+            Ok(None)
+        }
+        Err(why) => Err(steerlm_convert::Error::Usage(format!(
+            "--device cuda: {why}"
+        ))),
+    }
 }

@@ -19,6 +19,10 @@ use crate::tensor::{DType, TensorRef};
 
 /// The `quantization_config` block for int8 weight-only with `group` (`None`: per
 /// channel), leaving `ignore` (full names of linear layers kept in float) as given.
+///
+/// Only keys of the compressed-tensors 0.8 field set are written: 0.11 and later refuse
+/// unknown keys, and 0.8 through 0.12 (the versions that pair with transformers 4.46)
+/// load this block.
 pub fn config(group: Option<usize>, ignore: &[String]) -> Value {
     let (strategy, group_size) = match group {
         Some(g) => ("group", json!(g)),

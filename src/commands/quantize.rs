@@ -1,0 +1,129 @@
+//! `steerlm-convert quantize`.
+
+use std::process::ExitCode;
+
+use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::output;
+use steerlm_convert::quantize::{self, CpuEngine, Engine, QuantizeOptions, Report, Scheme};
+use steerlm_convert::tensor::DType;
+use steerlm_convert::Error;
+
+use crate::cli::{GranularityArg, QuantizeArgs, SchemeArg};
+
+fn scheme(args: &QuantizeArgs) -> Result<Scheme, Error> {
+    let usage = |m: &str| Err(Error::Usage(m.to_string()));
+    match args.scheme {
+        SchemeArg::Fp16 | SchemeArg::Bf16 => {
+            if args.granularity.is_some() || args.group_size.is_some() {
+                return usage("--granularity and --group-size apply to --scheme int8 only");
+            }
+            Ok(Scheme::Cast(if args.scheme == SchemeArg::Fp16 {
+                DType::F16
+            } else {
+                DType::BF16
+            }))
+        }
+        SchemeArg::Int8 => match (args.granularity, args.group_size) {
+            (None | Some(GranularityArg::Channel), None) => Ok(Scheme::Int8 { group: None }),
+            (None | Some(GranularityArg::Channel), Some(_)) => {
+                usage("--group-size needs --granularity group (channel has one scale per row)")
+            }
+            (Some(GranularityArg::Group), g) => {
+                let g = g.unwrap_or(128);
+                if g == 0 || g % 4 != 0 {
+                    return usage("--group-size must be a positive multiple of 4");
+                }
+                Ok(Scheme::Int8 { group: Some(g) })
+            }
+        },
+    }
+}
+
+pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
+    output::install_interrupt_handler();
+    let scheme = scheme(args)?;
+    let cpu = CpuEngine;
+    let gpu = super::gpu_engine(args.device)?;
+    let engine: &dyn Engine = match &gpu {
+        Some(g) => g.as_ref(),
+        None => &cpu,
+    };
+    if !args.io.quiet {
+        eprintln!("device: {}", engine.name());
+    }
+    let beside = args
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.to_path_buf());
+    let opts = QuantizeOptions {
+        scheme,
+        keep: args.keep.clone(),
+        force: args.force,
+        progress: !args.io.quiet,
+        max_shard_bytes: args.max_shard_size,
+        allow_overflow: args.allow_overflow,
+        engine,
+        open: OpenOptions {
+            scratch_dir: args.io.scratch_dir.clone().or(beside),
+            progress: !args.io.quiet,
+        },
+    };
+    let report = quantize::quantize(&args.input, &args.output, &opts)?;
+    if let Some(p) = &args.report {
+        let text = serde_json::to_string_pretty(&report.to_json(&args.output))? + "\n";
+        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+    }
+    print_table(&report, args.worst);
+    let gb = report.bytes_in as f64 / 1e9;
+    eprintln!(
+        "wrote {}: {} tensors, {:.3} GB in -> {:.3} GB out in {:.2} s ({:.2} GB/s of input) on {}, peak RSS {:.0} MB",
+        args.output.display(),
+        report.tensors.len(),
+        gb,
+        report.bytes_out as f64 / 1e9,
+        report.seconds,
+        gb / report.seconds.max(1e-9),
+        report.engine,
+        output::peak_rss() as f64 / 1e6
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(r: &Report, worst: usize) {
+    let mut changed: Vec<_> = r
+        .tensors
+        .iter()
+        .filter(|t| t.written_as != "copy")
+        .collect();
+    if changed.is_empty() || worst == 0 {
+        return;
+    }
+    changed.sort_by(|a, b| b.stats.rel_rms().total_cmp(&a.stats.rel_rms()));
+    let mut all = steerlm_convert::quant::int8::ErrStats::default();
+    for t in &changed {
+        all.merge(&t.stats);
+    }
+    eprintln!(
+        "{:<48} {:>14} {:>12} {:>12} {:>9}",
+        "tensor (worst first)", "as", "max |err|", "rel RMS", "SNR dB"
+    );
+    for t in changed.iter().take(worst) {
+        eprintln!(
+            "{:<48} {:>14} {:>12.3e} {:>12.3e} {:>9.2}",
+            t.name,
+            t.written_as,
+            t.stats.max_abs,
+            t.stats.rel_rms(),
+            t.stats.snr_db()
+        );
+    }
+    eprintln!(
+        "{:<48} {:>14} {:>12.3e} {:>12.3e} {:>9.2}",
+        format!("all {} changed tensors", changed.len()),
+        "",
+        all.max_abs,
+        all.rel_rms(),
+        all.snr_db()
+    );
+}

@@ -1,0 +1,446 @@
+//! The CUDA engine: batches of rows go up as stored (f32/f16/bf16), the kernels of
+//! `kernels/` quantize or cast them, results come down; two streams alternate so that
+//! gathering and uploading one chunk overlaps computing and downloading the previous one.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+
+use super::nvrtc::Nvrtc;
+use crate::quant::int8::{ErrStats, RowError};
+use crate::quantize::{CastBatch, Engine, QBatch, RowSource};
+use crate::tensor::DType;
+
+const BLOCK: u32 = 256;
+/// Input bytes per chunk (a batch is split into chunks that alternate between streams).
+const CHUNK_BYTES: usize = 4 << 20;
+
+fn code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        _ => unreachable!("float dtypes only"),
+    }
+}
+
+/// Buffers of one stream, grown as needed.
+struct Lane {
+    stream: Arc<CudaStream>,
+    h_in: Option<PinnedHostSlice<u8>>,
+    h_out: Option<PinnedHostSlice<u8>>,
+    d_in: Option<CudaSlice<u8>>,
+    d_out: Option<CudaSlice<u8>>,
+}
+
+/// A CUDA device with the kernels loaded.
+pub struct CudaEngine {
+    ctx: Arc<CudaContext>,
+    quantize: CudaFunction,
+    cast: CudaFunction,
+    name: String,
+    lanes: Mutex<Vec<Lane>>,
+}
+
+fn derr<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> String + '_ {
+    move |e| format!("{what}: {e:?}")
+}
+
+impl CudaEngine {
+    /// Opens device 0 and compiles (or loads from the cache) the kernels.
+    pub fn open() -> Result<CudaEngine, String> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err("no CUDA driver (libcuda.so) found".into());
+        }
+        let n = CudaContext::device_count().map_err(derr("cuDeviceGetCount"))?;
+        if n < 1 {
+            return Err("the CUDA driver sees no device".into());
+        }
+        let ctx = CudaContext::new(0).map_err(derr("creating a CUDA context"))?;
+        let (ma, mi) = ctx
+            .compute_capability()
+            .map_err(derr("reading the compute capability"))?;
+        let arch = format!("compute_{ma}{mi}");
+        let nv = Nvrtc::load()?;
+        let mut funcs = Vec::new();
+        for (file, entries, src) in super::kernel_sources() {
+            let ptx = super::cached_ptx(&nv, file, &src, &arch)?;
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(derr(file))?;
+            for e in entries {
+                funcs.push(m.load_function(e).map_err(derr(e))?);
+            }
+        }
+        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
+        let mut lanes = Vec::new();
+        for _ in 0..2 {
+            lanes.push(Lane {
+                stream: ctx.new_stream().map_err(derr("creating a stream"))?,
+                h_in: None,
+                h_out: None,
+                d_in: None,
+                d_out: None,
+            });
+        }
+        let cast = funcs.pop().expect("two kernels");
+        let quantize = funcs.pop().expect("two kernels");
+        Ok(CudaEngine {
+            ctx,
+            quantize,
+            cast,
+            name: format!(
+                "cuda ({name}, sm_{ma}{mi}, NVRTC {}.{} from {})",
+                nv.version.0, nv.version.1, nv.path
+            ),
+            lanes: Mutex::new(lanes),
+        })
+    }
+
+    fn ensure(&self, lane: &mut Lane, inb: usize, outb: usize) -> Result<(), String> {
+        let grow = |have: Option<usize>, need: usize| have.is_none_or(|h| h < need);
+        if grow(lane.h_in.as_ref().map(|b| b.len()), inb) {
+            // SAFETY: pinned memory is only read after being fully written by `gather`.
+            lane.h_in =
+                Some(unsafe { self.ctx.alloc_pinned::<u8>(inb) }.map_err(derr("pinned alloc"))?);
+            lane.d_in = Some(
+                lane.stream
+                    .alloc_zeros::<u8>(inb)
+                    .map_err(derr("device alloc"))?,
+            );
+        }
+        if grow(lane.h_out.as_ref().map(|b| b.len()), outb) {
+            // SAFETY: as above; written by device copies before it is read.
+            lane.h_out =
+                Some(unsafe { self.ctx.alloc_pinned::<u8>(outb) }.map_err(derr("pinned alloc"))?);
+            lane.d_out = Some(
+                lane.stream
+                    .alloc_zeros::<u8>(outb)
+                    .map_err(derr("device alloc"))?,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Splits `rows` into chunks of about CHUNK_BYTES of input.
+fn chunks(src: &RowSource<'_>, r0: usize, rows: usize) -> Vec<(usize, usize)> {
+    let per = (CHUNK_BYTES / (src.cols * src.dtype.size()).max(1)).max(1);
+    let mut v = Vec::new();
+    let mut r = r0;
+    while r < r0 + rows {
+        let n = per.min(r0 + rows - r);
+        v.push((r, n));
+        r += n;
+    }
+    v
+}
+
+fn panic_on<T>(r: Result<T, String>) -> T {
+    // A device failure in the middle of a run cannot be turned into a row error; stop
+    // with the driver's message (the output is removed by the atomic writer's drop).
+    r.unwrap_or_else(|e| panic!("CUDA failure: {e}"))
+}
+
+impl Engine for CudaEngine {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn quantize(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        group: usize,
+        scale_dtype: DType,
+    ) -> Result<QBatch, (usize, RowError)> {
+        let cols = src.cols;
+        let ng = cols.div_ceil(group);
+        let esz = src.dtype.size();
+        let mut q = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; rows * ng];
+        let mut stats = ErrStats::default();
+        let mut lanes = self.lanes.lock().expect("not poisoned");
+        let parts = chunks(src, r0, rows);
+        // Output layout per chunk: q (n·cols) | scales (n·ng f32) | err (3·n·ng f32) | status (2 i64).
+        let layout = |n: usize| {
+            let qb = n * cols;
+            let sb = qb.next_multiple_of(16);
+            let eb = sb + n * ng * 4;
+            let st = (eb + 3 * n * ng * 4).next_multiple_of(16);
+            (sb, eb, st, st + 16)
+        };
+        let mut pending: [Option<(usize, usize)>; 2] = [None, None];
+        let mut first_bad: Option<(usize, RowError)> = None;
+        let finish = |lane: &mut Lane,
+                      (c0, n): (usize, usize),
+                      q: &mut [u8],
+                      scales: &mut [f32],
+                      stats: &mut ErrStats| {
+            panic_on(lane.stream.synchronize().map_err(derr("synchronize")));
+            let (sb, eb, st, _) = layout(n);
+            let h = panic_on(
+                lane.h_out
+                    .as_ref()
+                    .expect("allocated")
+                    .as_slice()
+                    .map_err(derr("pinned")),
+            );
+            let off = c0 - r0;
+            q[off * cols..(off + n) * cols].copy_from_slice(&h[..n * cols]);
+            for (i, c) in h[sb..eb].chunks_exact(4).enumerate() {
+                scales[off * ng + i] = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            for e in h[eb..eb + 3 * n * ng * 4].chunks_exact(12) {
+                let f = |k: usize| f32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]) as f64;
+                stats.max_abs = stats.max_abs.max(f(0));
+                stats.sum_sq_err += f(4);
+                stats.sum_sq += f(8);
+            }
+            stats.count += (n * cols) as u64;
+            let status =
+                |k: usize| i64::from_le_bytes(h[st + 8 * k..st + 8 * k + 8].try_into().expect("8"));
+            (status(0), status(1))
+        };
+        for (k, &(c0, n)) in parts.iter().enumerate() {
+            let li = k % 2;
+            if let Some(prev) = pending[li].take() {
+                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats);
+                note(&mut first_bad, src, prev.0, bad, over, r0);
+            }
+            let (_, _, _, outb) = layout(n);
+            let inb = n * cols * esz;
+            let lane = &mut lanes[li];
+            panic_on(self.ensure(lane, inb, outb));
+            {
+                let h = panic_on(
+                    lane.h_in
+                        .as_mut()
+                        .expect("allocated")
+                        .as_mut_slice()
+                        .map_err(derr("pinned")),
+                );
+                src.gather(c0, n, &mut h[..inb]);
+            }
+            let (sb, eb, st, _) = layout(n);
+            let stream = lane.stream.clone();
+            let d_in = lane.d_in.as_mut().expect("allocated");
+            panic_on(
+                stream
+                    .memcpy_htod(lane.h_in.as_ref().expect("allocated"), d_in)
+                    .map_err(derr("upload")),
+            );
+            let d_out = lane.d_out.as_mut().expect("allocated");
+            let init: Vec<u8> = [i64::MAX.to_le_bytes(), i64::MAX.to_le_bytes()].concat();
+            panic_on(
+                stream
+                    .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
+                    .map_err(derr("upload")),
+            );
+            let (dt, rows_i, cols_i, group_i, sdt) = (
+                code(src.dtype),
+                n as i64,
+                cols as i32,
+                group as i32,
+                code(scale_dtype),
+            );
+            let q_v = d_out.slice(0..n * cols);
+            let s_v = d_out.slice(sb..eb);
+            let e_v = d_out.slice(eb..st);
+            let st_v = d_out.slice(st..st + 16);
+            let mut b = stream.launch_builder(&self.quantize);
+            b.arg(&*d_in)
+                .arg(&dt)
+                .arg(&rows_i)
+                .arg(&cols_i)
+                .arg(&group_i)
+                .arg(&sdt);
+            b.arg(&q_v).arg(&s_v).arg(&e_v).arg(&st_v);
+            let cfg = LaunchConfig {
+                grid_dim: ((n * ng) as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `quantize_int8`'s signature and every buffer
+            // holds what the kernel indexes (n rows of cols values, n·ng groups).
+            panic_on(
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(derr("launch quantize_int8")),
+            );
+            let h_out = lane.h_out.as_mut().expect("allocated");
+            panic_on(
+                stream
+                    .memcpy_dtoh(
+                        &lane.d_out.as_ref().expect("allocated").slice(0..outb),
+                        h_out,
+                    )
+                    .map_err(derr("download")),
+            );
+            pending[li] = Some((c0, n));
+        }
+        for li in 0..2 {
+            if let Some(prev) = pending[li].take() {
+                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats);
+                note(&mut first_bad, src, prev.0, bad, over, r0);
+            }
+        }
+        if let Some(e) = first_bad {
+            return Err(e);
+        }
+        Ok(QBatch { q, scales, stats })
+    }
+
+    fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch {
+        let cols = src.cols;
+        let n_all = rows * cols;
+        let mut bytes = vec![0u8; n_all * to.size()];
+        let mut stats = ErrStats::default();
+        let mut overflow = 0u64;
+        let mut non_finite: Option<(usize, usize)> = None;
+        let mut lanes = self.lanes.lock().expect("not poisoned");
+        let blocks = 1024usize;
+        for (c0, n) in chunks(src, r0, rows) {
+            let lane = &mut lanes[0];
+            let vals = n * cols;
+            let inb = vals * src.dtype.size();
+            let ob = (vals * to.size()).next_multiple_of(16);
+            let eb = ob + blocks * 12;
+            let st = eb.next_multiple_of(16);
+            let outb = st + 16;
+            panic_on(self.ensure(lane, inb, outb));
+            {
+                let h = panic_on(
+                    lane.h_in
+                        .as_mut()
+                        .expect("allocated")
+                        .as_mut_slice()
+                        .map_err(derr("pinned")),
+                );
+                src.gather(c0, n, &mut h[..inb]);
+            }
+            let stream = lane.stream.clone();
+            panic_on(
+                stream
+                    .memcpy_htod(
+                        lane.h_in.as_ref().expect("allocated"),
+                        lane.d_in.as_mut().expect("allocated"),
+                    )
+                    .map_err(derr("upload")),
+            );
+            let d_out = lane.d_out.as_mut().expect("allocated");
+            let init: Vec<u8> = [0u64.to_le_bytes(), i64::MAX.to_le_bytes()].concat();
+            panic_on(
+                stream
+                    .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
+                    .map_err(derr("upload")),
+            );
+            let (from, to_c, n_i) = (code(src.dtype), code(to), vals as i64);
+            let o_v = d_out.slice(0..vals * to.size());
+            let e_v = d_out.slice(ob..eb);
+            let ov_v = d_out.slice(st..st + 8);
+            let st_v = d_out.slice(st + 8..st + 16);
+            let d_in = lane.d_in.as_ref().expect("allocated");
+            let mut b = stream.launch_builder(&self.cast);
+            b.arg(d_in)
+                .arg(&from)
+                .arg(&o_v)
+                .arg(&to_c)
+                .arg(&n_i)
+                .arg(&ov_v)
+                .arg(&e_v)
+                .arg(&st_v);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `cast_float`'s signature and sizes.
+            panic_on(
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(derr("launch cast_float")),
+            );
+            let h_out = lane.h_out.as_mut().expect("allocated");
+            panic_on(
+                stream
+                    .memcpy_dtoh(
+                        &lane.d_out.as_ref().expect("allocated").slice(0..outb),
+                        h_out,
+                    )
+                    .map_err(derr("download")),
+            );
+            panic_on(stream.synchronize().map_err(derr("synchronize")));
+            let h = panic_on(
+                lane.h_out
+                    .as_ref()
+                    .expect("allocated")
+                    .as_slice()
+                    .map_err(derr("pinned")),
+            );
+            let off = (c0 - r0) * cols * to.size();
+            bytes[off..off + vals * to.size()].copy_from_slice(&h[..vals * to.size()]);
+            for e in h[ob..eb].chunks_exact(12) {
+                let f = |k: usize| f32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]) as f64;
+                stats.max_abs = stats.max_abs.max(f(0));
+                stats.sum_sq_err += f(4);
+                stats.sum_sq += f(8);
+            }
+            stats.count += vals as u64;
+            overflow += u64::from_le_bytes(h[st..st + 8].try_into().expect("8"));
+            let bad = i64::from_le_bytes(h[st + 8..st + 16].try_into().expect("8"));
+            if bad != i64::MAX && non_finite.is_none() {
+                let i = bad as usize;
+                non_finite = Some((c0 + i / cols, i % cols));
+            }
+        }
+        CastBatch {
+            bytes,
+            overflow,
+            stats,
+            non_finite,
+        }
+    }
+}
+
+/// Records the first error of a chunk (the earliest row wins).
+fn note(
+    first: &mut Option<(usize, RowError)>,
+    src: &RowSource<'_>,
+    c0: usize,
+    bad: i64,
+    over: i64,
+    _r0: usize,
+) {
+    let cols = src.cols;
+    let cand = if bad != i64::MAX {
+        let i = bad as usize;
+        let (row, col) = (c0 + i / cols, i % cols);
+        let mut buf = vec![0f32; cols];
+        src.row_f32(row, &mut Vec::new(), &mut buf);
+        Some((
+            row,
+            RowError::NonFinite {
+                col,
+                value: buf[col],
+            },
+        ))
+    } else if over != i64::MAX {
+        let row = c0 + over as usize;
+        let mut buf = vec![0f32; cols];
+        src.row_f32(row, &mut Vec::new(), &mut buf);
+        let amax = buf.iter().fold(0f32, |a, v| a.max(v.abs()));
+        Some((row, RowError::ScaleOverflow { amax }))
+    } else {
+        None
+    };
+    if let Some(c) = cand {
+        if first.as_ref().is_none_or(|f| c.0 < f.0) {
+            *first = Some(c);
+        }
+    }
+}

@@ -1,0 +1,872 @@
+//! `quantize`: int8 weight-only (compressed-tensors `pack-quantized`) or fp16/bf16 casts,
+//! from a `.nemo` (merging on the way, one pass), a per-rank folder or a Hugging Face
+//! folder, into a Hugging Face folder, streaming a batch of rows at a time from the mapped
+//! input through the CPU or GPU engine.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::convert;
+use crate::error::{Error, Result};
+use crate::formats::hf;
+use crate::formats::safetensors_out::{self, FileSink, TensorSpec};
+use crate::model::shard::{self, Logical, Seg};
+use crate::nemo::archive::{Archive, OpenOptions};
+use crate::nemo::checkpoint::Checkpoint;
+use crate::output::{self, AtomicDir};
+use crate::progress::Progress;
+use crate::quant::compressed;
+use crate::quant::int8::{self, ErrStats, RowError};
+use crate::tensor::{DType, TensorRef};
+
+/// What to produce.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scheme {
+    /// int8 weight-only; `group` columns per scale, `None` per output channel.
+    Int8 { group: Option<usize> },
+    /// Every float tensor cast to this dtype.
+    Cast(DType),
+}
+
+/// Linear layers that may be quantized (HF module names).
+pub const LINEARS: [&str; 8] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+];
+
+/// Options of a run.
+pub struct QuantizeOptions<'e> {
+    pub scheme: Scheme,
+    /// Module names kept in float (`embed`, `lm_head`, `q_proj`, …).
+    pub keep: Vec<String>,
+    pub force: bool,
+    pub progress: bool,
+    pub max_shard_bytes: u64,
+    pub allow_overflow: bool,
+    pub engine: &'e dyn Engine,
+    pub open: OpenOptions,
+}
+
+/// One output tensor's report.
+#[derive(Debug, Clone)]
+pub struct TensorReport {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub source_dtype: DType,
+    /// `int8/channel`, `int8/group128`, `bf16`, `copy`, …
+    pub written_as: String,
+    pub stats: ErrStats,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub files: Vec<String>,
+    pub tensors: Vec<TensorReport>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub seconds: f64,
+    pub engine: String,
+}
+
+impl Report {
+    pub fn to_json(&self, out: &Path) -> Value {
+        let num = |v: f64| if v.is_finite() { json!(v) } else { json!(null) };
+        json!({
+            "output": out.display().to_string(),
+            "engine": self.engine,
+            "files": self.files,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "seconds": self.seconds,
+            "input_gb_per_s": self.bytes_in as f64 / self.seconds.max(1e-9) / 1e9,
+            "peak_rss_bytes": output::peak_rss(),
+            "tensors": self.tensors.iter().map(|t| json!({
+                "name": t.name,
+                "shape": t.shape,
+                "source_dtype": t.source_dtype.short_name(),
+                "written_as": t.written_as,
+                "max_abs_error": t.stats.max_abs,
+                "rel_rms_error": t.stats.rel_rms(),
+                "snr_db": num(t.stats.snr_db()),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A batch of quantized rows.
+pub struct QBatch {
+    /// `q + 128` per value, row-major.
+    pub q: Vec<u8>,
+    /// One stored scale per group, row-major.
+    pub scales: Vec<f32>,
+    pub stats: ErrStats,
+}
+
+/// Where the arithmetic runs. Both engines implement the same scheme bit for bit.
+pub trait Engine: Sync {
+    fn name(&self) -> String;
+    /// Quantizes `rows` rows of `cols` values read by `src`.
+    fn quantize(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        group: usize,
+        scale_dtype: DType,
+    ) -> std::result::Result<QBatch, (usize, RowError)>;
+    /// Casts rows `r0..r0+rows` to `to`.
+    fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch;
+}
+
+/// A batch of cast rows.
+pub struct CastBatch {
+    pub bytes: Vec<u8>,
+    /// Finite values that became infinite.
+    pub overflow: u64,
+    pub stats: ErrStats,
+    /// The first non-finite input (row, column), if any.
+    pub non_finite: Option<(usize, usize)>,
+}
+
+/// The rows of one input tensor over the mapped input.
+pub struct RowSource<'a> {
+    pub ar: &'a Archive,
+    pub name: String,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    kind: Rows<'a>,
+}
+
+enum Rows<'a> {
+    /// HF row ranges of a logical (merged) tensor.
+    Logical(&'a Logical<'a>, Vec<(u64, u64)>),
+    /// A contiguous tensor at this offset.
+    Plain(u64),
+}
+
+impl RowSource<'_> {
+    /// Byte ranges of row `i`, in column order.
+    pub fn row_segs(&self, i: usize, out: &mut Vec<Seg>) {
+        match &self.kind {
+            Rows::Plain(off) => {
+                let rb = (self.cols * self.dtype.size()) as u64;
+                out.push((off + i as u64 * rb, rb));
+            }
+            Rows::Logical(l, ranges) => {
+                let mut i = i as u64;
+                for &(a, b) in ranges {
+                    if i < b - a {
+                        l.row_segments(a + i, out);
+                        return;
+                    }
+                    i -= b - a;
+                }
+                unreachable!("row within the tensor");
+            }
+        }
+    }
+
+    /// Row `i` as f32.
+    pub fn row_f32(&self, i: usize, segs: &mut Vec<Seg>, out: &mut [f32]) {
+        segs.clear();
+        self.row_segs(i, segs);
+        let mut at = 0;
+        for &(o, n) in segs.iter() {
+            let b = self.ar.slice(o, n);
+            let k = n as usize / self.dtype.size();
+            to_f32(b, self.dtype, &mut out[at..at + k]);
+            at += k;
+        }
+    }
+
+    /// Rows `r0..r0+rows` as stored, contiguous, into `out` (exactly their size).
+    pub fn gather(&self, r0: usize, rows: usize, out: &mut [u8]) {
+        let mut segs = Vec::new();
+        let mut at = 0;
+        for i in r0..r0 + rows {
+            segs.clear();
+            self.row_segs(i, &mut segs);
+            for &(o, n) in &segs {
+                out[at..at + n as usize].copy_from_slice(self.ar.slice(o, n));
+                at += n as usize;
+            }
+        }
+    }
+
+    fn segs_of(&self, r0: usize, rows: usize) -> Vec<Seg> {
+        let mut segs = Vec::new();
+        for i in r0..r0 + rows {
+            self.row_segs(i, &mut segs);
+        }
+        // Merge contiguous ranges.
+        let mut merged: Vec<Seg> = Vec::new();
+        for s in segs {
+            match merged.last_mut() {
+                Some(l) if l.0 + l.1 == s.0 => l.1 += s.1,
+                _ => merged.push(s),
+            }
+        }
+        merged
+    }
+}
+
+/// Converts stored values to f32.
+pub fn to_f32(b: &[u8], dt: DType, out: &mut [f32]) {
+    match dt {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        _ => unreachable!("float dtypes only"),
+    }
+}
+
+/// One f32 value cast to `to` (nearest-even), as little-endian bytes appended to `out`;
+/// returns whether a finite value overflowed.
+#[inline]
+pub fn cast_value(v: f32, to: DType, out: &mut Vec<u8>) -> (f32, bool) {
+    match to {
+        DType::BF16 => {
+            let h = half::bf16::from_f32(v);
+            out.extend_from_slice(&h.to_bits().to_le_bytes());
+            (h.to_f32(), v.is_finite() && h.is_infinite())
+        }
+        DType::F16 => {
+            let h = half::f16::from_f32(v);
+            out.extend_from_slice(&h.to_bits().to_le_bytes());
+            (h.to_f32(), v.is_finite() && h.is_infinite())
+        }
+        _ => {
+            out.extend_from_slice(&v.to_le_bytes());
+            (v, false)
+        }
+    }
+}
+
+/// The CPU engine: rayon over rows, each row converted and quantized in one pass.
+pub struct CpuEngine;
+
+impl Engine for CpuEngine {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn quantize(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        group: usize,
+        scale_dtype: DType,
+    ) -> std::result::Result<QBatch, (usize, RowError)> {
+        let cols = src.cols;
+        let ng = cols.div_ceil(group);
+        let mut q = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; rows * ng];
+        let results: Vec<std::result::Result<ErrStats, (usize, RowError)>> = q
+            .par_chunks_mut(cols)
+            .zip(scales.par_chunks_mut(ng))
+            .enumerate()
+            .map_init(
+                || (vec![0f32; cols], Vec::new()),
+                |(buf, segs), (i, (qr, sr))| {
+                    src.row_f32(r0 + i, segs, buf);
+                    let mut st = ErrStats::default();
+                    int8::quantize_row(buf, group, scale_dtype, qr, sr, &mut st)
+                        .map(|_| st)
+                        .map_err(|e| (r0 + i, e))
+                },
+            )
+            .collect();
+        let mut stats = ErrStats::default();
+        for r in results {
+            stats.merge(&r?);
+        }
+        Ok(QBatch { q, scales, stats })
+    }
+
+    fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch {
+        let cols = src.cols;
+        let parts: Vec<(Vec<u8>, u64, ErrStats, Option<usize>)> = (r0..r0 + rows)
+            .into_par_iter()
+            .map_init(
+                || (vec![0f32; cols], Vec::new()),
+                |(buf, segs), i| {
+                    src.row_f32(i, segs, buf);
+                    let mut out = Vec::with_capacity(cols * to.size());
+                    let mut over = 0;
+                    let mut st = ErrStats::default();
+                    let mut bad = None;
+                    for (j, &v) in buf.iter().enumerate() {
+                        let (back, o) = cast_value(v, to, &mut out);
+                        over += o as u64;
+                        if !v.is_finite() {
+                            bad = bad.or(Some(j));
+                        } else if back.is_finite() {
+                            let d = (back - v).abs() as f64;
+                            st.max_abs = st.max_abs.max(d);
+                            st.sum_sq_err += d * d;
+                        }
+                        st.sum_sq += v as f64 * v as f64;
+                    }
+                    st.count = cols as u64;
+                    (out, over, st, bad)
+                },
+            )
+            .collect();
+        let mut batch = CastBatch {
+            bytes: Vec::with_capacity(rows * cols * to.size()),
+            overflow: 0,
+            stats: ErrStats::default(),
+            non_finite: None,
+        };
+        for (i, (b, o, s, bad)) in parts.into_iter().enumerate() {
+            batch.bytes.extend_from_slice(&b);
+            batch.overflow += o;
+            batch.stats.merge(&s);
+            if batch.non_finite.is_none() {
+                batch.non_finite = bad.map(|c| (r0 + i, c));
+            }
+        }
+        batch
+    }
+}
+
+/// What to do with one input tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Job {
+    Copy,
+    Cast(DType),
+    Int8 { group: usize },
+}
+
+/// Runs a quantization from `input` into `out`.
+pub fn quantize(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Report> {
+    check_keep(&opts.keep)?;
+    if input.is_dir() && input.join("config.json").is_file() {
+        let ar = Archive::open(input, &opts.open)?;
+        return from_hf(&ar, out, opts);
+    }
+    let ck = Checkpoint::open(input, &opts.open)?;
+    from_nemo(&ck, out, opts)
+}
+
+fn check_keep(keep: &[String]) -> Result<()> {
+    for k in keep {
+        if k != "embed" && !LINEARS.contains(&k.as_str()) {
+            return Err(Error::Usage(format!(
+                "--keep `{k}` is not one of embed, {}",
+                LINEARS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Module name (`q_proj`, `lm_head`, …) of a weight name.
+fn module_of(name: &str) -> Option<&str> {
+    let base = name.strip_suffix(".weight")?;
+    Some(base.rsplit('.').next().unwrap_or(base))
+}
+
+fn job_for(name: &str, shape: &[u64], dtype: DType, opts: &QuantizeOptions) -> Job {
+    match opts.scheme {
+        Scheme::Cast(to) if to == dtype => Job::Copy,
+        Scheme::Cast(to) => Job::Cast(to),
+        Scheme::Int8 { group } => {
+            let m = module_of(name);
+            let linear = shape.len() == 2
+                && m.is_some_and(|m| LINEARS.contains(&m) && !opts.keep.iter().any(|k| k == m));
+            if linear {
+                Job::Int8 {
+                    group: group.unwrap_or(shape[1] as usize),
+                }
+            } else {
+                Job::Copy
+            }
+        }
+    }
+}
+
+fn from_nemo(ck: &Checkpoint, out: &Path, opts: &QuantizeOptions) -> Result<Report> {
+    let tok = ck.tokenizer()?;
+    let sp = &tok.model;
+    let vocab = sp.vocab_size() as u64;
+    let logicals = shard::logical_tensors(ck)?;
+    shard::check_vocab(ck, &logicals, vocab)?;
+    let plan = hf::plan(&logicals, &ck.config, vocab);
+    let mut sources = Vec::new();
+    for t in &plan {
+        let l = &logicals[&t.key];
+        let (rows, cols) = if t.shape.len() == 1 {
+            (1, t.shape[0] as usize)
+        } else {
+            (t.shape[0] as usize, t.shape[1] as usize)
+        };
+        sources.push(RowSource {
+            ar: &ck.archive,
+            name: t.name.clone(),
+            dtype: l.dtype,
+            rows,
+            cols,
+            kind: Rows::Logical(l, t.rows.clone()),
+        });
+    }
+    let float_dtype = plan
+        .first()
+        .map(|t| logicals[&t.key].dtype)
+        .unwrap_or(DType::F32);
+    let file = ck.archive.display().to_string();
+    run(
+        &sources,
+        &plan_shapes(&plan),
+        &file,
+        out,
+        opts,
+        |dir, dtype, qc| {
+            let mut cfg = hf::config_json(&ck.config, sp, dtype.unwrap_or(float_dtype));
+            if let Some(q) = qc {
+                cfg["quantization_config"] = q;
+            }
+            convert::write_side_files(dir, ck, cfg)
+        },
+    )
+}
+
+fn plan_shapes(plan: &[hf::HfTensor]) -> Vec<Vec<u64>> {
+    plan.iter().map(|t| t.shape.clone()).collect()
+}
+
+fn from_hf(ar: &Archive, out: &Path, opts: &QuantizeOptions) -> Result<Report> {
+    let file = ar.display().to_string();
+    let cfg_member = ar.member("config.json").expect("checked");
+    let mut cfg: Value =
+        serde_json::from_slice(ar.data(cfg_member)).map_err(|e| Error::Config {
+            file: format!("{file}/config.json"),
+            msg: format!("not JSON: {e}"),
+        })?;
+    if !cfg["quantization_config"].is_null() {
+        return Err(Error::Usage(format!(
+            "{file}: already quantized (config.json has a quantization_config)"
+        )));
+    }
+    let mut sources = Vec::new();
+    let mut shapes = Vec::new();
+    let mut names: Vec<String> = ar
+        .file_names()
+        .filter(|n| n.ends_with(".safetensors") && !n.contains('/'))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(Error::Layout {
+            file,
+            msg: "no .safetensors files in the folder".into(),
+        });
+    }
+    let mut all: Vec<(String, TensorRef, String)> = Vec::new();
+    for n in &names {
+        let m = ar.member(n).expect("listed");
+        let sd = crate::formats::safetensors_in::read_state_dict(ar.data(m), m.offset, n)
+            .map_err(|e| e.in_file(&file))?;
+        for (name, t) in sd.tensors() {
+            all.push((name.to_string(), t.clone(), n.clone()));
+        }
+    }
+    // Written in a stable order: the files' order, then offsets.
+    all.sort_by_key(|(_, t, _)| t.offset);
+    for (name, t, member) in &all {
+        if name.ends_with(".weight_packed") || name.ends_with(".weight_scale") {
+            return Err(Error::Usage(format!(
+                "{file}/{member}: tensor `{name}`: already quantized"
+            )));
+        }
+        if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Tensor {
+                member: format!("{file}/{member}"),
+                tensor: name.clone(),
+                msg: format!("stored as {}, not a float dtype", t.dtype),
+            });
+        }
+        if !t.is_contiguous() || t.shape.len() > 2 {
+            return Err(Error::Tensor {
+                member: format!("{file}/{member}"),
+                tensor: name.clone(),
+                msg: "not a contiguous vector or matrix".into(),
+            });
+        }
+        let (rows, cols) = match t.shape.len() {
+            0 => (1, 1),
+            1 => (1, t.shape[0] as usize),
+            _ => (t.shape[0] as usize, t.shape[1] as usize),
+        };
+        sources.push(RowSource {
+            ar,
+            name: name.clone(),
+            dtype: t.dtype,
+            rows,
+            cols,
+            kind: Rows::Plain(t.offset),
+        });
+        shapes.push(t.shape.clone());
+    }
+    let side: Vec<String> = ar
+        .file_names()
+        .filter(|n| {
+            !n.contains('/')
+                && !n.ends_with(".safetensors")
+                && *n != "model.safetensors.index.json"
+                && *n != "config.json"
+        })
+        .map(str::to_string)
+        .collect();
+    run(&sources, &shapes, &file, out, opts, |dir, dtype, qc| {
+        if let Some(d) = dtype {
+            cfg["torch_dtype"] = json!(hf::torch_dtype_name(d));
+        }
+        if let Some(q) = qc {
+            cfg["quantization_config"] = q;
+        }
+        convert::write_json(dir, "config.json", &cfg)?;
+        let mut files = vec!["config.json".to_string()];
+        for n in &side {
+            let p = dir.join(n);
+            std::fs::write(&p, ar.data(ar.member(n).expect("listed")))
+                .map_err(|e| Error::io(&p, e))?;
+            files.push(n.clone());
+        }
+        Ok(files)
+    })
+}
+
+/// An output tensor: which source, which part.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Out {
+    /// The source as copied, cast or packed.
+    Main(usize),
+    Scale(usize),
+    Shape(usize),
+}
+
+fn run(
+    sources: &[RowSource<'_>],
+    shapes: &[Vec<u64>],
+    file: &str,
+    out: &Path,
+    opts: &QuantizeOptions,
+    mut side: impl FnMut(&Path, Option<DType>, Option<Value>) -> Result<Vec<String>>,
+) -> Result<Report> {
+    let start = Instant::now();
+    let jobs: Vec<Job> = sources
+        .iter()
+        .zip(shapes)
+        .map(|(s, sh)| job_for(&s.name, sh, s.dtype, opts))
+        .collect();
+    // Check everything that can be checked before writing.
+    let mut ignore = Vec::new();
+    for ((s, sh), j) in sources.iter().zip(shapes).zip(&jobs) {
+        match j {
+            Job::Int8 { group } => {
+                if s.cols % 4 != 0 {
+                    return Err(Error::Tensor {
+                        member: file.to_string(),
+                        tensor: s.name.clone(),
+                        msg: format!(
+                            "input dimension {} is not a multiple of 4 (pack-quantized packs four int8 per int32)",
+                            s.cols
+                        ),
+                    });
+                }
+                if s.cols % group != 0 {
+                    return Err(Error::Usage(format!(
+                        "{file}: tensor `{}`: --group-size {group} does not divide its input dimension {}",
+                        s.name, s.cols
+                    )));
+                }
+            }
+            Job::Copy
+                if matches!(opts.scheme, Scheme::Int8 { .. })
+                    && sh.len() == 2
+                    && module_of(&s.name).is_some_and(|m| LINEARS.contains(&m)) =>
+            {
+                let m = s.name.strip_suffix(".weight").unwrap_or(&s.name);
+                ignore.push(m.to_string());
+            }
+            _ => {}
+        }
+    }
+    // Output tensors.
+    let mut outs: Vec<(TensorSpec, Out)> = Vec::new();
+    for (i, ((s, sh), j)) in sources.iter().zip(shapes).zip(&jobs).enumerate() {
+        match *j {
+            Job::Copy => outs.push((
+                TensorSpec {
+                    name: s.name.clone(),
+                    dtype: s.dtype,
+                    shape: sh.clone(),
+                },
+                Out::Main(i),
+            )),
+            Job::Cast(to) => outs.push((
+                TensorSpec {
+                    name: s.name.clone(),
+                    dtype: to,
+                    shape: sh.clone(),
+                },
+                Out::Main(i),
+            )),
+            Job::Int8 { group } => {
+                let base = s.name.strip_suffix(".weight").expect("linear weight");
+                outs.push((
+                    TensorSpec {
+                        name: format!("{base}.weight_packed"),
+                        dtype: DType::I32,
+                        shape: vec![s.rows as u64, (s.cols / 4) as u64],
+                    },
+                    Out::Main(i),
+                ));
+                outs.push((
+                    TensorSpec {
+                        name: format!("{base}.weight_scale"),
+                        dtype: s.dtype,
+                        shape: vec![s.rows as u64, (s.cols / group) as u64],
+                    },
+                    Out::Scale(i),
+                ));
+                outs.push((
+                    TensorSpec {
+                        name: format!("{base}.weight_shape"),
+                        dtype: DType::I64,
+                        shape: vec![2],
+                    },
+                    Out::Shape(i),
+                ));
+            }
+        }
+    }
+    let specs: Vec<TensorSpec> = outs.iter().map(|o| o.0.clone()).collect();
+    let dir = AtomicDir::create(out, opts.force)?;
+    let shards = safetensors_out::plan_shards(&specs, opts.max_shard_bytes);
+    let names = safetensors_out::shard_names(shards.len());
+    let bytes_in: u64 = sources
+        .iter()
+        .map(|s| (s.rows * s.cols * s.dtype.size()) as u64)
+        .sum();
+    let bytes_out: u64 = specs.iter().map(TensorSpec::nbytes).sum();
+    let bar = Progress::bytes(bytes_in, "quantizing", opts.progress);
+    let mut pending: HashMap<usize, Vec<f32>> = HashMap::new();
+    let mut reports: Vec<TensorReport> = Vec::new();
+    for (shard, name) in shards.iter().zip(&names) {
+        let path = dir.path().join(name);
+        let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = FileSink::new(f);
+        let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
+        w.write_all(&safetensors_out::header(&refs))
+            .map_err(|e| Error::io(&path, e))?;
+        for &oi in shard {
+            output::check_interrupted()?;
+            let before = w.written;
+            match outs[oi].1 {
+                Out::Main(si) => {
+                    let s = &sources[si];
+                    let st = write_main(s, jobs[si], opts, &mut w, &bar, &mut pending, si, file)
+                        .map_err(|e| match e {
+                            WriteError::Io(e) => Error::io(&path, e),
+                            WriteError::Other(e) => e,
+                        })?;
+                    let written_as = match jobs[si] {
+                        Job::Copy => "copy".to_string(),
+                        Job::Cast(d) => d.short_name().to_string(),
+                        Job::Int8 { group } if group == s.cols => "int8/channel".to_string(),
+                        Job::Int8 { group } => format!("int8/group{group}"),
+                    };
+                    reports.push(TensorReport {
+                        name: s.name.clone(),
+                        shape: shapes[si].clone(),
+                        source_dtype: s.dtype,
+                        written_as,
+                        stats: st,
+                    });
+                }
+                Out::Scale(si) => {
+                    let sc = pending.remove(&si).expect("packed tensor written first");
+                    let mut b = Vec::with_capacity(sc.len() * sources[si].dtype.size());
+                    for v in sc {
+                        cast_value(v, sources[si].dtype, &mut b);
+                    }
+                    w.write_all(&b).map_err(|e| Error::io(&path, e))?;
+                }
+                Out::Shape(si) => {
+                    let s = &sources[si];
+                    let mut b = Vec::with_capacity(16);
+                    b.extend_from_slice(&(s.rows as i64).to_le_bytes());
+                    b.extend_from_slice(&(s.cols as i64).to_le_bytes());
+                    w.write_all(&b).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+            debug_assert_eq!(w.written - before, specs[oi].nbytes());
+        }
+        let f = w.into_file().map_err(|e| Error::io(&path, e))?;
+        f.sync_all().map_err(|e| Error::io(&path, e))?;
+    }
+    bar.finish();
+    let mut files = names.clone();
+    if shards.len() > 1 {
+        convert::write_json(
+            dir.path(),
+            "model.safetensors.index.json",
+            &safetensors_out::index_json(&specs, &shards, &names),
+        )?;
+        files.push("model.safetensors.index.json".into());
+    }
+    let (dtype, qc) = match opts.scheme {
+        Scheme::Cast(d) => (Some(d), None),
+        Scheme::Int8 { group } => (None, Some(compressed::config(group, &ignore))),
+    };
+    files.extend(side(dir.path(), dtype, qc)?);
+    dir.commit()?;
+    Ok(Report {
+        files,
+        tensors: reports,
+        bytes_in,
+        bytes_out,
+        seconds: start.elapsed().as_secs_f64(),
+        engine: opts.engine.name(),
+    })
+}
+
+enum WriteError {
+    Io(std::io::Error),
+    Other(Error),
+}
+
+impl From<std::io::Error> for WriteError {
+    fn from(e: std::io::Error) -> Self {
+        WriteError::Io(e)
+    }
+}
+
+/// Rows per batch: about 16 MiB of input.
+fn batch_rows(s: &RowSource<'_>) -> usize {
+    ((16usize << 20) / (s.cols * s.dtype.size()).max(1)).clamp(1, s.rows.max(1))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_main(
+    s: &RowSource<'_>,
+    job: Job,
+    opts: &QuantizeOptions,
+    w: &mut FileSink,
+    bar: &Progress,
+    pending: &mut HashMap<usize, Vec<f32>>,
+    si: usize,
+    file: &str,
+) -> std::result::Result<ErrStats, WriteError> {
+    let mut stats = ErrStats::default();
+    let step = batch_rows(s);
+    let mut scales = Vec::new();
+    let mut r0 = 0;
+    while r0 < s.rows {
+        let n = step.min(s.rows - r0);
+        let segs = s.segs_of(r0, n);
+        for &(o, len) in segs.iter().filter(|x| x.1 >= 256 << 10) {
+            s.ar.populate(o, len);
+        }
+        match job {
+            Job::Copy => {
+                for &(o, len) in &segs {
+                    let copied = match s.ar.file_at(o) {
+                        Some((f, fo)) if len >= 1 << 20 => {
+                            safetensors_out::Sink::copy_from(w, f, fo, len)?
+                        }
+                        _ => false,
+                    };
+                    if !copied {
+                        w.write_all(s.ar.slice(o, len))?;
+                    }
+                }
+            }
+            Job::Cast(to) => {
+                let cb = opts.engine.cast(s, r0, n, to);
+                if let Some((row, col)) = cb.non_finite {
+                    return Err(WriteError::Other(Error::Tensor {
+                        member: file.to_string(),
+                        tensor: s.name.clone(),
+                        msg: format!(
+                            "non-finite weight at row {row}, column {col}: refusing to cast"
+                        ),
+                    }));
+                }
+                let over = cb.overflow;
+                if over > 0 && !opts.allow_overflow {
+                    return Err(WriteError::Other(Error::Tensor {
+                        member: file.to_string(),
+                        tensor: s.name.clone(),
+                        msg: format!(
+                            "{over} values overflow {to} (pass --allow-overflow to write them as ±inf)"
+                        ),
+                    }));
+                }
+                stats.merge(&cb.stats);
+                w.write_all(&cb.bytes)?;
+            }
+            Job::Int8 { group } => {
+                let qb = opts
+                    .engine
+                    .quantize(s, r0, n, group, s.dtype)
+                    .map_err(|(row, e)| {
+                        WriteError::Other(Error::Tensor {
+                            member: file.to_string(),
+                            tensor: s.name.clone(),
+                            msg: match e {
+                                RowError::NonFinite { col, value } => format!(
+                                    "non-finite weight {value} at row {row}, column {col}: refusing to quantize"
+                                ),
+                                RowError::ScaleOverflow { amax } => format!(
+                                    "row {row}: scale {amax}/127 overflows {}",
+                                    s.dtype
+                                ),
+                            },
+                        })
+                    })?;
+                stats.merge(&qb.stats);
+                scales.extend_from_slice(&qb.scales);
+                w.write_all(&qb.q)?;
+            }
+        }
+        for &(o, len) in &segs {
+            s.ar.release(o, len);
+            bar.inc(len);
+        }
+        r0 += n;
+    }
+    if matches!(job, Job::Int8 { .. }) {
+        pending.insert(si, scales);
+    }
+    Ok(stats)
+}
