@@ -158,7 +158,26 @@ enum Rows<'a> {
     Plain(u64),
 }
 
-impl RowSource<'_> {
+impl<'a> RowSource<'a> {
+    /// A contiguous `[rows, cols]` tensor of `dtype` at archive offset `offset`.
+    pub fn plain(
+        ar: &'a Archive,
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        offset: u64,
+    ) -> RowSource<'a> {
+        RowSource {
+            ar,
+            name: name.to_string(),
+            dtype,
+            rows,
+            cols,
+            kind: Rows::Plain(offset),
+        }
+    }
+
     /// Byte ranges of row `i`, in column order.
     pub fn row_segs(&self, i: usize, out: &mut Vec<Seg>) {
         match &self.kind {

@@ -95,6 +95,8 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
             "model": args.model.display().to_string(),
             "source": source,
             "weights": model.weights.layers.first().map(|l| l.qkv.wtype.name()),
+            "parameters": model.weights.parameter_count(),
+            "weight_bytes_per_token": model.weights.bytes_per_token(),
             "prompt": prompt,
             "prompt_ids": g.prompt_ids,
             "ids": g.ids,

@@ -71,11 +71,6 @@ fn q_at(b: &[u8], i: usize, offset: bool) -> f32 {
 }
 
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32()
-}
-
-#[inline(always)]
 fn reduce(acc: [f32; L]) -> f32 {
     let mut a8 = [0f32; 8];
     for l in 0..8 {
@@ -85,52 +80,89 @@ fn reduce(acc: [f32; L]) -> f32 {
     (a4[0] + a4[2]) + (a4[1] + a4[3])
 }
 
+/// `Σ conv(w)·x` over `x.len()` values stored `$n` bytes each in `w`, 16 lanes at a time
+/// on fixed-size arrays (no bounds checks in the loop, so it vectorizes).
 macro_rules! dot_body {
-    ($w:expr, $x:expr, $at:expr) => {{
-        let (w, x) = ($w, $x);
-        let n = x.len();
+    ($w:expr, $x:expr, $n:literal, $conv:expr) => {{
+        let (w, x): (&[u8], &[f32]) = ($w, $x);
+        let w = &w[..x.len() * $n];
         let mut acc = [0f32; L];
-        let full = n / L * L;
-        let mut i = 0;
-        while i < full {
-            let xb = &x[i..i + L];
+        let wc = w.chunks_exact($n * L);
+        let xc = x.chunks_exact(L);
+        let (wr, xr) = (wc.remainder(), xc.remainder());
+        for (wb, xb) in wc.zip(xc) {
+            let wb: &[u8; $n * L] = wb.try_into().expect("chunk");
+            let xb: &[f32; L] = xb.try_into().expect("chunk");
             for l in 0..L {
-                acc[l] += $at(w, i + l) * xb[l];
+                let e: &[u8; $n] = wb[$n * l..$n * l + $n].try_into().expect("element");
+                acc[l] += $conv(e) * xb[l];
             }
-            i += L;
         }
         let mut tail = 0f32;
-        for j in full..n {
-            tail += $at(w, j) * x[j];
+        for (e, xv) in wr.chunks_exact($n).zip(xr) {
+            let e: &[u8; $n] = e.try_into().expect("element");
+            tail += $conv(e) * xv;
         }
         reduce(acc) + tail
     }};
 }
 
 #[inline(always)]
+fn c_f32(e: &[u8; 4]) -> f32 {
+    f32::from_le_bytes(*e)
+}
+
+#[inline(always)]
+fn c_bf16(e: &[u8; 2]) -> f32 {
+    f32::from_bits((u16::from_le_bytes(*e) as u32) << 16)
+}
+
+#[inline(always)]
+fn c_f16(e: &[u8; 2]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes(*e)).to_f32()
+}
+
+#[inline(always)]
+fn c_u8off(e: &[u8; 1]) -> f32 {
+    ((e[0] ^ 0x80) as i8) as f32
+}
+
+#[inline(always)]
+fn c_i8(e: &[u8; 1]) -> f32 {
+    (e[0] as i8) as f32
+}
+
+#[inline(always)]
 fn dot_generic(t: WType, w: &[u8], x: &[f32]) -> f32 {
     match t {
-        WType::F32 => {
-            let w = &w[..x.len() * 4];
-            dot_body!(w, x, f32_at)
-        }
-        WType::BF16 => {
-            let w = &w[..x.len() * 2];
-            dot_body!(w, x, bf16_at)
-        }
-        WType::F16 => {
-            let w = &w[..x.len() * 2];
-            dot_body!(w, x, f16_at)
-        }
-        WType::U8Offset => {
-            let w = &w[..x.len()];
-            dot_body!(w, x, |b, i| q_at(b, i, true))
-        }
-        WType::I8 => {
-            let w = &w[..x.len()];
-            dot_body!(w, x, |b, i| q_at(b, i, false))
+        WType::F32 => dot_body!(w, x, 4, c_f32),
+        WType::BF16 => dot_body!(w, x, 2, c_bf16),
+        WType::F16 => dot_body!(w, x, 2, c_f16),
+        WType::U8Offset => dot_body!(w, x, 1, c_u8off),
+        WType::I8 => dot_body!(w, x, 1, c_i8),
+    }
+}
+
+#[inline(always)]
+fn dot_f32_generic(w: &[f32], x: &[f32]) -> f32 {
+    let n = x.len().min(w.len());
+    let (w, x) = (&w[..n], &x[..n]);
+    let mut acc = [0f32; L];
+    let wc = w.chunks_exact(L);
+    let xc = x.chunks_exact(L);
+    let (wr, xr) = (wc.remainder(), xc.remainder());
+    for (wb, xb) in wc.zip(xc) {
+        let wb: &[f32; L] = wb.try_into().expect("chunk");
+        let xb: &[f32; L] = xb.try_into().expect("chunk");
+        for l in 0..L {
+            acc[l] += wb[l] * xb[l];
         }
     }
+    let mut tail = 0f32;
+    for (a, b) in wr.iter().zip(xr) {
+        tail += a * b;
+    }
+    reduce(acc) + tail
 }
 
 #[inline(always)]
@@ -188,29 +220,24 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        if t == WType::F16 {
-            return dot_f16(w, x);
+        if !t.is_int8() {
+            return dot(t, w, x);
         }
-        row_dot_generic(t, w, x, scales, group)
+        let mut total = 0f32;
+        for (g, xs) in x.chunks(group).enumerate() {
+            let base = g * group;
+            total += dot(t, &w[base..base + xs.len()], xs) * scales[g];
+        }
+        total
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         let n = x.len().min(w.len());
-        let mut acc = [0f32; L];
-        let full = n / L * L;
-        let mut i = 0;
-        while i < full {
-            for l in 0..L {
-                acc[l] += w[i + l] * x[i + l];
-            }
-            i += L;
-        }
-        let mut tail = 0f32;
-        for j in full..n {
-            tail += w[j] * x[j];
-        }
-        reduce(acc) + tail
+        let wp = w.as_ptr() as *const u8;
+        // SAFETY: `w` holds n f32 values, i.e. 4n bytes.
+        let wb = std::slice::from_raw_parts(wp, 4 * n);
+        dot(WType::F32, wb, &x[..n])
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -218,36 +245,94 @@ mod x86 {
         dequant_generic(t, w, scales, group, out)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        assert!(w.len() >= 2 * n);
-        let full = n / 16 * 16;
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 16 <= n, so 32 bytes of w and 16 floats of x are in bounds;
-            // the loads are unaligned.
-            let h0 = _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i);
-            let h1 = _mm_loadu_si128(w.as_ptr().add(2 * i + 16) as *const __m128i);
-            let x0 = _mm256_loadu_ps(x.as_ptr().add(i));
-            let x1 = _mm256_loadu_ps(x.as_ptr().add(i + 8));
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_cvtph_ps(h0), x0));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_cvtph_ps(h1), x1));
-            i += 16;
+    #[inline(always)]
+    unsafe fn load8(t: WType, p: *const u8) -> __m256 {
+        // SAFETY (all arms): the caller guarantees 8 elements of `t` at `p`.
+        match t {
+            WType::F32 => _mm256_loadu_ps(p as *const f32),
+            WType::BF16 => {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+            WType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            WType::U8Offset => {
+                let b = _mm_xor_si128(_mm_loadl_epi64(p as *const __m128i), _mm_set1_epi8(-128));
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+            }
+            WType::I8 => {
+                let b = _mm_loadl_epi64(p as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+            }
         }
-        let mut lanes = [0f32; 16];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), a0);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a1);
-        // Same pairing as `reduce` on the generic path's lanes.
-        let mut acc = [0f32; L];
-        acc.copy_from_slice(&lanes);
-        let mut tail = 0f32;
-        for j in full..n {
-            tail += f16_at(w, j) * x[j];
-        }
-        reduce(acc) + tail
     }
+
+    /// `Σ w·x` with four 8-lane FMA accumulators.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot(t: WType, w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        let es = t.size();
+        assert!(w.len() >= n * es);
+        let full = n / 32 * 32;
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut i = 0;
+        let ahead = prefetch_distance();
+        while i < full {
+            // Streams cross 4 KiB pages of the mapped file, where the hardware prefetcher
+            // stops: ask for the bytes ahead explicitly (a prefetch never faults).
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead) as *const i8);
+            if es == 4 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
+            }
+            // SAFETY: i + 32 <= n: 32 elements of w and x are in bounds.
+            a0 = _mm256_fmadd_ps(load8(t, wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(
+                load8(t, wp.add((i + 8) * es)),
+                _mm256_loadu_ps(xp.add(i + 8)),
+                a1,
+            );
+            a2 = _mm256_fmadd_ps(
+                load8(t, wp.add((i + 16) * es)),
+                _mm256_loadu_ps(xp.add(i + 16)),
+                a2,
+            );
+            a3 = _mm256_fmadd_ps(
+                load8(t, wp.add((i + 24) * es)),
+                _mm256_loadu_ps(xp.add(i + 24)),
+                a3,
+            );
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            a0 = _mm256_fmadd_ps(load8(t, wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        let mut total = _mm_cvtss_f32(h);
+        if i < n {
+            total += dot_generic(t, &w[i * es..n * es], &x[i..n]);
+        }
+        total
+    }
+}
+
+fn prefetch_distance() -> usize {
+    static D: OnceLock<usize> = OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("STEERLM_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    })
 }
 
 fn wide() -> bool {
@@ -296,19 +381,7 @@ pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         // SAFETY: as above.
         return unsafe { x86::dot_f32(w, x) };
     }
-    let n = x.len().min(w.len());
-    let mut acc = [0f32; L];
-    let full = n / L * L;
-    for i in (0..full).step_by(L) {
-        for l in 0..L {
-            acc[l] += w[i + l] * x[i + l];
-        }
-    }
-    let mut tail = 0f32;
-    for j in full..n {
-        tail += w[j] * x[j];
-    }
-    reduce(acc) + tail
+    dot_f32_generic(w, x)
 }
 
 /// One stored row as f32 (`out.len()` elements), int8 multiplied by its scales.

@@ -111,31 +111,120 @@ impl Linear {
         }
     }
 
+    /// Row ranges of about 128 KiB of weights, each within one band: the unit of
+    /// parallel work.
+    fn tasks(&self, rows: usize) -> Vec<(usize, usize, usize)> {
+        let row_bytes = (self.inp * self.wtype.size()).max(1);
+        let per = ((128usize << 10) / row_bytes).clamp(4, 4096);
+        let mut v = Vec::new();
+        for (bi, b) in self.bands.iter().enumerate() {
+            let end = (b.row0 + b.rows).min(rows);
+            let mut r = b.row0;
+            while r < end {
+                let n = per.min(end - r);
+                v.push((bi, r, r + n));
+                r += n;
+            }
+        }
+        v
+    }
+
+    /// Runs `f(row, [(part, bytes of the row in that part)])` over rows `r0..r1` of band
+    /// `bi`, slicing each part's rows from the archive once.
+    fn for_rows(
+        &self,
+        ar: &Archive,
+        bi: usize,
+        r0: usize,
+        r1: usize,
+        mut f: impl FnMut(usize, &[(&Part, &[u8])]),
+    ) {
+        let b = &self.bands[bi];
+        let rb = self.inp * self.wtype.size();
+        let bases: Vec<(&Part, &[u8])> = b
+            .parts
+            .iter()
+            .map(|p| {
+                let first = (r0 - b.row0) as u64;
+                let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * self.wtype.size()) as u64;
+                (p, ar.slice(p.offset + first * p.stride, len))
+            })
+            .collect();
+        let _ = rb;
+        let mut row: Vec<(&Part, &[u8])> = bases.clone();
+        for r in r0..r1 {
+            let k = (r - r0) as u64;
+            for (slot, (p, base)) in row.iter_mut().zip(&bases) {
+                let at = (k * p.stride) as usize;
+                *slot = (p, &base[at..at + p.cols * self.wtype.size()]);
+            }
+            f(r, &row);
+        }
+    }
+
     /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
     /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
     pub fn matmul(&self, ar: &Archive, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.inp);
         debug_assert_eq!(y.len(), t * rows);
-        const CHUNK: usize = 16;
+        let tasks = self.tasks(rows);
         if t == 1 {
-            y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ys)| {
-                for (j, yv) in ys.iter_mut().enumerate() {
-                    *yv = self.row_dot(ar, c * CHUNK + j, x);
-                }
-            });
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
+            let mut rest = &mut y[..];
+            for &(_, r0, r1) in &tasks {
+                let (a, b) = rest.split_at_mut(r1 - r0);
+                outs.push(a);
+                rest = b;
+            }
+            tasks
+                .par_iter()
+                .zip(outs.into_par_iter())
+                .for_each(|(&(bi, r0, r1), ys)| {
+                    let b = &self.bands[bi];
+                    self.for_rows(ar, bi, r0, r1, |r, parts| {
+                        let mut acc = 0f32;
+                        for (p, w) in parts {
+                            acc += cpu::row_dot(
+                                self.wtype,
+                                w,
+                                &x[p.col0..p.col0 + p.cols],
+                                self.scales(p, b, r),
+                                self.group,
+                            );
+                        }
+                        ys[r - r0] = acc;
+                    });
+                });
             return;
         }
         // A batch: each row is read (and converted) once and used for every token.
         let mut yt = vec![0f32; rows * t];
-        yt.par_chunks_mut(CHUNK * t).enumerate().for_each_init(
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
+        let mut rest = &mut yt[..];
+        for &(_, r0, r1) in &tasks {
+            let (a, b) = rest.split_at_mut((r1 - r0) * t);
+            outs.push(a);
+            rest = b;
+        }
+        tasks.par_iter().zip(outs.into_par_iter()).for_each_init(
             || vec![0f32; self.inp],
-            |buf, (c, ys)| {
-                for (j, yr) in ys.chunks_mut(t).enumerate() {
-                    self.row(ar, c * CHUNK + j, buf);
+            |buf, (&(bi, r0, r1), ys)| {
+                let b = &self.bands[bi];
+                self.for_rows(ar, bi, r0, r1, |r, parts| {
+                    for (p, w) in parts {
+                        cpu::dequant(
+                            self.wtype,
+                            w,
+                            self.scales(p, b, r),
+                            self.group,
+                            &mut buf[p.col0..p.col0 + p.cols],
+                        );
+                    }
+                    let yr = &mut ys[(r - r0) * t..(r - r0 + 1) * t];
                     for (tok, yv) in yr.iter_mut().enumerate() {
                         *yv = cpu::dot_f32(buf, &x[tok * self.inp..(tok + 1) * self.inp]);
                     }
-                }
+                });
             },
         );
         for r in 0..rows {

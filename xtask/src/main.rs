@@ -8,7 +8,44 @@ use anyhow::{bail, Context, Result};
 use steerlm_convert::synth::{self, SynthSpec};
 use steerlm_convert::tensor::DType;
 
-const USAGE: &str = "usage:
+mod bench;
+mod gpu_check;
+
+/// Runs the test suite with NVRTC available (from the pip wheel when needed).
+fn test_cmd() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root).args(["test", "--workspace"]);
+    if steerlm_convert::gpu::nvrtc::Nvrtc::load().is_err() {
+        let wheels = root.join("target/cuda-wheels");
+        if !wheels.join("nvidia/cuda_nvrtc/lib").is_dir() {
+            eprintln!(
+                "installing NVRTC (nvidia-cuda-nvrtc-cu12) into {}",
+                wheels.display()
+            );
+            let st = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--target"])
+                .arg(&wheels)
+                .args([
+                    "nvidia-cuda-nvrtc-cu12==12.9.86",
+                    "nvidia-cuda-runtime-cu12==12.9.79",
+                ])
+                .status()
+                .context("python3 -m pip (needed to fetch NVRTC for the kernel compile check)")?;
+            if !st.success() {
+                bail!("pip could not install the NVRTC wheel");
+            }
+        }
+        cmd.env("STEERLM_CUDA_WHEELS", &wheels);
+    }
+    let st = cmd.status()?;
+    if !st.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+pub(crate) const USAGE: &str = "usage:
   cargo xtask synth OUT.nemo [--layers N] [--tp N] [--pp N] [--dtype bf16|fp16|fp32]
                              [--hidden H --heads A --groups G --ffn F --vocab V]
       Writes a synthetic archive (Llama-2 13B shapes at TP 4 by default) with the
@@ -23,7 +60,23 @@ const USAGE: &str = "usage:
   cargo xtask bench reshard [--layers 4,16] [--dir DIR] [--runs 3]
       reshard TP 4 -> TP 2 and -> TP 8 (safetensors and .nemo output) against `cp` (+ fsync)
       of the archive, with peak RSS. The disk is noisy: cp and ours alternate and the best
-      of --runs of each is kept.";
+      of --runs of each is kept.
+  cargo xtask bench quantize [--layers 4] [--dir DIR] [--runs 2]
+      int8 (channel) and fp16 quantize of the 13B-shaped archive on the CPU (and the GPU
+      when there is one): GB/s of input against this machine's memory read bandwidth and
+      against cp (+ fsync) of the archive.
+  cargo xtask bench generate [--dir DIR] [--tokens 64] [--python PY]
+      Decode and prompt tokens/s of a synthetic ~100M-parameter Llama (f32, bf16, int8) at
+      1 and 2 threads, against the bandwidth limit (weight bytes per token / measured read
+      bandwidth) and against transformers on the CPU when PY imports it.
+  cargo xtask test
+      The test suite: installs NVRTC from the nvidia-cuda-nvrtc-cu12 wheel into
+      target/cuda-wheels when no CUDA toolkit is found (the kernels are compile-checked),
+      then runs cargo test --workspace.
+  cargo xtask gpu-check
+      On a machine with a GPU: every kernel against its CPU twin on random inputs
+      (bit-identical int8 and scales, casts), kernel timings against the device copy
+      bandwidth, and quantize end to end on the GPU against the CPU.";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,20 +86,24 @@ fn main() -> Result<()> {
             Some("inspect") => bench_inspect(&args[2..]),
             Some("convert") => bench_convert(&args[2..]),
             Some("reshard") => bench_reshard(&args[2..]),
+            Some("quantize") => bench::quantize(&args[2..]),
+            Some("generate") => bench::generate(&args[2..]),
             _ => bail!("{USAGE}"),
         },
+        Some("test") => test_cmd(),
+        Some("gpu-check") => gpu_check::run(),
         _ => bail!("{USAGE}"),
     }
 }
 
-fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+pub(crate) fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .map(String::as_str)
 }
 
-fn num(args: &[String], name: &str, default: u64) -> Result<u64> {
+pub(crate) fn num(args: &[String], name: &str, default: u64) -> Result<u64> {
     flag(args, name).map_or(Ok(default), |v| {
         v.parse().with_context(|| format!("{name} {v}"))
     })
@@ -86,7 +143,7 @@ fn synth_cmd(args: &[String]) -> Result<()> {
 }
 
 /// Runs a command and returns (wall seconds, peak RSS of the child in bytes).
-fn measure(cmd: &mut Command) -> Result<(f64, u64, std::process::Output)> {
+pub(crate) fn measure(cmd: &mut Command) -> Result<(f64, u64, std::process::Output)> {
     let t = Instant::now();
     let child = cmd
         .stdout(std::process::Stdio::piped())
@@ -133,7 +190,7 @@ fn measure(cmd: &mut Command) -> Result<(f64, u64, std::process::Output)> {
     ))
 }
 
-fn release_binary() -> Result<PathBuf> {
+pub(crate) fn release_binary() -> Result<PathBuf> {
     let st = Command::new("cargo")
         .args(["build", "--release", "--bin", "steerlm-convert"])
         .status()?;
@@ -143,7 +200,7 @@ fn release_binary() -> Result<PathBuf> {
     Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/steerlm-convert"))
 }
 
-fn synth_if_absent(dir: &Path, layers: u64) -> Result<PathBuf> {
+pub(crate) fn synth_if_absent(dir: &Path, layers: u64) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let p = dir.join(format!("synth13b_tp4_l{layers}.nemo"));
     if !p.exists() {
@@ -201,7 +258,7 @@ fn layer_list(args: &[String]) -> Result<Vec<u64>> {
 
 /// Alternates `cp` + `sync` of `src` with the command `cmd()` (which writes `out`) `runs`
 /// times, as the disk is noisy; returns (best cp seconds, best command seconds, its peak RSS).
-fn best_against_cp(
+pub(crate) fn best_against_cp(
     src: &Path,
     dir: &Path,
     out: &Path,
@@ -224,11 +281,11 @@ fn best_against_cp(
 }
 
 /// `--runs N`: repetitions whose best time is kept (default 3).
-fn runs(args: &[String]) -> Result<u64> {
+pub(crate) fn runs(args: &[String]) -> Result<u64> {
     num(args, "--runs", 3).map(|n| n.max(1))
 }
 
-fn remove(p: &Path) {
+pub(crate) fn remove(p: &Path) {
     let _ = if p.is_dir() {
         std::fs::remove_dir_all(p)
     } else {
@@ -302,7 +359,7 @@ fn bench_convert(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn cp_sync_seconds(src: &Path, dir: &Path) -> Result<f64> {
+pub(crate) fn cp_sync_seconds(src: &Path, dir: &Path) -> Result<f64> {
     let copy = dir.join("copy.nemo");
     remove(&copy);
     let (s, _, o) = measure(Command::new("sh").arg("-c").arg(format!(
