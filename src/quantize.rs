@@ -245,6 +245,22 @@ impl<'a> RowSource<'a> {
 
 /// Converts stored values to f32.
 pub fn to_f32(b: &[u8], dt: DType, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn wide(b: &[u8], dt: DType, out: &mut [f32]) {
+            to_f32_body(b, dt, out)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has the features.
+            return unsafe { wide(b, dt, out) };
+        }
+    }
+    to_f32_body(b, dt, out)
+}
+
+#[inline(always)]
+fn to_f32_body(b: &[u8], dt: DType, out: &mut [f32]) {
     match dt {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
@@ -331,41 +347,26 @@ impl Engine for CpuEngine {
 
     fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch {
         let cols = src.cols;
-        let parts: Vec<(Vec<u8>, u64, ErrStats, Option<usize>)> = (r0..r0 + rows)
-            .into_par_iter()
+        let osz = to.size();
+        let mut bytes = vec![0u8; rows * cols * osz];
+        let parts: Vec<(u64, ErrStats, Option<usize>)> = bytes
+            .par_chunks_mut(cols * osz)
+            .enumerate()
             .map_init(
                 || (vec![0f32; cols], Vec::new()),
-                |(buf, segs), i| {
-                    src.row_f32(i, segs, buf);
-                    let mut out = Vec::with_capacity(cols * to.size());
-                    let mut over = 0;
-                    let mut st = ErrStats::default();
-                    let mut bad = None;
-                    for (j, &v) in buf.iter().enumerate() {
-                        let (back, o) = cast_value(v, to, &mut out);
-                        over += o as u64;
-                        if !v.is_finite() {
-                            bad = bad.or(Some(j));
-                        } else if back.is_finite() {
-                            let d = (back - v).abs() as f64;
-                            st.max_abs = st.max_abs.max(d);
-                            st.sum_sq_err += d * d;
-                        }
-                        st.sum_sq += v as f64 * v as f64;
-                    }
-                    st.count = cols as u64;
-                    (out, over, st, bad)
+                |(buf, segs), (i, out)| {
+                    src.row_f32(r0 + i, segs, buf);
+                    cast_row(buf, to, out)
                 },
             )
             .collect();
         let mut batch = CastBatch {
-            bytes: Vec::with_capacity(rows * cols * to.size()),
+            bytes,
             overflow: 0,
             stats: ErrStats::default(),
             non_finite: None,
         };
-        for (i, (b, o, s, bad)) in parts.into_iter().enumerate() {
-            batch.bytes.extend_from_slice(&b);
+        for (i, (o, s, bad)) in parts.into_iter().enumerate() {
             batch.overflow += o;
             batch.stats.merge(&s);
             if batch.non_finite.is_none() {
@@ -374,6 +375,149 @@ impl Engine for CpuEngine {
         }
         batch
     }
+}
+
+/// `half::bf16::from_f32`'s bits (nearest-even, NaN kept quiet), written without branches
+/// so that a loop of it vectorizes.
+#[inline(always)]
+pub fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+    let up = ((x & 0x8000) != 0) & ((x & 0x17fff) != 0);
+    let r = ((x >> 16) as u16).wrapping_add(up as u16);
+    if nan {
+        ((x >> 16) | 0x40) as u16
+    } else {
+        r
+    }
+}
+
+/// f32 to f16 (nearest-even) and back with F16C, 8 at a time; false when the CPU lacks it.
+fn f16_simd(x: &[f32], h: &mut [u16], back: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn go(x: &[f32], h: &mut [u16], back: &mut [f32]) {
+            use std::arch::x86_64::*;
+            let n = x.len().min(h.len()).min(back.len());
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: i + 8 <= n for all three slices.
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let p = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v);
+                _mm_storeu_si128(h.as_mut_ptr().add(i) as *mut __m128i, p);
+                _mm256_storeu_ps(back.as_mut_ptr().add(i), _mm256_cvtph_ps(p));
+                i += 8;
+            }
+            for j in i..n {
+                let v = half::f16::from_f32(x[j]);
+                h[j] = v.to_bits();
+                back[j] = v.to_f32();
+            }
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2 and F16C.
+            unsafe { go(x, h, back) };
+            return true;
+        }
+    }
+    let _ = (x, h, back);
+    false
+}
+
+/// Casts one row to `to` (nearest-even) into `out`; returns the overflow count, the
+/// errors and the first non-finite column.
+fn cast_row(x: &[f32], to: DType, out: &mut [u8]) -> (u64, ErrStats, Option<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn wide(x: &[f32], to: DType, out: &mut [u8]) -> (u64, ErrStats, Option<usize>) {
+            cast_row_body(x, to, out)
+        }
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has the features.
+            return unsafe { wide(x, to, out) };
+        }
+    }
+    cast_row_body(x, to, out)
+}
+
+#[inline(always)]
+fn cast_row_body(x: &[f32], to: DType, out: &mut [u8]) -> (u64, ErrStats, Option<usize>) {
+    use half::slice::HalfFloatSliceExt;
+    const C: usize = 256;
+    let mut st = ErrStats {
+        count: x.len() as u64,
+        ..ErrStats::default()
+    };
+    let any_bad = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)) >= 0x7f80_0000;
+    let bad = if any_bad {
+        x.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    };
+    let mut over = 0u64;
+    let mut emax = 0u32;
+    let mut esum = [0f32; 16];
+    let mut xsum = [0f32; 16];
+    let mut h = [half::f16::ZERO; C];
+    let mut hb = [0u16; C];
+    let mut back = [0f32; C];
+    for (xb, ob) in x.chunks(C).zip(out.chunks_mut(C * to.size())) {
+        let k = xb.len();
+        match to {
+            DType::F16 => {
+                if !f16_simd(xb, &mut hb[..k], &mut back[..k]) {
+                    h[..k].convert_from_f32_slice(xb);
+                    h[..k].convert_to_f32_slice(&mut back[..k]);
+                    for (d, v) in hb.iter_mut().zip(&h[..k]) {
+                        *d = v.to_bits();
+                    }
+                }
+                for (o, v) in ob.chunks_exact_mut(2).zip(&hb[..k]) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            DType::BF16 => {
+                for j in 0..k {
+                    hb[j] = bf16_bits(xb[j]);
+                    back[j] = f32::from_bits((hb[j] as u32) << 16);
+                }
+                for (o, v) in ob.chunks_exact_mut(2).zip(&hb[..k]) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                back[..k].copy_from_slice(xb);
+                for (o, v) in ob.chunks_exact_mut(4).zip(xb) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        let mut em = [0u32; 16];
+        let mut ov = [0u32; 16];
+        for (xc, bc) in xb.chunks(16).zip(back[..k].chunks(16)) {
+            for j in 0..xc.len() {
+                let (v, b) = (xc[j], bc[j]);
+                let fin_in = (v.to_bits() & 0x7fff_ffff) < 0x7f80_0000;
+                let fin_out = (b.to_bits() & 0x7fff_ffff) < 0x7f80_0000;
+                ov[j] += (fin_in & !fin_out) as u32;
+                let d = if fin_in & fin_out { b - v } else { 0.0 };
+                em[j] = em[j].max(d.to_bits() & 0x7fff_ffff);
+                esum[j] += d * d;
+                xsum[j] += if fin_in { v * v } else { 0.0 };
+            }
+        }
+        over += ov.iter().map(|v| *v as u64).sum::<u64>();
+        emax = emax.max(em.iter().copied().max().unwrap_or(0));
+    }
+    st.max_abs = f32::from_bits(emax) as f64;
+    st.sum_sq_err = esum.iter().map(|v| *v as f64).sum();
+    st.sum_sq = xsum.iter().map(|v| *v as f64).sum();
+    (over, st, bad)
 }
 
 /// What to do with one input tensor.
@@ -779,6 +923,9 @@ fn run(
     })
 }
 
+/// A computed batch: bytes to write, int8 scales, errors, input ranges to release.
+type Batch = (Vec<u8>, Vec<f32>, ErrStats, Vec<Seg>);
+
 enum WriteError {
     Io(std::io::Error),
     Other(Error),
@@ -809,80 +956,107 @@ fn write_main(
     let mut stats = ErrStats::default();
     let step = batch_rows(s);
     let mut scales = Vec::new();
-    let mut r0 = 0;
-    while r0 < s.rows {
+    if job == Job::Copy {
+        let mut r0 = 0;
+        while r0 < s.rows {
+            let n = step.min(s.rows - r0);
+            let segs = s.segs_of(r0, n);
+            for &(o, len) in segs.iter().filter(|x| x.1 >= 256 << 10) {
+                s.ar.populate(o, len);
+            }
+            for &(o, len) in &segs {
+                let copied = match s.ar.file_at(o) {
+                    Some((f, fo)) if len >= 1 << 20 => {
+                        safetensors_out::Sink::copy_from(w, f, fo, len)?
+                    }
+                    _ => false,
+                };
+                if !copied {
+                    w.write_all(s.ar.slice(o, len))?;
+                }
+            }
+            for &(o, len) in &segs {
+                s.ar.release(o, len);
+                bar.inc(len);
+            }
+            r0 += n;
+        }
+        return Ok(stats);
+    }
+    let tensor_err = |msg: String| {
+        WriteError::Other(Error::Tensor {
+            member: file.to_string(),
+            tensor: s.name.clone(),
+            msg,
+        })
+    };
+    // Compute batch k + 1 while batch k is written: (bytes, input ranges to release).
+    let compute = |r0: usize| -> std::result::Result<Batch, WriteError> {
         let n = step.min(s.rows - r0);
         let segs = s.segs_of(r0, n);
         for &(o, len) in segs.iter().filter(|x| x.1 >= 256 << 10) {
             s.ar.populate(o, len);
         }
         match job {
-            Job::Copy => {
-                for &(o, len) in &segs {
-                    let copied = match s.ar.file_at(o) {
-                        Some((f, fo)) if len >= 1 << 20 => {
-                            safetensors_out::Sink::copy_from(w, f, fo, len)?
-                        }
-                        _ => false,
-                    };
-                    if !copied {
-                        w.write_all(s.ar.slice(o, len))?;
-                    }
-                }
-            }
             Job::Cast(to) => {
                 let cb = opts.engine.cast(s, r0, n, to);
                 if let Some((row, col)) = cb.non_finite {
-                    return Err(WriteError::Other(Error::Tensor {
-                        member: file.to_string(),
-                        tensor: s.name.clone(),
-                        msg: format!(
-                            "non-finite weight at row {row}, column {col}: refusing to cast"
-                        ),
-                    }));
+                    return Err(tensor_err(format!(
+                        "non-finite weight at row {row}, column {col}: refusing to cast"
+                    )));
                 }
-                let over = cb.overflow;
-                if over > 0 && !opts.allow_overflow {
-                    return Err(WriteError::Other(Error::Tensor {
-                        member: file.to_string(),
-                        tensor: s.name.clone(),
-                        msg: format!(
-                            "{over} values overflow {to} (pass --allow-overflow to write them as ±inf)"
-                        ),
-                    }));
+                if cb.overflow > 0 && !opts.allow_overflow {
+                    return Err(tensor_err(format!(
+                        "{} values overflow {to} (pass --allow-overflow to write them as ±inf)",
+                        cb.overflow
+                    )));
                 }
-                stats.merge(&cb.stats);
-                w.write_all(&cb.bytes)?;
+                Ok((cb.bytes, Vec::new(), cb.stats, segs))
             }
             Job::Int8 { group } => {
                 let qb = opts
                     .engine
                     .quantize(s, r0, n, group, s.dtype)
                     .map_err(|(row, e)| {
-                        WriteError::Other(Error::Tensor {
-                            member: file.to_string(),
-                            tensor: s.name.clone(),
-                            msg: match e {
-                                RowError::NonFinite { col, value } => format!(
-                                    "non-finite weight {value} at row {row}, column {col}: refusing to quantize"
-                                ),
-                                RowError::ScaleOverflow { amax } => format!(
-                                    "row {row}: scale {amax}/127 overflows {}",
-                                    s.dtype
-                                ),
-                            },
+                        tensor_err(match e {
+                            RowError::NonFinite { col, value } => format!(
+                                "non-finite weight {value} at row {row}, column {col}: refusing to quantize"
+                            ),
+                            RowError::ScaleOverflow { amax } => {
+                                format!("row {row}: scale {amax}/127 overflows {}", s.dtype)
+                            }
                         })
                     })?;
-                stats.merge(&qb.stats);
-                scales.extend_from_slice(&qb.scales);
-                w.write_all(&qb.q)?;
+                Ok((qb.q, qb.scales, qb.stats, segs))
             }
+            Job::Copy => unreachable!("handled above"),
         }
-        for &(o, len) in &segs {
-            s.ar.release(o, len);
-            bar.inc(len);
+    };
+    let mut written: Option<(Vec<u8>, Vec<Seg>)> = None;
+    let mut r0 = 0;
+    while r0 < s.rows || written.is_some() {
+        let prev = written.take();
+        let (next, wrote) = rayon::join(
+            || (r0 < s.rows).then(|| compute(r0)),
+            || -> std::io::Result<()> {
+                if let Some((bytes, segs)) = &prev {
+                    w.write_all(bytes)?;
+                    for &(o, len) in segs {
+                        s.ar.release(o, len);
+                        bar.inc(len);
+                    }
+                }
+                Ok(())
+            },
+        );
+        wrote?;
+        if let Some(res) = next {
+            let (bytes, sc, st, segs) = res?;
+            stats.merge(&st);
+            scales.extend_from_slice(&sc);
+            r0 += step.min(s.rows - r0);
+            written = Some((bytes, segs));
         }
-        r0 += n;
     }
     if matches!(job, Job::Int8 { .. }) {
         pending.insert(si, scales);

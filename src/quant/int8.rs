@@ -14,6 +14,9 @@
 //!
 //! Values are written as `q + 128` (the compressed-tensors packing).
 
+// Kernels index lanes explicitly: that is what lets the compiler vectorize them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::tensor::DType;
 
 /// Rounds `s` to `dt` (nearest-even) and returns the stored value as f32.
@@ -102,72 +105,134 @@ pub enum RowError {
     ScaleOverflow { amax: f32 },
 }
 
+const L: usize = 16;
+
+/// Largest magnitude of `xs` as f32 bits, 16 lanes at a time: for non-negative floats the
+/// order of the bit patterns is the order of the values, and integer max vectorizes. A
+/// result of `0x7f80_0000` or more means an infinity or NaN is present.
 #[inline(always)]
-fn quantize_row_generic(
-    x: &[f32],
-    group: usize,
-    dt: DType,
-    q: &mut [u8],
-    scales: &mut [f32],
-    stats: &mut ErrStats,
-) -> Result<(), RowError> {
-    for (g, (xs, qs)) in x.chunks(group).zip(q.chunks_mut(group)).enumerate() {
-        let mut amax = 0f32;
-        let mut finite = true;
-        for &v in xs {
-            finite &= v.is_finite();
-            amax = amax.max(v.abs());
+fn amax_bits(xs: &[f32]) -> u32 {
+    let mut m = [0u32; L];
+    let c = xs.chunks_exact(L);
+    let r = c.remainder();
+    for b in c {
+        let b: &[f32; L] = b.try_into().expect("chunk");
+        for l in 0..L {
+            m[l] = m[l].max(b[l].to_bits() & 0x7fff_ffff);
         }
-        if !finite {
-            let (col, value) = xs
-                .iter()
-                .enumerate()
-                .find(|(_, v)| !v.is_finite())
-                .map(|(i, v)| (g * group + i, *v))
-                .expect("one is not finite");
-            return Err(RowError::NonFinite { col, value });
-        }
-        let s = scale_for(amax, dt).ok_or(RowError::ScaleOverflow { amax })?;
-        scales[g] = s;
-        let (mut mx, mut se, mut sx) = (0f32, 0f64, 0f64);
-        if s == 0.0 {
-            qs.fill(128);
-        } else {
-            for (o, &v) in qs.iter_mut().zip(xs) {
-                let qi = (v / s).round_ties_even().clamp(-127.0, 127.0);
-                *o = (qi as i32 + 128) as u8;
-            }
-        }
-        // Error against the dequantized value, in f64 per group.
-        let mut acc_e = 0f32;
-        let mut acc_x = 0f32;
-        for (o, &v) in qs.iter().zip(xs) {
-            let d = ((*o as i32 - 128) as f32) * s - v;
-            mx = mx.max(d.abs());
-            acc_e += d * d;
-            acc_x += v * v;
-        }
-        se += acc_e as f64;
-        sx += acc_x as f64;
-        stats.max_abs = stats.max_abs.max(mx as f64);
-        stats.sum_sq_err += se;
-        stats.sum_sq += sx;
-        stats.count += xs.len() as u64;
     }
-    Ok(())
+    let mut best = m.iter().copied().max().unwrap_or(0);
+    for v in r {
+        best = best.max(v.to_bits() & 0x7fff_ffff);
+    }
+    best
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2(
-    x: &[f32],
-    group: usize,
-    dt: DType,
-    q: &mut [u8],
-    scales: &mut [f32],
-    stats: &mut ErrStats,
-) -> Result<(), RowError> {
-    quantize_row_generic(x, group, dt, q, scales, stats)
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Step 3 of the scheme on one group with a non-zero stored scale `s`, 8 lanes at a
+    /// time: `q = clamp(round_half_even(x / s), -127, 127) + 128`, plus the error sums.
+    /// The same IEEE operations as the generic path, so the same bits.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_group(xs: &[f32], s: f32, qs: &mut [u8]) -> (f32, f64, f64, usize) {
+        let n = xs.len().min(qs.len());
+        let full = n / 8 * 8;
+        let sv = _mm256_set1_ps(s);
+        let lo = _mm256_set1_ps(-127.0);
+        let hi = _mm256_set1_ps(127.0);
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let flip = _mm_set1_epi8(-128);
+        let (mut emax, mut esum, mut xsum) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= n, within both slices.
+            let x = _mm256_loadu_ps(xs.as_ptr().add(i));
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_div_ps(x, sv),
+            );
+            let qf = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            let qi = _mm256_cvtps_epi32(qf);
+            let p16 = _mm_packs_epi32(
+                _mm256_castsi256_si128(qi),
+                _mm256_extracti128_si256::<1>(qi),
+            );
+            let p8 = _mm_xor_si128(_mm_packs_epi16(p16, p16), flip);
+            _mm_storel_epi64(qs.as_mut_ptr().add(i) as *mut __m128i, p8);
+            let d = _mm256_sub_ps(_mm256_mul_ps(qf, sv), x);
+            emax = _mm256_max_ps(emax, _mm256_and_ps(d, abs_mask));
+            esum = _mm256_fmadd_ps(d, d, esum);
+            xsum = _mm256_fmadd_ps(x, x, xsum);
+            i += 8;
+        }
+        let mut e = [0f32; 8];
+        let mut a = [0f32; 8];
+        let mut b = [0f32; 8];
+        _mm256_storeu_ps(e.as_mut_ptr(), emax);
+        _mm256_storeu_ps(a.as_mut_ptr(), esum);
+        _mm256_storeu_ps(b.as_mut_ptr(), xsum);
+        (
+            e.iter().fold(0f32, |m, v| m.max(*v)),
+            a.iter().map(|v| *v as f64).sum(),
+            b.iter().map(|v| *v as f64).sum(),
+            full,
+        )
+    }
+}
+
+/// One group with a non-zero stored scale: quantized values into `qs`, errors into
+/// `stats`.
+#[inline(always)]
+fn quantize_group(xs: &[f32], s: f32, qs: &mut [u8], stats: &mut ErrStats, wide: bool) {
+    let (mut mx, mut se, mut sx, done) = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if wide {
+                // SAFETY: the caller checked AVX2 and FMA.
+                unsafe { x86::quantize_group(xs, s, qs) }
+            } else {
+                (0f32, 0f64, 0f64, 0)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = wide;
+            (0f32, 0f64, 0f64, 0)
+        }
+    };
+    for (o, &v) in qs[done..].iter_mut().zip(&xs[done..]) {
+        let qi = quantize_value(v, s) as f32;
+        *o = (qi as i32 + 128) as u8;
+        let d = qi * s - v;
+        mx = mx.max(d.abs());
+        se += (d * d) as f64;
+        sx += (v * v) as f64;
+    }
+    stats.max_abs = stats.max_abs.max(mx as f64);
+    stats.sum_sq_err += se;
+    stats.sum_sq += sx;
+    stats.count += xs.len() as u64;
+}
+
+fn wide() -> bool {
+    static W: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("STEERLM_NO_SIMD").is_none()
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// Quantizes one row `x` in groups of `group` columns: `q` gets `q + 128` per value,
@@ -180,12 +245,30 @@ pub fn quantize_row(
     scales: &mut [f32],
     stats: &mut ErrStats,
 ) -> Result<(), RowError> {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { quantize_row_avx2(x, group, dt, q, scales, stats) };
+    let wide = wide();
+    for (g, (xs, qs)) in x.chunks(group).zip(q.chunks_mut(group)).enumerate() {
+        let bits = amax_bits(xs);
+        if bits >= 0x7f80_0000 {
+            let (col, value) = xs
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(i, v)| (g * group + i, *v))
+                .expect("one is not finite");
+            return Err(RowError::NonFinite { col, value });
+        }
+        let amax = f32::from_bits(bits);
+        let s = scale_for(amax, dt).ok_or(RowError::ScaleOverflow { amax })?;
+        scales[g] = s;
+        if s == 0.0 {
+            qs.fill(128);
+            stats.sum_sq += xs.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>();
+            stats.count += xs.len() as u64;
+        } else {
+            quantize_group(xs, s, qs, stats, wide);
+        }
     }
-    quantize_row_generic(x, group, dt, q, scales, stats)
+    Ok(())
 }
 
 #[cfg(test)]
