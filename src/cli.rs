@@ -173,6 +173,10 @@ pub struct GenerateArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Write the logits of the prompt's last position (JSON array) to FILE: for checks
+    /// against other implementations.
+    #[arg(long, value_name = "FILE")]
+    pub logits_out: Option<PathBuf>,
     #[command(flatten)]
     pub io: IoArgs,
 }

@@ -84,6 +84,10 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
     if let Some(e) = write_err {
         return Err(e.into());
     }
+    if let Some(p) = &args.logits_out {
+        let text = serde_json::to_string(&g.prompt_logits)?;
+        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+    }
     let prompt_tps = g.prompt_ids.len() as f64 / g.prompt_secs.max(1e-9);
     let decode_tps = g.decode_steps as f64 / g.decode_secs.max(1e-9);
     let source = match model.source {

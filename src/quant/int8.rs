@@ -308,4 +308,31 @@ mod tests {
             "{r:?}"
         );
     }
+
+    #[test]
+    fn wide_path_equals_the_scalar_rule_bit_for_bit() {
+        // Scale exactly 1/8 (amax 127/8): x = (k + 0.5)/8 are exact ties.
+        let mut x: Vec<f32> = (-127..127).map(|k| (k as f32 + 0.5) / 8.0).collect();
+        x.push(127.0 / 8.0);
+        let mut seed = 7u64;
+        for _ in 0..1000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            x.push(((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 31.0);
+        }
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            for group in [x.len(), 64, 16, 8] {
+                let mut q = vec![0u8; x.len()];
+                let mut s = vec![0f32; x.len().div_ceil(group)];
+                quantize_row(&x, group, dt, &mut q, &mut s, &mut ErrStats::default()).unwrap();
+                for (i, &v) in x.iter().enumerate() {
+                    let want = quantize_value(v, s[i / group]) as i32 + 128;
+                    assert_eq!(q[i] as i32, want, "{dt:?} group {group} x {v}");
+                }
+                let amax = x[..group].iter().fold(0f32, |a, v| a.max(v.abs()));
+                assert_eq!(s[0], scale_for(amax, dt).unwrap());
+            }
+        }
+    }
 }

@@ -23,16 +23,22 @@ fn test_cmd() -> Result<()> {
                 "installing NVRTC (nvidia-cuda-nvrtc-cu12) into {}",
                 wheels.display()
             );
-            let st = Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "--target"])
-                .arg(&wheels)
-                .args([
-                    "nvidia-cuda-nvrtc-cu12==12.9.86",
-                    "nvidia-cuda-runtime-cu12==12.9.79",
-                ])
-                .status()
-                .context("python3 -m pip (needed to fetch NVRTC for the kernel compile check)")?;
-            if !st.success() {
+            let pip = |extra: &[&str]| -> Result<bool> {
+                Ok(Command::new("python3")
+                    .args(["-m", "pip", "install", "--quiet", "--target"])
+                    .arg(&wheels)
+                    .args(extra)
+                    .args([
+                        "nvidia-cuda-nvrtc-cu12==12.9.86",
+                        "nvidia-cuda-runtime-cu12==12.9.79",
+                    ])
+                    .status()
+                    .context("python3 -m pip (needed to fetch NVRTC for the kernel compile check)")?
+                    .success())
+            };
+            // Distributions that mark their Python externally managed want the flag even
+            // for --target.
+            if !pip(&[])? && !pip(&["--break-system-packages"])? {
                 bail!("pip could not install the NVRTC wheel");
             }
         }
