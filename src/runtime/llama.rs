@@ -285,9 +285,11 @@ pub struct Weights {
 }
 
 /// Keys and values of the positions seen so far.
+/// Head-major: `k[layer][group]` holds `positions × head_dim` values, so attention streams
+/// each head's keys and values contiguously.
 pub struct Cache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
     pub len: usize,
 }
 
@@ -314,9 +316,10 @@ impl Weights {
     }
 
     pub fn new_cache(&self) -> Cache {
+        let heads = vec![Vec::new(); self.dims.kv_heads];
         Cache {
-            k: vec![Vec::new(); self.layers.len()],
-            v: vec![Vec::new(); self.layers.len()],
+            k: vec![heads.clone(); self.layers.len()],
+            v: vec![heads; self.layers.len()],
             len: 0,
         }
     }
@@ -371,8 +374,10 @@ impl Weights {
             let mut q = vec![0f32; t * qdim];
             let kc = &mut cache.k[li];
             let vc = &mut cache.v[li];
-            kc.truncate(p0 * kvdim);
-            vc.truncate(p0 * kvdim);
+            for g in 0..nkv {
+                kc[g].truncate(p0 * hd);
+                vc[g].truncate(p0 * hd);
+            }
             for i in 0..t {
                 let row = &qkv[i * qkv_out..(i + 1) * qkv_out];
                 let (qr, kr, vr) = split_qkv(row, self.qkv_order, nh, nkv, hd);
@@ -384,13 +389,11 @@ impl Weights {
                 for hh in 0..nh {
                     rope(qr[hh], c, s, &mut qt[hh * hd..(hh + 1) * hd]);
                 }
-                let mut kt = vec![0f32; kvdim];
+                let mut kt = vec![0f32; hd];
                 for g in 0..nkv {
-                    rope(kr[g], c, s, &mut kt[g * hd..(g + 1) * hd]);
-                }
-                kc.extend_from_slice(&kt);
-                for vg in &vr {
-                    vc.extend_from_slice(vg);
+                    rope(kr[g], c, s, &mut kt);
+                    kc[g].extend_from_slice(&kt);
+                    vc[g].extend_from_slice(vr[g]);
                 }
             }
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
@@ -402,10 +405,10 @@ impl Weights {
                     let g = hh / per_group;
                     let qv = &q[i * qdim + hh * hd..i * qdim + (hh + 1) * hd];
                     let n = p0 + i + 1;
+                    let (kg, vg) = (&kc[g], &vc[g]);
                     scores.clear();
                     let mut max = f32::NEG_INFINITY;
-                    for p in 0..n {
-                        let kv = &kc[p * kvdim + g * hd..p * kvdim + (g + 1) * hd];
+                    for kv in kg[..n * hd].chunks_exact(hd) {
                         let s = cpu::dot_f32(qv, kv) / scale;
                         max = max.max(s);
                         scores.push(s);
@@ -416,9 +419,8 @@ impl Weights {
                         sum += *s;
                     }
                     out.fill(0.0);
-                    for (p, s) in scores.iter().enumerate() {
+                    for (s, vv) in scores.iter().zip(vg.chunks_exact(hd)) {
                         let w = s / sum;
-                        let vv = &vc[p * kvdim + g * hd..p * kvdim + (g + 1) * hd];
                         for (o, v) in out.iter_mut().zip(vv) {
                             *o += w * v;
                         }
