@@ -36,6 +36,7 @@ pub fn open_input(
 /// with the reason on stderr; `cuda` fails when no GPU can be used.
 pub fn gpu_engine(
     device: crate::cli::DeviceArg,
+    quiet: bool,
 ) -> steerlm_convert::Result<Option<Box<dyn steerlm_convert::quantize::Engine>>> {
     use crate::cli::DeviceArg;
     if device == DeviceArg::Cpu {
@@ -44,7 +45,9 @@ pub fn gpu_engine(
     match steerlm_convert::gpu::CudaEngine::open() {
         Ok(g) => Ok(Some(Box::new(g))),
         Err(why) if device == DeviceArg::Auto => {
-            eprintln!("no GPU used ({why}); computing on the CPU");
+            if !quiet {
+                eprintln!("no GPU used ({why}); computing on the CPU");
+            }
             Ok(None)
         }
         Err(why) => Err(steerlm_convert::Error::Usage(format!(

@@ -43,7 +43,7 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
     output::install_interrupt_handler();
     let scheme = scheme(args)?;
     let cpu = CpuEngine;
-    let gpu = super::gpu_engine(args.device)?;
+    let gpu = super::gpu_engine(args.device, args.io.quiet)?;
     let engine: &dyn Engine = match &gpu {
         Some(g) => g.as_ref(),
         None => &cpu,
