@@ -499,8 +499,14 @@ fn cast_row_body(x: &[f32], to: DType, out: &mut [u8]) -> (u64, ErrStats, Option
         }
         let mut em = [0u32; 16];
         let mut ov = [0u32; 16];
-        for (xc, bc) in xb.chunks(16).zip(back[..k].chunks(16)) {
-            for j in 0..xc.len() {
+        let full = k / 16 * 16;
+        for (xc, bc) in xb[..full]
+            .chunks_exact(16)
+            .zip(back[..full].chunks_exact(16))
+        {
+            let xc: &[f32; 16] = xc.try_into().expect("chunk");
+            let bc: &[f32; 16] = bc.try_into().expect("chunk");
+            for j in 0..16 {
                 let (v, b) = (xc[j], bc[j]);
                 let fin_in = (v.to_bits() & 0x7fff_ffff) < 0x7f80_0000;
                 let fin_out = (b.to_bits() & 0x7fff_ffff) < 0x7f80_0000;
@@ -510,6 +516,15 @@ fn cast_row_body(x: &[f32], to: DType, out: &mut [u8]) -> (u64, ErrStats, Option
                 esum[j] += d * d;
                 xsum[j] += if fin_in { v * v } else { 0.0 };
             }
+        }
+        for (v, b) in xb[full..].iter().zip(&back[full..k]) {
+            let fin_in = v.is_finite();
+            let fin_out = b.is_finite();
+            over += (fin_in && !fin_out) as u64;
+            let d = if fin_in && fin_out { b - v } else { 0.0 };
+            em[0] = em[0].max(d.to_bits() & 0x7fff_ffff);
+            esum[0] += d * d;
+            xsum[0] += if fin_in { v * v } else { 0.0 };
         }
         over += ov.iter().map(|v| *v as u64).sum::<u64>();
         emax = emax.max(em.iter().copied().max().unwrap_or(0));
@@ -1062,4 +1077,82 @@ fn write_main(
         pending.insert(si, scales);
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patterns() -> Vec<f32> {
+        let mut v: Vec<f32> = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            65504.0,
+            65520.0,
+            6.0e-8,
+            2.9e-8,
+        ]
+        .to_vec();
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        for _ in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            v.push(f32::from_bits(seed as u32));
+        }
+        // Exact ties for bf16 and f16 rounding.
+        for m in 0..4096u32 {
+            v.push(f32::from_bits(0x3f80_8000 | (m << 16)));
+            v.push(f32::from_bits(0x3f80_1000 | (m << 13)));
+        }
+        v
+    }
+
+    #[test]
+    fn bf16_bits_is_the_half_crate_rounding() {
+        for x in patterns() {
+            assert_eq!(
+                bf16_bits(x),
+                half::bf16::from_f32(x).to_bits(),
+                "{x:e} {:#x}",
+                x.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn casts_are_the_half_crate_rounding() {
+        let xs: Vec<f32> = patterns().into_iter().filter(|v| !v.is_nan()).collect();
+        for chunk in xs.chunks(1000) {
+            for to in [DType::F16, DType::BF16] {
+                let mut out = vec![0u8; chunk.len() * 2];
+                let (over, _, bad) = cast_row(chunk, to, &mut out);
+                for (i, &x) in chunk.iter().enumerate() {
+                    let want = match to {
+                        DType::F16 => half::f16::from_f32(x).to_bits(),
+                        _ => half::bf16::from_f32(x).to_bits(),
+                    };
+                    let got = u16::from_le_bytes([out[2 * i], out[2 * i + 1]]);
+                    assert_eq!(got, want, "{to:?} {x:e}");
+                }
+                let want_over = chunk
+                    .iter()
+                    .filter(|x| {
+                        x.is_finite()
+                            && match to {
+                                DType::F16 => half::f16::from_f32(**x).is_infinite(),
+                                _ => half::bf16::from_f32(**x).is_infinite(),
+                            }
+                    })
+                    .count() as u64;
+                assert_eq!(over, want_over);
+                assert_eq!(bad, chunk.iter().position(|x| !x.is_finite()));
+            }
+        }
+    }
 }
