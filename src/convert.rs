@@ -2,8 +2,6 @@
 //! time, straight from the mapped archive into the output files.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::formats::hf;
-use crate::formats::safetensors_out::{self, FileSink, TensorSpec};
+use crate::formats::safetensors_out::{self, TensorSpec};
 use crate::model::emit::{self, Piece};
 use crate::model::roles::{Kind, Role};
 use crate::model::shard::{self, Logical};
@@ -96,12 +94,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     let bar = Progress::bytes(total, "converting", opts.progress);
     let mut overflow = Vec::new();
     for (shard, name) in shards.iter().zip(&names) {
-        let path = dir.path().join(name);
-        let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = FileSink::new(f);
-        let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
-        w.write_all(&safetensors_out::header(&refs))
-            .map_err(|e| Error::io(&path, e))?;
+        let (path, mut w) = safetensors_out::create_shard(dir.path(), name, &specs, shard)?;
         for &i in shard {
             output::check_interrupted()?;
             let l = &logicals[&plan[i].key];

@@ -4,7 +4,6 @@
 //! input through the CPU or GPU engine.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -860,12 +859,7 @@ fn run(
     let mut pending: HashMap<usize, Vec<f32>> = HashMap::new();
     let mut reports: Vec<TensorReport> = Vec::new();
     for (shard, name) in shards.iter().zip(&names) {
-        let path = dir.path().join(name);
-        let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = FileSink::new(f);
-        let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
-        w.write_all(&safetensors_out::header(&refs))
-            .map_err(|e| Error::io(&path, e))?;
+        let (path, mut w) = safetensors_out::create_shard(dir.path(), name, &specs, shard)?;
         for &oi in shard {
             output::check_interrupted()?;
             let before = w.written;

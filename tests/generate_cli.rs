@@ -10,9 +10,7 @@ use common::*;
 use serde_json::Value;
 
 fn truth_prompt(model: &str, name: &str) -> Value {
-    let p = fixtures().join("models").join(model).join("truth.json");
-    let t: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
-    t["prompts"]
+    truth(model)["prompts"]
         .as_array()
         .unwrap()
         .iter()
@@ -68,20 +66,7 @@ fn exact_runs_from_nemo_converted_and_resharded() {
     assert_eq!(code, 0, "{err}");
     exact_run(&hf, "gqa");
     let ranks = tmp.path().join("tp4");
-    let (code, _, err) = run(&[
-        "reshard",
-        fixtures()
-            .join("archives/legacy_tp2_bf16.nemo")
-            .to_str()
-            .unwrap(),
-        ranks.to_str().unwrap(),
-        "--tp",
-        "4",
-        "--format",
-        "safetensors",
-        "--quiet",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    reshard_to_ranks("archives/legacy_tp2_bf16.nemo", &ranks, 4);
     exact_run(&ranks, "mha");
 }
 
@@ -155,11 +140,7 @@ fn bad_input_is_one_line_and_exit_2() {
     let src = fixtures().join("models/mha/hf");
     let copy = |name: &str| {
         let d = tmp.path().join(name);
-        std::fs::create_dir(&d).unwrap();
-        for e in std::fs::read_dir(&src).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-        }
+        copy_dir(&src, &d);
         d
     };
     // A tokenizer file that is not a SentencePiece model.

@@ -300,20 +300,7 @@ fn int8_from_every_kind_of_input() {
     }
     // A per-rank folder written by reshard is an input too.
     let ranks = tmp.path().join("ranks");
-    let (code, _, err) = run(&[
-        "reshard",
-        fixtures()
-            .join("archives/mcore_tp2_bf16.nemo")
-            .to_str()
-            .unwrap(),
-        ranks.to_str().unwrap(),
-        "--tp",
-        "4",
-        "--format",
-        "safetensors",
-        "--quiet",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    reshard_to_ranks("archives/mcore_tp2_bf16.nemo", &ranks, 4);
     let out = tmp.path().join("from-ranks");
     quantize(&ranks, &out, &[]);
     check_int8(&out, "mha", DType::BF16, None);
@@ -438,11 +425,7 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
     ] {
         let d = tmp.path().join("bad");
         let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir(&d).unwrap();
-        for e in std::fs::read_dir(&src).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-        }
+        copy_dir(&src, &d);
         let data = std::fs::read(d.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&data).unwrap();
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -496,17 +479,9 @@ fn runtime_on_int8_against_the_float_model() {
             quantize(&fixtures().join(src), &out, &extra);
             let m = Model::open(&out, &OpenOptions::default()).unwrap();
             assert_eq!(m.weights.layers[0].qkv.wtype.name(), "int8");
-            let t: Value = serde_json::from_slice(
-                &std::fs::read(fixtures().join("models").join(model).join("truth.json")).unwrap(),
-            )
-            .unwrap();
+            let t = truth(model);
             for p in t["prompts"].as_array().unwrap() {
-                let ids: Vec<u32> = p["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect();
+                let ids = ids_of(&p["ids"]);
                 let g = steerlm_convert::runtime::generate::generate(
                     &m,
                     &ids,
@@ -518,24 +493,14 @@ fn runtime_on_int8_against_the_float_model() {
                     &mut |_| {},
                 )
                 .unwrap();
-                let want: Vec<f32> = p["last_logits"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap() as f32)
-                    .collect();
+                let want = floats_of(&p["last_logits"]);
                 let err = g
                     .prompt_logits
                     .iter()
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                let greedy: Vec<u32> = p["greedy"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect();
+                let greedy = ids_of(&p["greedy"]);
                 let same = g.ids.iter().zip(&greedy).filter(|(a, b)| a == b).count();
                 // int8 moves the logits, but not far (a tenth on these weights; a wrong
                 // scale or column order moves them by whole units).

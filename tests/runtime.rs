@@ -8,23 +8,9 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use serde_json::Value;
 use steerlm_convert::nemo::archive::OpenOptions;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::Model;
-
-fn truth(model: &str) -> Value {
-    let p = fixtures().join("models").join(model).join("truth.json");
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// Checks every truth prompt on `path`; returns the worst logit difference.
 fn check_model(path: &Path, model: &str) -> f32 {
@@ -38,7 +24,7 @@ fn check_model(path: &Path, model: &str) -> f32 {
         prompt.extend(m.tokenizer.encode(p["text"].as_str().unwrap()));
         assert_eq!(
             prompt,
-            ids(&p["ids"]),
+            ids_of(&p["ids"]),
             "{}: {name}: prompt ids",
             path.display()
         );
@@ -53,12 +39,7 @@ fn check_model(path: &Path, model: &str) -> f32 {
             &mut |_| {},
         )
         .unwrap();
-        let want: Vec<f32> = p["last_logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let want = floats_of(&p["last_logits"]);
         assert_eq!(g.prompt_logits.len(), want.len(), "{name}: vocab");
         let diff = g
             .prompt_logits
@@ -74,7 +55,7 @@ fn check_model(path: &Path, model: &str) -> f32 {
         worst = worst.max(diff);
         assert_eq!(
             g.ids,
-            ids(&p["greedy"]),
+            ids_of(&p["greedy"]),
             "{}: {name}: greedy tokens",
             path.display()
         );

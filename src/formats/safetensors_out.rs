@@ -239,3 +239,20 @@ mod tests {
         assert_eq!(v["c"]["data_offsets"], json!([40, 100]));
     }
 }
+
+/// Creates shard file `dir/name` holding `shard` (indices into `specs`) and writes its
+/// header; the tensors' bytes follow through the returned sink.
+pub fn create_shard(
+    dir: &std::path::Path,
+    name: &str,
+    specs: &[TensorSpec],
+    shard: &[usize],
+) -> crate::error::Result<(std::path::PathBuf, FileSink)> {
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path).map_err(|e| crate::error::Error::io(&path, e))?;
+    let mut w = FileSink::new(f);
+    let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
+    w.write_all(&header(&refs))
+        .map_err(|e| crate::error::Error::io(&path, e))?;
+    Ok((path, w))
+}

@@ -126,6 +126,82 @@ impl CudaEngine {
     }
 }
 
+impl CudaEngine {
+    /// Gathers rows `c0..c0+n` into the lane's pinned buffer, uploads them, and sets the
+    /// 16 status bytes at `st` of the output buffer to `init`.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &self,
+        lane: &mut Lane,
+        src: &RowSource<'_>,
+        c0: usize,
+        n: usize,
+        inb: usize,
+        outb: usize,
+        st: usize,
+        init: [u8; 16],
+    ) {
+        panic_on(self.ensure(lane, inb, outb));
+        {
+            let h = panic_on(
+                lane.h_in
+                    .as_mut()
+                    .expect("allocated")
+                    .as_mut_slice()
+                    .map_err(derr("pinned")),
+            );
+            src.gather(c0, n, &mut h[..inb]);
+        }
+        let stream = lane.stream.clone();
+        panic_on(
+            stream
+                .memcpy_htod(
+                    lane.h_in.as_ref().expect("allocated"),
+                    lane.d_in.as_mut().expect("allocated"),
+                )
+                .map_err(derr("upload")),
+        );
+        let d_out = lane.d_out.as_mut().expect("allocated");
+        panic_on(
+            stream
+                .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
+                .map_err(derr("upload")),
+        );
+    }
+}
+
+/// Queues the copy of the first `outb` bytes of the lane's device output to its pinned
+/// host buffer.
+fn download(lane: &mut Lane, outb: usize) {
+    let stream = lane.stream.clone();
+    let h_out = lane.h_out.as_mut().expect("allocated");
+    panic_on(
+        stream
+            .memcpy_dtoh(
+                &lane.d_out.as_ref().expect("allocated").slice(0..outb),
+                h_out,
+            )
+            .map_err(derr("download")),
+    );
+}
+
+/// Adds the kernels' per-block error triples (max |err|, sum err², sum x²) to `stats`.
+fn add_errors(bytes: &[u8], stats: &mut ErrStats) {
+    for e in bytes.chunks_exact(12) {
+        let f = |k: usize| f32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]) as f64;
+        stats.max_abs = stats.max_abs.max(f(0));
+        stats.sum_sq_err += f(4);
+        stats.sum_sq += f(8);
+    }
+}
+
+fn status_init(a: u64, b: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&a.to_le_bytes());
+    v[8..].copy_from_slice(&b.to_le_bytes());
+    v
+}
+
 /// Splits `rows` into chunks of about CHUNK_BYTES of input.
 fn chunks(src: &RowSource<'_>, r0: usize, rows: usize) -> Vec<(usize, usize)> {
     let per = (CHUNK_BYTES / (src.cols * src.dtype.size()).max(1)).max(1);
@@ -195,12 +271,7 @@ impl Engine for CudaEngine {
             for (i, c) in h[sb..eb].chunks_exact(4).enumerate() {
                 scales[off * ng + i] = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
-            for e in h[eb..eb + 3 * n * ng * 4].chunks_exact(12) {
-                let f = |k: usize| f32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]) as f64;
-                stats.max_abs = stats.max_abs.max(f(0));
-                stats.sum_sq_err += f(4);
-                stats.sum_sq += f(8);
-            }
+            add_errors(&h[eb..eb + 3 * n * ng * 4], stats);
             stats.count += (n * cols) as u64;
             let status =
                 |k: usize| i64::from_le_bytes(h[st + 8 * k..st + 8 * k + 8].try_into().expect("8"));
@@ -212,35 +283,22 @@ impl Engine for CudaEngine {
                 let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats);
                 note(&mut first_bad, src, prev.0, bad, over, r0);
             }
-            let (_, _, _, outb) = layout(n);
-            let inb = n * cols * esz;
+            let (sb, eb, st, outb) = layout(n);
             let lane = &mut lanes[li];
-            panic_on(self.ensure(lane, inb, outb));
-            {
-                let h = panic_on(
-                    lane.h_in
-                        .as_mut()
-                        .expect("allocated")
-                        .as_mut_slice()
-                        .map_err(derr("pinned")),
-                );
-                src.gather(c0, n, &mut h[..inb]);
-            }
-            let (sb, eb, st, _) = layout(n);
+            let max = i64::MAX as u64;
+            self.stage(
+                lane,
+                src,
+                c0,
+                n,
+                n * cols * esz,
+                outb,
+                st,
+                status_init(max, max),
+            );
             let stream = lane.stream.clone();
             let d_in = lane.d_in.as_mut().expect("allocated");
-            panic_on(
-                stream
-                    .memcpy_htod(lane.h_in.as_ref().expect("allocated"), d_in)
-                    .map_err(derr("upload")),
-            );
             let d_out = lane.d_out.as_mut().expect("allocated");
-            let init: Vec<u8> = [i64::MAX.to_le_bytes(), i64::MAX.to_le_bytes()].concat();
-            panic_on(
-                stream
-                    .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
-                    .map_err(derr("upload")),
-            );
             let (dt, rows_i, cols_i, group_i, sdt) = (
                 code(src.dtype),
                 n as i64,
@@ -272,15 +330,7 @@ impl Engine for CudaEngine {
                     .map(|_| ())
                     .map_err(derr("launch quantize_int8")),
             );
-            let h_out = lane.h_out.as_mut().expect("allocated");
-            panic_on(
-                stream
-                    .memcpy_dtoh(
-                        &lane.d_out.as_ref().expect("allocated").slice(0..outb),
-                        h_out,
-                    )
-                    .map_err(derr("download")),
-            );
+            download(lane, outb);
             pending[li] = Some((c0, n));
         }
         for li in 0..2 {
@@ -312,33 +362,18 @@ impl Engine for CudaEngine {
             let eb = ob + blocks * 12;
             let st = eb.next_multiple_of(16);
             let outb = st + 16;
-            panic_on(self.ensure(lane, inb, outb));
-            {
-                let h = panic_on(
-                    lane.h_in
-                        .as_mut()
-                        .expect("allocated")
-                        .as_mut_slice()
-                        .map_err(derr("pinned")),
-                );
-                src.gather(c0, n, &mut h[..inb]);
-            }
+            self.stage(
+                lane,
+                src,
+                c0,
+                n,
+                inb,
+                outb,
+                st,
+                status_init(0, i64::MAX as u64),
+            );
             let stream = lane.stream.clone();
-            panic_on(
-                stream
-                    .memcpy_htod(
-                        lane.h_in.as_ref().expect("allocated"),
-                        lane.d_in.as_mut().expect("allocated"),
-                    )
-                    .map_err(derr("upload")),
-            );
             let d_out = lane.d_out.as_mut().expect("allocated");
-            let init: Vec<u8> = [0u64.to_le_bytes(), i64::MAX.to_le_bytes()].concat();
-            panic_on(
-                stream
-                    .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
-                    .map_err(derr("upload")),
-            );
             let (from, to_c, n_i) = (code(src.dtype), code(to), vals as i64);
             let o_v = d_out.slice(0..vals * to.size());
             let e_v = d_out.slice(ob..eb);
@@ -365,15 +400,7 @@ impl Engine for CudaEngine {
                     .map(|_| ())
                     .map_err(derr("launch cast_float")),
             );
-            let h_out = lane.h_out.as_mut().expect("allocated");
-            panic_on(
-                stream
-                    .memcpy_dtoh(
-                        &lane.d_out.as_ref().expect("allocated").slice(0..outb),
-                        h_out,
-                    )
-                    .map_err(derr("download")),
-            );
+            download(lane, outb);
             panic_on(stream.synchronize().map_err(derr("synchronize")));
             let h = panic_on(
                 lane.h_out
@@ -384,12 +411,7 @@ impl Engine for CudaEngine {
             );
             let off = (c0 - r0) * cols * to.size();
             bytes[off..off + vals * to.size()].copy_from_slice(&h[..vals * to.size()]);
-            for e in h[ob..eb].chunks_exact(12) {
-                let f = |k: usize| f32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]) as f64;
-                stats.max_abs = stats.max_abs.max(f(0));
-                stats.sum_sq_err += f(4);
-                stats.sum_sq += f(8);
-            }
+            add_errors(&h[ob..eb], &mut stats);
             stats.count += vals as u64;
             overflow += u64::from_le_bytes(h[st..st + 8].try_into().expect("8"));
             let bad = i64::from_le_bytes(h[st + 8..st + 16].try_into().expect("8"));

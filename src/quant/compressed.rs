@@ -155,20 +155,8 @@ pub fn linear(
         return Err(err(sm, sname, format!("must be float [{out}, {ng}]")));
     }
     let sb = ar.slice(st.offset, st.nbytes());
-    let scales: Vec<f32> = match st.dtype {
-        DType::F32 => sb
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => sb
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        _ => sb
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-    };
+    let mut scales = vec![0f32; sb.len() / st.dtype.size()];
+    crate::quantize::to_f32(sb, st.dtype, &mut scales);
     if scales.iter().any(|s| !s.is_finite()) {
         return Err(err(sm, sname, "holds a non-finite scale".into()));
     }

@@ -54,21 +54,9 @@ fn wtype(d: DType, what: &str, file: &str) -> Result<WType> {
 }
 
 fn to_f32(bytes: &[u8], d: DType) -> Vec<f32> {
-    match d {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        _ => unreachable!("checked by wtype"),
-    }
+    let mut v = vec![0f32; bytes.len() / d.size()];
+    crate::quantize::to_f32(bytes, d, &mut v);
+    v
 }
 
 impl Model {

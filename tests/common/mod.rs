@@ -128,3 +128,54 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `fixtures/models/<model>/truth.json`.
+pub fn truth(model: &str) -> Value {
+    let p = fixtures().join("models").join(model).join("truth.json");
+    serde_json::from_slice(&std::fs::read(p).expect("truth")).expect("truth JSON")
+}
+
+/// A JSON array of token ids.
+pub fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// A JSON array of numbers.
+pub fn floats_of(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// Copies the files of folder `src` into a new folder `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read_dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+    }
+}
+
+/// `reshard` of fixture archive `archive` to TP `tp` as per-rank safetensors folders in
+/// `out`.
+pub fn reshard_to_ranks(archive: &str, out: &Path, tp: u32) {
+    let src = fixtures().join(archive);
+    let tp = tp.to_string();
+    let (code, _, err) = run(&[
+        "reshard",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--tp",
+        &tp,
+        "--format",
+        "safetensors",
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
