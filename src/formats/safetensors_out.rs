@@ -212,6 +212,23 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// Creates shard file `dir/name` holding `shard` (indices into `specs`) and writes its
+/// header; the tensors' bytes follow through the returned sink.
+pub fn create_shard(
+    dir: &std::path::Path,
+    name: &str,
+    specs: &[TensorSpec],
+    shard: &[usize],
+) -> crate::error::Result<(std::path::PathBuf, FileSink)> {
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path).map_err(|e| crate::error::Error::io(&path, e))?;
+    let mut w = FileSink::new(f);
+    let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
+    w.write_all(&header(&refs))
+        .map_err(|e| crate::error::Error::io(&path, e))?;
+    Ok((path, w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,21 +255,4 @@ mod tests {
         let v: Value = serde_json::from_slice(&h[8..8 + n]).unwrap();
         assert_eq!(v["c"]["data_offsets"], json!([40, 100]));
     }
-}
-
-/// Creates shard file `dir/name` holding `shard` (indices into `specs`) and writes its
-/// header; the tensors' bytes follow through the returned sink.
-pub fn create_shard(
-    dir: &std::path::Path,
-    name: &str,
-    specs: &[TensorSpec],
-    shard: &[usize],
-) -> crate::error::Result<(std::path::PathBuf, FileSink)> {
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).map_err(|e| crate::error::Error::io(&path, e))?;
-    let mut w = FileSink::new(f);
-    let refs: Vec<&TensorSpec> = shard.iter().map(|&i| &specs[i]).collect();
-    w.write_all(&header(&refs))
-        .map_err(|e| crate::error::Error::io(&path, e))?;
-    Ok((path, w))
 }
