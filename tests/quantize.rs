@@ -468,7 +468,7 @@ fn runtime_on_int8_against_the_float_model() {
         ("models/mha/hf", "mha", "fp32"),
         ("models/gqa/hf", "gqa", "fp32"),
         ("archives/legacy_tp2_bf16.nemo", "mha", "bf16"),
-        ("archives/nemo_mcore_gqa_tp2.nemo", "gqa", "bf16"),
+        ("archives/nemo_mcore_gqa_tp2.nemo", "gqa", "fp16"),
     ] {
         for group in [None, Some("32")] {
             let out = tmp.path().join(format!("{tag}-{model}-{group:?}"));
