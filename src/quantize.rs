@@ -127,7 +127,14 @@ pub trait Engine: Sync {
         scale_dtype: DType,
     ) -> std::result::Result<QBatch, (usize, RowError)>;
     /// Casts rows `r0..r0+rows` to `to`.
-    fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch;
+    /// Casts rows `r0..r0+rows` to `to`; `Err` is a device failure.
+    fn cast(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        to: DType,
+    ) -> std::result::Result<CastBatch, String>;
 }
 
 /// A batch of cast rows.
@@ -344,7 +351,13 @@ impl Engine for CpuEngine {
         Ok(QBatch { q, scales, stats })
     }
 
-    fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch {
+    fn cast(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        to: DType,
+    ) -> std::result::Result<CastBatch, String> {
         let cols = src.cols;
         let osz = to.size();
         let mut bytes = vec![0u8; rows * cols * osz];
@@ -372,7 +385,7 @@ impl Engine for CpuEngine {
                 batch.non_finite = bad.map(|c| (r0 + i, c));
             }
         }
-        batch
+        Ok(batch)
     }
 }
 
@@ -1008,7 +1021,10 @@ fn write_main(
         }
         match job {
             Job::Cast(to) => {
-                let cb = opts.engine.cast(s, r0, n, to);
+                let cb = opts
+                    .engine
+                    .cast(s, r0, n, to)
+                    .map_err(|e| tensor_err(format!("GPU failure: {e}")))?;
                 if let Some((row, col)) = cb.non_finite {
                     return Err(tensor_err(format!(
                         "non-finite weight at row {row}, column {col}: refusing to cast"
@@ -1034,6 +1050,7 @@ fn write_main(
                             RowError::ScaleOverflow { amax } => {
                                 format!("row {row}: scale {amax}/127 overflows {}", s.dtype)
                             }
+                            RowError::Device(msg) => format!("GPU failure: {msg}"),
                         })
                     })?;
                 Ok((qb.q, qb.scales, qb.stats, segs))

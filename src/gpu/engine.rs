@@ -140,49 +140,44 @@ impl CudaEngine {
         outb: usize,
         st: usize,
         init: [u8; 16],
-    ) {
-        panic_on(self.ensure(lane, inb, outb));
+    ) -> Result<(), String> {
+        (self.ensure(lane, inb, outb))?;
         {
-            let h = panic_on(
-                lane.h_in
-                    .as_mut()
-                    .expect("allocated")
-                    .as_mut_slice()
-                    .map_err(derr("pinned")),
-            );
+            let h = (lane
+                .h_in
+                .as_mut()
+                .expect("allocated")
+                .as_mut_slice()
+                .map_err(derr("pinned")))?;
             src.gather(c0, n, &mut h[..inb]);
         }
         let stream = lane.stream.clone();
-        panic_on(
-            stream
-                .memcpy_htod(
-                    lane.h_in.as_ref().expect("allocated"),
-                    lane.d_in.as_mut().expect("allocated"),
-                )
-                .map_err(derr("upload")),
-        );
+        (stream
+            .memcpy_htod(
+                lane.h_in.as_ref().expect("allocated"),
+                lane.d_in.as_mut().expect("allocated"),
+            )
+            .map_err(derr("upload")))?;
         let d_out = lane.d_out.as_mut().expect("allocated");
-        panic_on(
-            stream
-                .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
-                .map_err(derr("upload")),
-        );
+        (stream
+            .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
+            .map_err(derr("upload")))?;
+        Ok(())
     }
 }
 
 /// Queues the copy of the first `outb` bytes of the lane's device output to its pinned
 /// host buffer.
-fn download(lane: &mut Lane, outb: usize) {
+fn download(lane: &mut Lane, outb: usize) -> Result<(), String> {
     let stream = lane.stream.clone();
     let h_out = lane.h_out.as_mut().expect("allocated");
-    panic_on(
-        stream
-            .memcpy_dtoh(
-                &lane.d_out.as_ref().expect("allocated").slice(0..outb),
-                h_out,
-            )
-            .map_err(derr("download")),
-    );
+    (stream
+        .memcpy_dtoh(
+            &lane.d_out.as_ref().expect("allocated").slice(0..outb),
+            h_out,
+        )
+        .map_err(derr("download")))?;
+    Ok(())
 }
 
 /// Adds the kernels' per-block error triples (max |err|, sum err², sum x²) to `stats`.
@@ -215,12 +210,6 @@ fn chunks(src: &RowSource<'_>, r0: usize, rows: usize) -> Vec<(usize, usize)> {
     v
 }
 
-fn panic_on<T>(r: Result<T, String>) -> T {
-    // A device failure in the middle of a run cannot be turned into a row error; stop
-    // with the driver's message (the output is removed by the atomic writer's drop).
-    r.unwrap_or_else(|e| panic!("CUDA failure: {e}"))
-}
-
 impl Engine for CudaEngine {
     fn name(&self) -> String {
         self.name.clone()
@@ -234,6 +223,31 @@ impl Engine for CudaEngine {
         group: usize,
         scale_dtype: DType,
     ) -> Result<QBatch, (usize, RowError)> {
+        self.quantize_on_device(src, r0, rows, group, scale_dtype)
+            .unwrap_or_else(|msg| Err((r0, RowError::Device(msg))))
+    }
+
+    fn cast(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        to: DType,
+    ) -> Result<CastBatch, String> {
+        self.cast_on_device(src, r0, rows, to)
+    }
+}
+
+impl CudaEngine {
+    /// The quantization of `Engine::quantize`; the outer error is a device failure.
+    fn quantize_on_device(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        group: usize,
+        scale_dtype: DType,
+    ) -> Result<Result<QBatch, (usize, RowError)>, String> {
         let cols = src.cols;
         let ng = cols.div_ceil(group);
         let esz = src.dtype.size();
@@ -257,15 +271,14 @@ impl Engine for CudaEngine {
                       q: &mut [u8],
                       scales: &mut [f32],
                       stats: &mut ErrStats| {
-            panic_on(lane.stream.synchronize().map_err(derr("synchronize")));
+            (lane.stream.synchronize().map_err(derr("synchronize")))?;
             let (sb, eb, st, _) = layout(n);
-            let h = panic_on(
-                lane.h_out
-                    .as_ref()
-                    .expect("allocated")
-                    .as_slice()
-                    .map_err(derr("pinned")),
-            );
+            let h = (lane
+                .h_out
+                .as_ref()
+                .expect("allocated")
+                .as_slice()
+                .map_err(derr("pinned")))?;
             let off = c0 - r0;
             q[off * cols..(off + n) * cols].copy_from_slice(&h[..n * cols]);
             for (i, c) in h[sb..eb].chunks_exact(4).enumerate() {
@@ -275,12 +288,12 @@ impl Engine for CudaEngine {
             stats.count += (n * cols) as u64;
             let status =
                 |k: usize| i64::from_le_bytes(h[st + 8 * k..st + 8 * k + 8].try_into().expect("8"));
-            (status(0), status(1))
+            Ok::<_, String>((status(0), status(1)))
         };
         for (k, &(c0, n)) in parts.iter().enumerate() {
             let li = k % 2;
             if let Some(prev) = pending[li].take() {
-                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats);
+                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats)?;
                 note(&mut first_bad, src, prev.0, bad, over, r0);
             }
             let (sb, eb, st, outb) = layout(n);
@@ -295,7 +308,7 @@ impl Engine for CudaEngine {
                 outb,
                 st,
                 status_init(max, max),
-            );
+            )?;
             let stream = lane.stream.clone();
             let d_in = lane.d_in.as_mut().expect("allocated");
             let d_out = lane.d_out.as_mut().expect("allocated");
@@ -325,27 +338,31 @@ impl Engine for CudaEngine {
             };
             // SAFETY: the arguments match `quantize_int8`'s signature and every buffer
             // holds what the kernel indexes (n rows of cols values, n·ng groups).
-            panic_on(
-                unsafe { b.launch(cfg) }
-                    .map(|_| ())
-                    .map_err(derr("launch quantize_int8")),
-            );
-            download(lane, outb);
+            (unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(derr("launch quantize_int8")))?;
+            download(lane, outb)?;
             pending[li] = Some((c0, n));
         }
         for li in 0..2 {
             if let Some(prev) = pending[li].take() {
-                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats);
+                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats)?;
                 note(&mut first_bad, src, prev.0, bad, over, r0);
             }
         }
         if let Some(e) = first_bad {
-            return Err(e);
+            return Ok(Err(e));
         }
-        Ok(QBatch { q, scales, stats })
+        Ok(Ok(QBatch { q, scales, stats }))
     }
 
-    fn cast(&self, src: &RowSource<'_>, r0: usize, rows: usize, to: DType) -> CastBatch {
+    fn cast_on_device(
+        &self,
+        src: &RowSource<'_>,
+        r0: usize,
+        rows: usize,
+        to: DType,
+    ) -> Result<CastBatch, String> {
         let cols = src.cols;
         let n_all = rows * cols;
         let mut bytes = vec![0u8; n_all * to.size()];
@@ -371,7 +388,7 @@ impl Engine for CudaEngine {
                 outb,
                 st,
                 status_init(0, i64::MAX as u64),
-            );
+            )?;
             let stream = lane.stream.clone();
             let d_out = lane.d_out.as_mut().expect("allocated");
             let (from, to_c, n_i) = (code(src.dtype), code(to), vals as i64);
@@ -395,20 +412,17 @@ impl Engine for CudaEngine {
                 shared_mem_bytes: 0,
             };
             // SAFETY: the arguments match `cast_float`'s signature and sizes.
-            panic_on(
-                unsafe { b.launch(cfg) }
-                    .map(|_| ())
-                    .map_err(derr("launch cast_float")),
-            );
-            download(lane, outb);
-            panic_on(stream.synchronize().map_err(derr("synchronize")));
-            let h = panic_on(
-                lane.h_out
-                    .as_ref()
-                    .expect("allocated")
-                    .as_slice()
-                    .map_err(derr("pinned")),
-            );
+            (unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(derr("launch cast_float")))?;
+            download(lane, outb)?;
+            (stream.synchronize().map_err(derr("synchronize")))?;
+            let h = (lane
+                .h_out
+                .as_ref()
+                .expect("allocated")
+                .as_slice()
+                .map_err(derr("pinned")))?;
             let off = (c0 - r0) * cols * to.size();
             bytes[off..off + vals * to.size()].copy_from_slice(&h[..vals * to.size()]);
             add_errors(&h[ob..eb], &mut stats);
@@ -420,12 +434,12 @@ impl Engine for CudaEngine {
                 non_finite = Some((c0 + i / cols, i % cols));
             }
         }
-        CastBatch {
+        Ok(CastBatch {
             bytes,
             overflow,
             stats,
             non_finite,
-        }
+        })
     }
 }
 

@@ -111,7 +111,7 @@ impl crate::quantize::Engine for CudaEngine {
         _: usize,
         _: usize,
         _: crate::tensor::DType,
-    ) -> crate::quantize::CastBatch {
+    ) -> Result<crate::quantize::CastBatch, String> {
         match *self {}
     }
 }

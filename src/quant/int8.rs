@@ -101,8 +101,15 @@ impl ErrStats {
 /// Why a row could not be quantized.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowError {
-    NonFinite { col: usize, value: f32 },
-    ScaleOverflow { amax: f32 },
+    NonFinite {
+        col: usize,
+        value: f32,
+    },
+    ScaleOverflow {
+        amax: f32,
+    },
+    /// The GPU failed (driver message).
+    Device(String),
 }
 
 const L: usize = 16;

@@ -129,8 +129,12 @@ pub fn run() -> Result<()> {
                 if to == dt {
                     continue;
                 }
-                let a = cpu.cast(&src, 0, rows, to);
-                let b = gpu.cast(&src, 0, rows, to);
+                let a = cpu
+                    .cast(&src, 0, rows, to)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let b = gpu
+                    .cast(&src, 0, rows, to)
+                    .map_err(|e| anyhow::anyhow!(e))?;
                 let ok =
                     a.bytes == b.bytes && a.overflow == b.overflow && a.non_finite == b.non_finite;
                 if !ok {
