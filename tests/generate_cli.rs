@@ -70,41 +70,35 @@ fn exact_runs_from_nemo_converted_and_resharded() {
     exact_run(&ranks, "mha");
 }
 
+/// Attribute overrides (one known name, one new) and an exact length.
+const POEM_ARGS: [&str; 7] = [
+    "--attr",
+    "humor=4",
+    "--attr",
+    "verbosity=2",
+    "--max-tokens",
+    "8",
+    "--ignore-eos",
+];
+
 #[test]
 fn template_attributes_and_streaming() {
     let model = fixtures().join("archives/nemo_legacy_tp1.nemo");
-    let v = gen_json(
-        &model,
-        "Write a poem.",
-        &[
-            "--attr",
-            "humor=4",
-            "--attr",
-            "verbosity=2",
-            "--max-tokens",
-            "8",
-            "--ignore-eos",
-        ],
-    );
+    let v = gen_json(&model, "Write a poem.", &POEM_ARGS);
     assert_eq!(
         v["prompt"],
         "<extra_id_0>System\nA chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.\n\n<extra_id_1>User\nWrite a poem.\n<extra_id_1>Assistant\n<extra_id_2>quality:9,toxicity:0,humor:4,creativity:0,violence:0,helpfulness:9,not_appropriate:0,verbosity:2\n"
     );
     assert_eq!(v["prompt_ids"][0], 1);
     // The streamed text is the JSON text (the same run, without --json).
-    let (code, out, err) = run(&[
+    let mut args = vec![
         "generate",
         model.to_str().unwrap(),
         "--prompt",
         "Write a poem.",
-        "--attr",
-        "humor=4",
-        "--attr",
-        "verbosity=2",
-        "--max-tokens",
-        "8",
-        "--ignore-eos",
-    ]);
+    ];
+    args.extend(POEM_ARGS);
+    let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("{}\n", v["text"].as_str().unwrap()));
     assert!(err.contains("tok/s"), "{err}");
@@ -112,15 +106,7 @@ fn template_attributes_and_streaming() {
     let nb = gen_json(
         &model,
         "Write a poem.",
-        &[
-            "--attr",
-            "humor=4",
-            "--attr",
-            "verbosity=2",
-            "--max-tokens",
-            "1",
-            "--no-bos",
-        ],
+        &[&POEM_ARGS[..4], &["--max-tokens", "1", "--no-bos"]].concat(),
     );
     let with: Vec<Value> = v["prompt_ids"].as_array().unwrap()[1..].to_vec();
     assert_eq!(nb["prompt_ids"].as_array().unwrap(), &with);

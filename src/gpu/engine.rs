@@ -141,29 +141,43 @@ impl CudaEngine {
         st: usize,
         init: [u8; 16],
     ) -> Result<(), String> {
-        (self.ensure(lane, inb, outb))?;
+        self.ensure(lane, inb, outb)?;
         {
-            let h = (lane
+            let h = lane
                 .h_in
                 .as_mut()
                 .expect("allocated")
                 .as_mut_slice()
-                .map_err(derr("pinned")))?;
+                .map_err(derr("pinned"))?;
             src.gather(c0, n, &mut h[..inb]);
         }
         let stream = lane.stream.clone();
-        (stream
+        stream
             .memcpy_htod(
                 lane.h_in.as_ref().expect("allocated"),
                 lane.d_in.as_mut().expect("allocated"),
             )
-            .map_err(derr("upload")))?;
+            .map_err(derr("upload"))?;
         let d_out = lane.d_out.as_mut().expect("allocated");
-        (stream
+        stream
             .memcpy_htod(&init, &mut d_out.slice_mut(st..st + 16))
-            .map_err(derr("upload")))?;
+            .map_err(derr("upload"))?;
         Ok(())
     }
+}
+
+/// Launches a kernel whose arguments are in `b`.
+///
+/// # Safety
+/// The arguments must match the kernel's signature and the buffers hold what it indexes.
+unsafe fn launch(
+    b: &mut cudarc::driver::LaunchArgs<'_>,
+    cfg: LaunchConfig,
+    name: &str,
+) -> Result<(), String> {
+    b.launch(cfg)
+        .map(|_| ())
+        .map_err(|e| format!("launch {name}: {e:?}"))
 }
 
 /// Queues the copy of the first `outb` bytes of the lane's device output to its pinned
@@ -171,12 +185,12 @@ impl CudaEngine {
 fn download(lane: &mut Lane, outb: usize) -> Result<(), String> {
     let stream = lane.stream.clone();
     let h_out = lane.h_out.as_mut().expect("allocated");
-    (stream
+    stream
         .memcpy_dtoh(
             &lane.d_out.as_ref().expect("allocated").slice(0..outb),
             h_out,
         )
-        .map_err(derr("download")))?;
+        .map_err(derr("download"))?;
     Ok(())
 }
 
@@ -271,14 +285,14 @@ impl CudaEngine {
                       q: &mut [u8],
                       scales: &mut [f32],
                       stats: &mut ErrStats| {
-            (lane.stream.synchronize().map_err(derr("synchronize")))?;
+            lane.stream.synchronize().map_err(derr("synchronize"))?;
             let (sb, eb, st, _) = layout(n);
-            let h = (lane
+            let h = lane
                 .h_out
                 .as_ref()
                 .expect("allocated")
                 .as_slice()
-                .map_err(derr("pinned")))?;
+                .map_err(derr("pinned"))?;
             let off = c0 - r0;
             q[off * cols..(off + n) * cols].copy_from_slice(&h[..n * cols]);
             for (i, c) in h[sb..eb].chunks_exact(4).enumerate() {
@@ -338,9 +352,7 @@ impl CudaEngine {
             };
             // SAFETY: the arguments match `quantize_int8`'s signature and every buffer
             // holds what the kernel indexes (n rows of cols values, n·ng groups).
-            (unsafe { b.launch(cfg) }
-                .map(|_| ())
-                .map_err(derr("launch quantize_int8")))?;
+            unsafe { launch(&mut b, cfg, "quantize_int8") }?;
             download(lane, outb)?;
             pending[li] = Some((c0, n));
         }
@@ -412,17 +424,15 @@ impl CudaEngine {
                 shared_mem_bytes: 0,
             };
             // SAFETY: the arguments match `cast_float`'s signature and sizes.
-            (unsafe { b.launch(cfg) }
-                .map(|_| ())
-                .map_err(derr("launch cast_float")))?;
+            unsafe { launch(&mut b, cfg, "cast_float") }?;
             download(lane, outb)?;
-            (stream.synchronize().map_err(derr("synchronize")))?;
-            let h = (lane
+            stream.synchronize().map_err(derr("synchronize"))?;
+            let h = lane
                 .h_out
                 .as_ref()
                 .expect("allocated")
                 .as_slice()
-                .map_err(derr("pinned")))?;
+                .map_err(derr("pinned"))?;
             let off = (c0 - r0) * cols * to.size();
             bytes[off..off + vals * to.size()].copy_from_slice(&h[..vals * to.size()]);
             add_errors(&h[ob..eb], &mut stats);

@@ -79,23 +79,6 @@ impl Linear {
         &p.scales[local * g..(local + 1) * g]
     }
 
-    /// `w[r] · x`.
-    pub fn row_dot(&self, ar: &Archive, r: usize, x: &[f32]) -> f32 {
-        let b = self.band(r);
-        let mut acc = 0f32;
-        for p in &b.parts {
-            let w = self.part_row(ar, b, p, r);
-            acc += cpu::row_dot(
-                self.wtype,
-                w,
-                &x[p.col0..p.col0 + p.cols],
-                self.scales(p, b, r),
-                self.group,
-            );
-        }
-        acc
-    }
-
     /// Row `r` as f32.
     pub fn row(&self, ar: &Archive, r: usize, out: &mut [f32]) {
         let b = self.band(r);
@@ -140,7 +123,6 @@ impl Linear {
         mut f: impl FnMut(usize, &[(&Part, &[u8])]),
     ) {
         let b = &self.bands[bi];
-        let rb = self.inp * self.wtype.size();
         let bases: Vec<(&Part, &[u8])> = b
             .parts
             .iter()
@@ -150,7 +132,6 @@ impl Linear {
                 (p, ar.slice(p.offset + first * p.stride, len))
             })
             .collect();
-        let _ = rb;
         let mut row: Vec<(&Part, &[u8])> = bases.clone();
         for r in r0..r1 {
             let k = (r - r0) as u64;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use steerlm_convert::synth::{self, SynthSpec};
 use steerlm_convert::tensor::DType;
 
-use crate::{best_against_cp, flag, measure, num, release_binary, remove, runs, synth_if_absent};
+use crate::{best_against_cp, flag, measure, num, release_binary, runs, synth_if_absent};
 
 /// Memory read bandwidth in GB/s with `threads` threads: the best of 3 passes summing a
 /// 1 GiB buffer (already in memory) with independent accumulators.
@@ -270,6 +270,5 @@ pub fn generate(args: &[String]) -> Result<()> {
             v["parameters"].as_u64().unwrap_or(0)
         }
     );
-    let _ = remove;
     Ok(())
 }
