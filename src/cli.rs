@@ -97,6 +97,8 @@ pub struct QuantizeArgs {
     pub input: PathBuf,
     /// The Hugging Face folder to write (must not exist, unless --force).
     pub output: PathBuf,
+    /// What to write: int8 weight-only linear layers, or every float tensor cast to
+    /// fp16 or bf16.
     #[arg(long, value_enum)]
     pub scheme: SchemeArg,
     /// int8 only (default channel).
@@ -113,16 +115,21 @@ pub struct QuantizeArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
-    /// Write the per-tensor error report as JSON to this file.
+    /// Write the per-tensor error report as JSON to this file (replaced if it exists;
+    /// its folder is checked before any work starts).
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Print the same JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
     /// Largest safetensors file, e.g. 5GB.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: u64,
     /// Replace OUT if it exists (only once the new output is complete).
     #[arg(long)]
     pub force: bool,
-    /// Write values that overflow fp16 as ±inf instead of refusing.
+    /// Write values that overflow fp16 as ±inf instead of refusing (they are counted
+    /// and reported as infinite error).
     #[arg(long)]
     pub allow_overflow: bool,
     /// Rows of the error table on stderr (the worst tensors by relative RMS error).
@@ -133,28 +140,28 @@ pub struct QuantizeArgs {
 }
 
 #[derive(Debug, Args)]
+#[group(id = "prompt_source", required = true, multiple = false)]
 pub struct GenerateArgs {
     /// A .nemo archive, a per-rank folder or a Hugging Face folder.
     pub model: PathBuf,
     /// The user's message (or the whole text with --raw).
-    #[arg(
-        long,
-        conflicts_with = "prompt_file",
-        required_unless_present = "prompt_file"
-    )]
+    #[arg(long, group = "prompt_source")]
     pub prompt: Option<String>,
-    /// Read the prompt from a file (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
+    /// Read the prompt from a file (`-` for stdin). One trailing newline is dropped and
+    /// CRLF line ends become LF, as an editor's file would be meant.
+    #[arg(long, value_name = "FILE", group = "prompt_source")]
     pub prompt_file: Option<PathBuf>,
-    /// A SteerLM attribute, name=value (repeatable, order kept). Overrides the model
-    /// card's defaults quality:9,toxicity:0,humor:0,creativity:0,violence:0,
+    /// A SteerLM attribute, name=value or name:value (repeatable, order kept). Overrides
+    /// the model card's defaults quality:9,toxicity:0,humor:0,creativity:0,violence:0,
     /// helpfulness:9,not_appropriate:0 in place; new names are appended.
     #[arg(long = "attr", value_name = "NAME=VALUE")]
     pub attrs: Vec<String>,
-    /// The system turn (default: the model card's).
+    /// The system turn (default: the model card's). It is followed by a blank line, as
+    /// the card's default is.
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
-    /// Most tokens to generate.
+    /// Most tokens to generate. Generation also stops when prompt and completion fill
+    /// the model's context: their total never exceeds it.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Send the prompt as given: no template and no end strings.
@@ -166,33 +173,35 @@ pub struct GenerateArgs {
     /// Do not prepend the BOS token.
     #[arg(long)]
     pub no_bos: bool,
-    /// Print one JSON document (prompt ids, generated ids, text, timing) instead of
-    /// streaming the text.
+    /// Print one JSON document instead of streaming the text: prompt ids, generated
+    /// ids, text, stop (max_tokens, eos, end_string with the string in stop_detail, or
+    /// context) and timing; schema in the README.
     #[arg(long)]
     pub json: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Write the logits of the prompt's last position (JSON array) to FILE: for checks
-    /// against other implementations.
+    /// Write the logits of the prompt's last position (JSON array) to FILE (replaced if
+    /// it exists): for checks against other implementations.
     #[arg(long, value_name = "FILE")]
     pub logits_out: Option<PathBuf>,
     #[command(flatten)]
-    pub io: IoArgs,
+    pub io: ReadArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The .nemo archive (plain or gzip-compressed tar).
+    /// A .nemo archive (plain or gzip-compressed tar), an unpacked .nemo folder, or a
+    /// per-rank folder written by `reshard`.
     pub input: PathBuf,
     /// Also list every tensor with its rank, shape, dtype and role.
     #[arg(long)]
     pub tensors: bool,
-    /// Print one JSON document on stdout instead of text.
+    /// Print one JSON document on stdout instead of text (schema in the README).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub io: IoArgs,
+    pub io: ReadArgs,
 }
 
 /// Output dtype of a conversion.
@@ -207,7 +216,8 @@ pub enum DTypeArg {
 
 #[derive(Debug, Args)]
 pub struct NemoToSafetensorsArgs {
-    /// The .nemo archive (any layout `inspect` reads).
+    /// A .nemo archive (any layout `inspect` reads), an unpacked .nemo folder, or a
+    /// per-rank folder written by `reshard`.
     pub input: PathBuf,
     /// The Hugging Face folder to write (must not exist, unless --force).
     pub output: PathBuf,
@@ -225,7 +235,8 @@ pub struct NemoToSafetensorsArgs {
     /// Write values that overflow fp16 as ±inf instead of refusing.
     #[arg(long)]
     pub allow_overflow: bool,
-    /// Print a JSON report (tensors, dropped keys, casts, timing) on stdout.
+    /// Print a JSON report (tensors, dropped keys, casts, timing) on stdout (schema in
+    /// the README).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -282,30 +293,47 @@ pub struct ReshardArgs {
     /// Pipeline-parallel degree to write; must divide the layer count.
     #[arg(long, default_value_t = 1)]
     pub pp: u64,
-    /// Output container.
-    #[arg(long, value_enum, default_value = "safetensors")]
-    pub format: FormatArg,
-    /// dtype of the written weights.
+    /// Output container (default: nemo when OUT ends in .nemo, else safetensors).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// dtype of the written weights. A narrowing cast refuses values that overflow
+    /// unless --allow-overflow.
     #[arg(long, value_enum, default_value = "keep")]
     pub dtype: DTypeArg,
-    /// Replace OUT if it exists (only once the new output is complete).
+    /// Replace OUT if it exists (only once the new output is complete). OUT = IN is
+    /// allowed for a .nemo file only: the new archive replaces it in one rename.
     #[arg(long)]
     pub force: bool,
-    /// Print a JSON report on stdout.
+    /// Write values that overflow the --dtype as ±inf instead of refusing.
+    #[arg(long)]
+    pub allow_overflow: bool,
+    /// Print a JSON report (ranks, tensors, timing) on stdout (schema in the README).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub io: IoArgs,
 }
 
-/// Options every command that reads an archive shares.
+/// Options of the commands that write a model.
 #[derive(Debug, Args)]
 pub struct IoArgs {
-    /// Where a gzip-compressed archive is decompressed (default: beside the output, or
-    /// the system temp dir for inspect).
+    /// Where a gzip-compressed input archive is decompressed once, and deleted after
+    /// (default: the output's folder).
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
-    /// Hide progress bars.
+    /// Hide progress bars and notes on stderr (errors and the summary line stay).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Options of the commands that only read a model.
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Where a gzip-compressed input archive is decompressed once, and deleted after
+    /// (default: the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
+    /// Hide progress bars and notes on stderr.
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -43,13 +43,16 @@ pub struct Report {
 impl Report {
     pub fn to_json(&self, out: &Path) -> Value {
         json!({
+            "schema_version": 1,
+            "command": "nemo-to-safetensors",
             "output": out.display().to_string(),
             "files": self.files,
+            "tensor_count": self.tensors.len(),
             "tensors": self.tensors.iter().map(|(t, src)| json!({
                 "name": t.name, "shape": t.shape, "dtype": t.dtype.short_name(), "source_dtype": src.short_name(),
             })).collect::<Vec<_>>(),
             "dropped": self.dropped,
-            "fp16_overflow": self.overflow.iter().map(|(n, c)| json!({"tensor": n, "count": c})).collect::<Vec<_>>(),
+            "overflow": self.overflow.iter().map(|(n, c)| json!({"tensor": n, "count": c})).collect::<Vec<_>>(),
             "bytes": self.bytes,
             "seconds": self.seconds,
             "peak_rss_bytes": output::peak_rss(),
@@ -115,17 +118,14 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
             )
             .map_err(|e| Error::io(&path, e))?;
             debug_assert_eq!(w.written - before, specs[i].nbytes());
+            emit::check_overflow(
+                &ck.archive.display().to_string(),
+                &specs[i].name,
+                n,
+                specs[i].dtype,
+                opts.allow_overflow,
+            )?;
             if n > 0 {
-                if !opts.allow_overflow {
-                    return Err(Error::Tensor {
-                        member: ck.archive.display().to_string(),
-                        tensor: specs[i].name.clone(),
-                        msg: format!(
-                            "{n} values overflow {} (pass --allow-overflow to write them as ±inf)",
-                            specs[i].dtype
-                        ),
-                    });
-                }
                 overflow.push((specs[i].name.clone(), n));
             }
         }
@@ -189,7 +189,7 @@ pub fn write_side_files(dir: &Path, ck: &Checkpoint, config: Value) -> Result<Ve
         .member(&tok.member)
         .expect("resolved tokenizer member");
     std::fs::write(&tm, ck.archive.data(member)).map_err(|e| Error::io(&tm, e))?;
-    Ok([
+    let mut files: Vec<String> = [
         "config.json",
         "generation_config.json",
         "tokenizer_config.json",
@@ -197,7 +197,14 @@ pub fn write_side_files(dir: &Path, ck: &Checkpoint, config: Value) -> Result<Ve
         "tokenizer.model",
     ]
     .map(String::from)
-    .to_vec())
+    .to_vec();
+    // Without tokenizer.json, transformers converts the slow tokenizer itself, and that
+    // conversion drifts from SentencePiece; a model it cannot express is left to it.
+    if let Ok(tj) = crate::formats::hf_tokenizer::tokenizer_json(sp) {
+        write_json(dir, "tokenizer.json", &tj)?;
+        files.push("tokenizer.json".into());
+    }
+    Ok(files)
 }
 
 /// Writes `v` as pretty JSON to `dir/name`.

@@ -33,9 +33,25 @@ fn main() -> ExitCode {
                 eprintln!("steerlm-convert: interrupted; partial output removed");
                 return ExitCode::from(130);
             }
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("steerlm-convert: error: {msg}");
+            eprintln!("steerlm-convert: error: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause said once: a cause whose text the
+/// message already holds (an I/O error wrapped with its path) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg.replace('\n', " ")
 }

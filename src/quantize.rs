@@ -82,10 +82,21 @@ pub struct Report {
 
 impl Report {
     pub fn to_json(&self, out: &Path) -> Value {
-        let num = |v: f64| if v.is_finite() { json!(v) } else { json!(null) };
+        let num = |v: f64| {
+            if v.is_finite() {
+                json!(v)
+            } else if v > 0.0 {
+                json!("inf")
+            } else {
+                json!("-inf")
+            }
+        };
         json!({
+            "schema_version": 1,
+            "command": "quantize",
             "output": out.display().to_string(),
             "engine": self.engine,
+            "tensor_count": self.tensors.len(),
             "files": self.files,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -97,9 +108,10 @@ impl Report {
                 "shape": t.shape,
                 "source_dtype": t.source_dtype.short_name(),
                 "written_as": t.written_as,
-                "max_abs_error": t.stats.max_abs,
-                "rel_rms_error": t.stats.rel_rms(),
+                "max_abs_error": num(t.stats.max_abs),
+                "rel_rms_error": num(t.stats.rel_rms()),
                 "snr_db": num(t.stats.snr_db()),
+                "overflowed_values": t.stats.overflow,
             })).collect::<Vec<_>>(),
         })
     }
@@ -1036,7 +1048,9 @@ fn write_main(
                         cb.overflow
                     )));
                 }
-                Ok((cb.bytes, Vec::new(), cb.stats, segs))
+                let mut stats = cb.stats;
+                stats.add_overflow(cb.overflow);
+                Ok((cb.bytes, Vec::new(), stats, segs))
             }
             Job::Int8 { group } => {
                 let qb = opts

@@ -40,6 +40,8 @@ pub struct ReshardOptions {
     pub format: Format,
     pub dtype: Option<DType>,
     pub force: bool,
+    /// Write values that overflow a narrowing cast as ±inf instead of refusing.
+    pub allow_overflow: bool,
     pub progress: bool,
 }
 
@@ -47,7 +49,9 @@ pub struct ReshardOptions {
 #[derive(Debug, Clone)]
 pub struct ReshardReport {
     pub ranks: Vec<String>,
-    pub tensors: usize,
+    /// Weight tensors written: (rank file, name, shape, dtype). Rotary `inv_freq` and
+    /// `_extra_state` entries are re-emitted for NeMo but are not weights, and not listed.
+    pub tensors: Vec<(String, String, Vec<u64>, DType)>,
     pub bytes: u64,
     pub seconds: f64,
 }
@@ -200,8 +204,9 @@ pub fn check_grid(ck: &Checkpoint, tp: u64, pp: u64) -> Result<()> {
     Ok(())
 }
 
-/// The updated `model_config.yaml` text.
-pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64) -> Result<String> {
+/// The updated `model_config.yaml` text: the new grid, and `precision` when the weights
+/// are cast (`32`, `16` or `bf16`, as NeMo writes it).
+pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> Result<String> {
     let mut doc = ck.config.document.clone();
     let wrapped = matches!(&doc, Yaml::Mapping(m) if !m.contains_key("hidden_size") && matches!(m.get("model"), Some(Yaml::Mapping(_))));
     let map = match (&mut doc, wrapped) {
@@ -210,15 +215,28 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64) -> Result<String> {
             _ => unreachable!("checked above"),
         },
         (Yaml::Mapping(m), false) => m,
-        _ => return Err(Error::Usage("model_config.yaml is not a mapping".into())),
+        _ => {
+            return Err(Error::Config {
+                file: format!("{}:model_config.yaml", ck.archive.display()),
+                msg: "not a mapping".into(),
+            })
+        }
     };
     map.insert("tensor_model_parallel_size".into(), Yaml::Number(tp.into()));
     map.insert(
         "pipeline_model_parallel_size".into(),
         Yaml::Number(pp.into()),
     );
-    serde_norway::to_string(&doc)
-        .map_err(|e| Error::Usage(format!("cannot write model_config.yaml: {e}")))
+    match dtype {
+        Some(DType::F32) => map.insert("precision".into(), Yaml::Number(32.into())),
+        Some(DType::F16) => map.insert("precision".into(), Yaml::Number(16.into())),
+        Some(DType::BF16) => map.insert("precision".into(), Yaml::String("bf16".into())),
+        _ => None,
+    };
+    serde_norway::to_string(&doc).map_err(|e| Error::Config {
+        file: "model_config.yaml".into(),
+        msg: format!("cannot write it: {e}"),
+    })
 }
 
 /// Reshards `ck` into `out`.
@@ -231,7 +249,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
     shard::check_vocab(ck, &logicals, vocab)?;
     let new_rows = ck.config.padded_vocab(vocab, opts.tp);
     let names = templates(ck);
-    let yaml = updated_yaml(ck, opts.tp, opts.pp)?;
+    let yaml = updated_yaml(ck, opts.tp, opts.pp, opts.dtype)?;
     let per_stage = ck.config.num_layers / opts.pp;
     let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
     // Every rank's entries.
@@ -339,7 +357,31 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
         .map(|m| (m.name.clone(), ck.archive.data(m)))
         .collect();
     let mut rank_names = Vec::new();
-    let mut tensors = 0;
+    let mut tensors = Vec::new();
+    for (r, p, entries) in &ranks {
+        let member = rank_member(*r, *p, opts.tp, opts.pp);
+        let member = match opts.format {
+            Format::Safetensors => member.replace("model_weights.ckpt", "model.safetensors"),
+            Format::Nemo => member,
+        };
+        for e in entries {
+            if let OutEntry::Tensor {
+                name,
+                logical: Some(_),
+                from,
+                shape,
+                ..
+            } = e
+            {
+                tensors.push((
+                    member.clone(),
+                    name.clone(),
+                    shape.clone(),
+                    out_dtype(*from),
+                ));
+            }
+        }
+    }
     match opts.format {
         Format::Safetensors => {
             let dir = AtomicDir::create(out, opts.force)?;
@@ -376,6 +418,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     .map_err(|e| Error::io(&path, e))?;
                 for e in entries {
                     if let OutEntry::Tensor {
+                        name,
                         logical,
                         from,
                         pieces,
@@ -383,7 +426,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     } = e
                     {
                         output::check_interrupted()?;
-                        emit::write_pieces(
+                        let n = emit::write_pieces(
                             &ck.archive,
                             *logical,
                             *from,
@@ -393,7 +436,13 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                             &bar,
                         )
                         .map_err(|e| Error::io(&path, e))?;
-                        tensors += 1;
+                        emit::check_overflow(
+                            &ck.archive.display().to_string(),
+                            name,
+                            n,
+                            out_dtype(*from),
+                            opts.allow_overflow,
+                        )?;
                     }
                 }
                 let f = w.into_file().map_err(|e| Error::io(&path, e))?;
@@ -448,9 +497,11 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                 let tf = TorchFile::new(&root, &save);
                 t.begin_file(&format!("./{member}"), tf.size())
                     .map_err(io)?;
+                let mut refused: Option<Error> = None;
                 tf.write(t.inner(), |i, w| {
                     check_interrupted_io()?;
                     let OutEntry::Tensor {
+                        name,
                         logical,
                         from,
                         pieces,
@@ -459,7 +510,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     else {
                         unreachable!()
                     };
-                    emit::write_pieces(
+                    let n = emit::write_pieces(
                         &ck.archive,
                         *logical,
                         *from,
@@ -467,18 +518,29 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         out_dtype(*from),
                         &mut Plain(w),
                         &bar,
+                    )?;
+                    emit::check_overflow(
+                        &ck.archive.display().to_string(),
+                        name,
+                        n,
+                        out_dtype(*from),
+                        opts.allow_overflow,
                     )
-                    .map(|_| ())
+                    .map_err(|e| {
+                        refused = Some(e);
+                        std::io::Error::other("overflow")
+                    })
                 })
                 .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::Interrupted {
+                    if let Some(r) = refused.take() {
+                        r
+                    } else if e.kind() == std::io::ErrorKind::Interrupted {
                         Error::Interrupted
                     } else {
                         io(e)
                     }
                 })?;
                 t.end_file().map_err(io)?;
-                tensors += tensor_entries.len();
                 rank_names.push(member);
             }
             let w = t.finish().map_err(io)?;

@@ -24,7 +24,7 @@ fn text_report_of_a_tp2_archive() {
         "4 layers, hidden 64, 4 heads, 4 query groups, head dim 16, ffn 160, fast-swiglu, rmsnorm",
         "rope base 10000.0, 512 positions",
         "400 real, 416 padded for TP 2 (unit 16), 416 rows stored",
-        "bf16, 54 tensors",
+        "bf16, 54 weight tensors",
         "240192 parameters",
         "bpe, 400 pieces, byte fallback, bos 1 <s>, eos 2 </s>; single pieces <extra_id_0>=3 <extra_id_1>=4 <extra_id_2>=5",
     ] {
@@ -93,8 +93,9 @@ fn json_report_matches_every_manifest_entry() {
 fn tensors_listing_has_every_tensor_with_rank_and_role() {
     let r = json("archives/legacy_tp2_pp2_bf16.nemo", &["--tensors"]);
     let ts = r["tensors"].as_array().unwrap();
-    // 2 TP × (4 layers × 6 weights + embedding + final norm + output) + inv_freq on each of 4 ranks.
-    assert_eq!(ts.len(), 2 * (4 * 6 + 3) + 4);
+    // 2 TP × (4 layers × 6 weights + embedding + final norm + output); the rotary inv_freq
+    // of each of the 4 ranks is not a weight and is listed with the non-weight entries.
+    assert_eq!(ts.len(), 2 * (4 * 6 + 3));
     let qkv = ts
         .iter()
         .find(|t| {
@@ -107,9 +108,16 @@ fn tensors_listing_has_every_tensor_with_rank_and_role() {
     assert_eq!(qkv["role"], "qkv-grouped");
     assert_eq!(qkv["dtype"], "bf16");
     let extra = r["non_tensors"].as_array().unwrap();
+    assert!(extra.iter().all(|e| e["role"] == "skip"));
+    let inv_freq = extra
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().ends_with("inv_freq"))
+        .count();
+    assert_eq!(inv_freq, 4);
     assert!(extra
         .iter()
-        .all(|e| e["value"] == "None" && e["role"] == "skip"));
+        .filter(|e| !e["name"].as_str().unwrap().ends_with("inv_freq"))
+        .all(|e| e["value"] == "None"));
     let z = json("archives/gqa_dist_zarr_bf16.nemo", &["--tensors"]);
     let fc1 = z["tensors"]
         .as_array()
@@ -120,6 +128,31 @@ fn tensors_listing_has_every_tensor_with_rank_and_role() {
     assert_eq!(fc1["shape"], serde_json::json!([4, 320, 64]));
     assert_eq!(fc1["chunks"], serde_json::json!([1, 80, 64]));
     assert_eq!(fc1["role"], "gate-up-fused");
+}
+
+/// Regression (counts disagree): the storage line, `tensor_count` and the `--tensors`
+/// listing count the same weight tensors, and say what is left out.
+#[test]
+fn counts_disagree_between_summary_and_listing() {
+    let r = json("archives/legacy_tp2_pp2_bf16.nemo", &["--tensors"]);
+    assert_eq!(
+        r["tensor_count"].as_u64().unwrap() as usize,
+        r["tensors"].as_array().unwrap().len()
+    );
+    assert!(r["non_weight_count"].as_u64().unwrap() >= 4);
+    let (code, out, err) = run(&[
+        "inspect",
+        fixtures()
+            .join("archives/legacy_tp2_pp2_bf16.nemo")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("{} weight tensors (+", r["tensor_count"]))
+            && out.contains("not counted"),
+        "{out}"
+    );
 }
 
 #[test]

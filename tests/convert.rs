@@ -192,7 +192,7 @@ fn output_is_deterministic() {
         .map(|e| e.unwrap().path())
         .collect();
     names.sort();
-    assert_eq!(names.len(), 6);
+    assert_eq!(names.len(), 7, "{names:?}");
     for p in names {
         let q = b.join(p.file_name().unwrap());
         assert_eq!(
@@ -202,22 +202,6 @@ fn output_is_deterministic() {
             p.display()
         );
     }
-}
-
-/// Exit 2, one line containing `want`, and no output or partial output left.
-fn refused(code: i32, err: &str, out: &Path, want: &str) {
-    assert_eq!(code, 2, "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains(want), "expected `{want}` in: {err}");
-    assert!(!out.exists(), "no output");
-    let parent = out.parent().unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(parent)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".partial-"))
-        .collect();
-    assert!(leftovers.is_empty(), "partial output left: {leftovers:?}");
 }
 
 #[test]
@@ -243,39 +227,7 @@ fn existing_output_is_refused_without_force_and_replaced_with_it() {
 #[test]
 fn fp16_overflow_is_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("big.nemo");
-    // Put bf16 3.0e38 (0x7f62) in the first element of rank 0's o_proj (dense) of layer 0.
-    let fixture = std::fs::read(fixtures().join("archives/legacy_tp2_bf16.nemo")).unwrap();
-    let ck = steerlm_convert::nemo::checkpoint::Checkpoint::open(
-        &fixtures().join("archives/legacy_tp2_bf16.nemo"),
-        &Default::default(),
-    )
-    .unwrap();
-    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.weights else {
-        panic!()
-    };
-    let (_, t) = ranks[0]
-        .state
-        .tensors()
-        .find(|(n, _)| n.ends_with("layers.0.self_attention.dense.weight"))
-        .unwrap();
-    let members = steerlm_convert::nemo::tar::index(&fixture, "f").unwrap();
-    let m = members
-        .iter()
-        .find(|m| m.name == "mp_rank_00/model_weights.ckpt")
-        .unwrap();
-    let at = (t.offset - m.offset) as usize;
-    rebuild(
-        &fixtures().join("archives/legacy_tp2_bf16.nemo"),
-        &src,
-        |n, d| {
-            let mut d = d.to_vec();
-            if n == "mp_rank_00/model_weights.ckpt" {
-                d[at..at + 2].copy_from_slice(&[0x62, 0x7f]);
-            }
-            Some((format!("./{n}"), d))
-        },
-    );
+    let src = overflowing_archive(dir.path());
     let out = dir.path().join("out");
     let (code, _, err) = convert(&src, &out, &["--dtype", "fp16"]);
     refused(
@@ -292,7 +244,7 @@ fn fp16_overflow_is_refused_unless_allowed() {
     assert_eq!(code, 0, "{err}");
     let r: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(
-        r["fp16_overflow"],
+        r["overflow"],
         serde_json::json!([{"tensor": "model.layers.0.self_attn.o_proj.weight", "count": 1}])
     );
     assert!(
@@ -546,4 +498,283 @@ fn an_unknown_tensor_key_is_refused_by_name() {
     let out = dir.path().join("out");
     let (code, _, err) = convert(&src, &out, &[]);
     refused(code, &err, &out, "lora.nemo:mp_rank_01/model_weights.ckpt: tensor `model.language_model.encoder.layers.0.self_attention.adapter_layer.lora_kqv_adapter.linear_in.weight`: unknown tensor key");
+}
+
+/// Texts that tell tokenizers apart: leading, repeated and trailing spaces, newlines,
+/// digits, unicode and the SteerLM `<extra_id_N>` pieces.
+const TOKENIZER_TEXTS: [&str; 16] = [
+    "  leading spaces",
+    "repeated   spaces  and\ttabs",
+    "trailing space ",
+    " ",
+    "line one\nline two\n\nafter a blank line\n",
+    "\n starts with a newline",
+    "digits 0123456789 and 3.14159",
+    "héllo wörld — ✓ 日本語 😀",
+    "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n<extra_id_2>quality:9",
+    "a<extra_id_1>b",
+    " <extra_id_1> x",
+    "<extra_id_1><extra_id_2>",
+    "word<extra_id_2>quality:9,toxicity:0",
+    "a ▁ b",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.",
+    "x<extra_id_1>",
+];
+
+/// Regression (tokenizer drift): the folder we write loads in `AutoTokenizer`, slow and
+/// fast, and both give SentencePiece's ids, and ours, on every text.
+#[test]
+fn tokenizer_we_write_drifts_from_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in ["nemo_legacy_tp2.nemo", "nemo_mcore_gqa.nemo"] {
+        let out = dir.path().join(fixture);
+        let (code, _, err) = convert(&fixtures().join("archives").join(fixture), &out, &[]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.join("tokenizer.json").exists());
+        let Some(r) = transformers_ids(&out, &TOKENIZER_TEXTS) else {
+            return;
+        };
+        assert_eq!(r["classes"]["slow"], "LlamaTokenizer");
+        assert_eq!(r["classes"]["fast"], "LlamaTokenizerFast");
+        let ours = steerlm_convert::runtime::tokenizer::Tokenizer::new(
+            steerlm_convert::nemo::tokenizer::SpModel::parse(
+                &std::fs::read(out.join("tokenizer.model")).unwrap(),
+                "tokenizer.model",
+            )
+            .unwrap(),
+        );
+        for case in r["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let sp = ids_of(&case["sentencepiece"]);
+            assert_eq!(ours.encode(text), sp, "{fixture}: ours on {text:?}");
+            for which in ["slow", "fast"] {
+                assert_eq!(ids_of(&case[which]), sp, "{fixture}: {which} on {text:?}");
+            }
+        }
+    }
+}
+
+/// A synthetic archive big enough (about 300 MB) that a conversion of it can be caught
+/// and killed mid-write.
+fn big_archive(dir: &Path) -> PathBuf {
+    let mut spec = steerlm_convert::synth::SynthSpec::llama2_13b(2);
+    spec.hidden = 2048;
+    spec.heads = 16;
+    spec.groups = 16;
+    spec.ffn = 5504;
+    let p = dir.join("big.nemo");
+    steerlm_convert::synth::write(&spec, &p, |_| {}).unwrap();
+    p
+}
+
+fn spawn(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("steerlm-convert"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (at most 60 s) until `out`'s `.partial-<pid>` of `child` exists.
+fn wait_for_partial(out: &Path, child: &std::process::Child) -> PathBuf {
+    let partial = out.with_file_name(format!(
+        "{}.partial-{}",
+        out.file_name().unwrap().to_string_lossy(),
+        child.id()
+    ));
+    let t = std::time::Instant::now();
+    while !partial.exists() {
+        assert!(t.elapsed().as_secs() < 60, "no partial output appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    partial
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// Regression (kill -9 leaves OUT.partial-<pid> behind for good): the next run removes
+/// it, says so, and leaves nothing behind.
+#[test]
+fn sigkill_mid_write_then_rerun_leaves_no_partials() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = big_archive(dir.path());
+    let out = dir.path().join("out");
+    let args = [
+        "nemo-to-safetensors",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+        "-q",
+    ];
+    let mut child = spawn(&args);
+    let partial = wait_for_partial(&out, &child);
+    signal(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    assert!(partial.exists(), "a killed run cannot clean up");
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("removed") && err.contains("no longer running"),
+        "{err}"
+    );
+    assert!(!partial.exists());
+    assert_no_leftovers(&out);
+    assert!(out.join("model.safetensors").exists());
+}
+
+/// Regression (SIGTERM and SIGHUP leave OUT.partial-<pid>): every termination signal
+/// cleans up as Ctrl-C does.
+#[test]
+fn sigterm_and_sighup_leave_no_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = big_archive(dir.path());
+    for (sig, name) in [
+        (libc::SIGTERM, "term"),
+        (libc::SIGHUP, "hup"),
+        (libc::SIGINT, "int"),
+    ] {
+        let out = dir.path().join(name);
+        let mut child = spawn(&[
+            "nemo-to-safetensors",
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--dtype",
+            "fp32",
+            "-q",
+        ]);
+        wait_for_partial(&out, &child);
+        signal(&child, sig);
+        let st = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&st.stderr);
+        assert_eq!(st.status.code(), Some(130), "{name}: {err}");
+        assert!(
+            err.contains("interrupted; partial output removed"),
+            "{name}: {err}"
+        );
+        assert!(!out.exists(), "{name}");
+        assert_no_leftovers(&out);
+    }
+}
+
+/// Regression (two runs to the same OUT at once): one output, and one clear line naming
+/// the process that holds it.
+#[test]
+fn two_concurrent_runs_give_one_output_and_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = big_archive(dir.path());
+    let out = dir.path().join("out");
+    let args = [
+        "nemo-to-safetensors",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+        "-q",
+    ];
+    let first = spawn(&args);
+    wait_for_partial(&out, &first);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("is being written by process {}", first.id())),
+        "{err}"
+    );
+    let st = first.wait_with_output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(out.join("model.safetensors").exists());
+    assert_no_leftovers(&out);
+}
+
+/// Regression (`nemo-to-safetensors a.nemo a.nemo --force` deleted the source): an output
+/// that is the input, lies inside it or holds it is refused, and the source is intact.
+#[test]
+fn out_equal_to_in_is_refused_with_the_source_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("a.nemo");
+    std::fs::copy(fixtures().join("archives/legacy_tp2_bf16.nemo"), &src).unwrap();
+    let before = std::fs::read(&src).unwrap();
+    let s = src.to_str().unwrap();
+    let (code, _, err) = run(&["nemo-to-safetensors", s, s, "--force"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the output is the input"), "{err}");
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+    // A folder input: the output inside it, and the folder holding it.
+    let hf = dir.path().join("hf");
+    assert_eq!(convert(&src, &hf, &[]).0, 0);
+    let inside = hf.join("again");
+    let (code, _, err) = convert(&hf, &inside, &["--force"]);
+    assert!(code == 2 && err.contains("lies inside the input"), "{err}");
+    let holder = dir.path().join("ranks");
+    reshard_to_ranks("archives/legacy_tp2_bf16.nemo", &holder, 2);
+    let (code, _, err) = run(&[
+        "nemo-to-safetensors",
+        holder.join(".").to_str().unwrap(),
+        holder.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(
+        code == 2 && err.contains("the output is the input"),
+        "{err}"
+    );
+    assert!(holder.join("model_config.yaml").exists());
+    assert_no_leftovers(&src);
+}
+
+/// Regression (every I/O error repeated its cause): the cause is said once.
+#[test]
+fn io_errors_repeat_their_cause() {
+    let (code, _, err) = run(&[
+        "nemo-to-safetensors",
+        "/nonexistent.nemo",
+        "/tmp/never-written",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
+
+/// Regression (a tokenizer that does not fit the model was accepted): pieces that the
+/// config's padding cannot turn into the embedding's rows are refused, and inspect warns.
+#[test]
+fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("misfit.nemo");
+    // 400 pieces and 416 stored rows (padded to 16 x TP 2). With a padding unit of 100 the
+    // config implies 400 rows at TP 1, 2 and 4, 800 at TP 8, and never 416.
+    rebuild(
+        &fixtures().join("archives/legacy_tp2_bf16.nemo"),
+        &src,
+        |n, d| {
+            let d = if n == "model_config.yaml" {
+                String::from_utf8_lossy(d)
+                    .replace(
+                        "make_vocab_size_divisible_by: 16",
+                        "make_vocab_size_divisible_by: 100",
+                    )
+                    .into_bytes()
+            } else {
+                d.to_vec()
+            };
+            Some((format!("./{n}"), d))
+        },
+    );
+    let out = dir.path().join("out");
+    let (code, _, err) = convert(&src, &out, &[]);
+    refused(code, &err, &out, "it is not this model's tokenizer");
+    let (code, text, err) = run(&["inspect", src.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("warning: the tokenizer has 400 pieces"),
+        "{text}"
+    );
 }

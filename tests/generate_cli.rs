@@ -43,7 +43,12 @@ fn exact_run(model: &Path, which: &str) {
             &["--raw", "--ignore-eos", "--max-tokens", "16"],
         );
         assert_eq!(v["prompt_ids"], p["ids"], "{}: {name}", model.display());
-        assert_eq!(v["ids"], p["greedy"], "{}: {name}", model.display());
+        assert_eq!(
+            v["generated_ids"],
+            p["greedy"],
+            "{}: {name}",
+            model.display()
+        );
         assert_eq!(v["stop"], "max_tokens");
     }
 }

@@ -27,6 +27,7 @@ fn opts(tp: u64, pp: u64, format: Format) -> ReshardOptions {
         format,
         dtype: None,
         force: false,
+        allow_overflow: false,
         progress: false,
     }
 }

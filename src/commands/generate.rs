@@ -8,7 +8,7 @@ use steerlm_convert::nemo::archive::OpenOptions;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::{Model, SourceKind};
 use steerlm_convert::runtime::{cpu, steerlm};
-use steerlm_convert::Error;
+use steerlm_convert::{output, Error};
 
 use crate::cli::GenerateArgs;
 
@@ -20,9 +20,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
             std::io::stdin()
                 .read_to_string(&mut s)
                 .map_err(|e| Error::io("<stdin>", e))?;
-            s
+            steerlm::prompt_file_text(&s)
         }
-        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
+        (None, Some(f)) => {
+            steerlm::prompt_file_text(&std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?)
+        }
         (None, None) => unreachable!("clap requires one"),
     };
     if args.raw && (!args.attrs.is_empty() || args.system.is_some()) {
@@ -40,6 +42,14 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode> {
+    // Output paths are checked before the model is loaded.
+    let logits_file = match &args.logits_out {
+        Some(p) => {
+            output::check_not_input(p, &[&args.model])?;
+            Some(output::AtomicFile::create(p, true)?)
+        }
+        None => None,
+    };
     let model = Model::open(
         &args.model,
         &OpenOptions {
@@ -84,9 +94,8 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
     if let Some(e) = write_err {
         return Err(e.into());
     }
-    if let Some(p) = &args.logits_out {
-        let text = serde_json::to_string(&g.prompt_logits)?;
-        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+    if let Some(f) = logits_file {
+        f.write_all(serde_json::to_string(&g.prompt_logits)?.as_bytes())?;
     }
     let prompt_tps = g.prompt_ids.len() as f64 / g.prompt_secs.max(1e-9);
     let decode_tps = g.decode_steps as f64 / g.decode_secs.max(1e-9);
@@ -96,6 +105,8 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
     };
     if args.json {
         let doc = json!({
+            "schema_version": 1,
+            "command": "generate",
             "model": args.model.display().to_string(),
             "source": source,
             "weights": model.weights.layers.first().map(|l| l.qkv.wtype.name()),
@@ -103,9 +114,10 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
             "weight_bytes_per_token": model.weights.bytes_per_token(),
             "prompt": prompt,
             "prompt_ids": g.prompt_ids,
-            "ids": g.ids,
+            "generated_ids": g.ids,
             "text": g.text,
-            "stop": g.stop.as_str(),
+            "stop": g.stop.kind(),
+            "stop_detail": g.stop.detail(),
             "timing": {
                 "prompt_tokens": g.prompt_ids.len(),
                 "prompt_seconds": g.prompt_secs,
@@ -123,9 +135,10 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         writeln!(out)?;
         if !args.io.quiet {
             eprintln!(
-                "[{} tokens, stop: {}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {} threads, {}]",
+                "[{} tokens, stop: {}{}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {} threads, {}]",
                 g.ids.len(),
-                g.stop.as_str(),
+                g.stop.kind(),
+                g.stop.detail().map(|d| format!(" {d}")).unwrap_or_default(),
                 g.prompt_ids.len(),
                 prompt_tps,
                 decode_tps,

@@ -12,7 +12,7 @@ use steerlm_convert::torch::checkpoint::StateEntry;
 use crate::cli::InspectArgs;
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let ck = super::open_input(&args.input, None, &args.io)?;
+    let ck = super::open_input(&args.input, None, &args.io.scratch_dir, args.io.quiet)?;
     let report = report(&ck, args.tensors);
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -31,10 +31,8 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     let stored_rows = ck.stored_vocab_rows();
     let mut warnings = ck.warnings.clone();
     if let (Some(v), Some(rows)) = (vocab, stored_rows) {
-        if v > rows {
-            warnings.push(format!(
-                "the tokenizer has {v} pieces but the embedding has only {rows} rows"
-            ));
+        if let Some(w) = steerlm_convert::model::shard::vocab_misfit(c, v, rows) {
+            warnings.push(w);
         }
     }
     let tokenizer = tok.map(|t| {
@@ -57,6 +55,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     });
     let mut tensors = Vec::new();
     let mut non_tensors = Vec::new();
+    let mut non_weights = 0usize;
     match &ck.weights {
         Weights::Ranks(ranks) => {
             for r in ranks {
@@ -68,7 +67,19 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
                 for (name, e) in &r.state.entries {
                     let cls = ck.classify(name);
                     let role = cls.map(|c| c.role.as_str()).unwrap_or("unknown");
+                    let weight = cls.is_none_or(|c| c.role != Role::Skip);
+                    if !weight {
+                        non_weights += 1;
+                    }
                     match e {
+                        StateEntry::Tensor(t) if !weight => {
+                            if with_tensors {
+                                non_tensors.push(json!({
+                                    "rank": rank, "name": name, "role": role,
+                                    "value": format!("tensor {} {} (not a weight; not counted)", fmt_shape(&t.shape), t.dtype.short_name()),
+                                }));
+                            }
+                        }
                         StateEntry::Tensor(t) => {
                             if with_tensors {
                                 tensors.push(json!({
@@ -101,6 +112,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
                 }
             }
             for (k, n) in &d.objects {
+                non_weights += 1;
                 if with_tensors {
                     non_tensors.push(json!({"rank": "model_weights", "name": k, "value": format!("{n} pickled object file(s)"), "role": "skip"}));
                 }
@@ -108,6 +120,8 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
         }
     }
     let mut v = json!({
+        "schema_version": 1,
+        "command": "inspect",
         "file": ck.archive.display(),
         "compressed": ck.archive.was_compressed(),
         "layout": ck.grid.kind.as_str(),
@@ -138,6 +152,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
         },
         "dtypes": ck.stored_dtypes().iter().map(|d| d.short_name()).collect::<Vec<_>>(),
         "tensor_count": ck.weight_count(),
+        "non_weight_count": non_weights,
         "parameters": vocab.map(|v| c.parameter_count(v)),
         "stored_bytes": ck.stored_bytes(),
         "tokenizer": tokenizer,
@@ -211,9 +226,13 @@ fn write_text(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
         .as_array()
         .map(|d| d.iter().map(s).collect())
         .unwrap_or_default();
+    let not_counted = match r["non_weight_count"].as_u64().unwrap_or(0) {
+        0 => String::new(),
+        n => format!(" (+{n} non-weight entries, not counted: rotary inv_freq, _extra_state)"),
+    };
     writeln!(
         out,
-        "  storage       {}, {} tensors, {} stored, {} parameters",
+        "  storage       {}, {} weight tensors{not_counted}, {} stored, {} parameters",
         dtypes.join("+"),
         r["tensor_count"],
         human_bytes(r["stored_bytes"].as_u64().unwrap_or(0)),

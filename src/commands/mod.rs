@@ -16,18 +16,18 @@ use steerlm_convert::nemo::checkpoint::Checkpoint;
 pub fn open_input(
     input: &Path,
     output: Option<&Path>,
-    io: &crate::cli::IoArgs,
+    scratch_dir: &Option<std::path::PathBuf>,
+    quiet: bool,
 ) -> steerlm_convert::Result<Checkpoint> {
     let beside = output
         .and_then(|o| o.parent())
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf);
-    let scratch_dir = io.scratch_dir.clone().or(beside);
     Checkpoint::open(
         input,
         &OpenOptions {
-            scratch_dir,
-            progress: !io.quiet,
+            scratch_dir: scratch_dir.clone().or(beside),
+            progress: !quiet,
         },
     )
 }

@@ -42,6 +42,15 @@ fn scheme(args: &QuantizeArgs) -> Result<Scheme, Error> {
 pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
     output::install_interrupt_handler();
     let scheme = scheme(args)?;
+    output::check_not_input(&args.output, &[&args.input])?;
+    // Every output path is checked before any work: the report's folder must exist.
+    let report_file = match &args.report {
+        Some(p) => {
+            output::check_not_input(p, &[&args.input, &args.output])?;
+            Some(output::AtomicFile::create(p, true)?)
+        }
+        None => None,
+    };
     let cpu = CpuEngine;
     let gpu = super::gpu_engine(args.device, args.io.quiet)?;
     let engine: &dyn Engine = match &gpu {
@@ -70,14 +79,22 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let report = quantize::quantize(&args.input, &args.output, &opts)?;
-    if let Some(p) = &args.report {
-        let text = serde_json::to_string_pretty(&report.to_json(&args.output))? + "\n";
-        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+    let doc = report.to_json(&args.output);
+    if let Some(f) = report_file {
+        f.write_all((serde_json::to_string_pretty(&doc)? + "\n").as_bytes())?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     }
     print_table(&report, args.worst);
     let gb = report.bytes_in as f64 / 1e9;
+    let overflowed: Vec<_> = report
+        .tensors
+        .iter()
+        .filter(|t| t.stats.overflow > 0)
+        .collect();
     eprintln!(
-        "wrote {}: {} tensors, {:.3} GB in -> {:.3} GB out in {:.2} s ({:.2} GB/s of input) on {}, peak RSS {:.0} MB",
+        "wrote {}: {} tensors, {:.3} GB in -> {:.3} GB out in {:.2} s ({:.2} GB/s of input) on {}, peak RSS {:.0} MB{}",
         args.output.display(),
         report.tensors.len(),
         gb,
@@ -85,7 +102,16 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
         report.seconds,
         gb / report.seconds.max(1e-9),
         report.engine,
-        output::peak_rss() as f64 / 1e6
+        output::peak_rss() as f64 / 1e6,
+        if overflowed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} values in {} tensors overflowed to ±inf (--allow-overflow)",
+                overflowed.iter().map(|t| t.stats.overflow).sum::<u64>(),
+                overflowed.len()
+            )
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

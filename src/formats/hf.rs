@@ -174,12 +174,17 @@ pub fn generation_config_json(sp: &SpModel) -> Value {
     json!({"_from_model_config": true, "bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id})
 }
 
+/// An added token. User-defined pieces are matched after normalization (as in
+/// `tokenizer.json`; transformers re-adds these entries over that file's).
 fn added_token(content: &str, special: bool) -> Value {
-    json!({"content": content, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": special})
+    json!({"content": content, "lstrip": false, "normalized": !special, "rstrip": false, "single_word": false, "special": special})
 }
 
-/// `tokenizer_config.json` for the slow `LlamaTokenizer` (the one that matches NeMo's
-/// SentencePiece encoding exactly), with control and user-defined pieces as added tokens.
+/// `tokenizer_config.json`, with control and user-defined pieces as added tokens. The slow
+/// `LlamaTokenizer` gives SentencePiece's ids exactly with `legacy: false` (with `true` it
+/// would add a `▁` after every added token). `add_prefix_space` is written only when it
+/// is false: when set at all, `LlamaTokenizerFast` ignores `tokenizer.json` and converts
+/// the slow tokenizer, which drifts (see `hf_tokenizer`).
 pub fn tokenizer_config_json(sp: &SpModel, max_len: u64) -> Value {
     let mut decoder = serde_json::Map::new();
     for (i, p) in sp.pieces.iter().enumerate() {
@@ -193,10 +198,9 @@ pub fn tokenizer_config_json(sp: &SpModel, max_len: u64) -> Value {
             .map(|s| Value::String(s.into()))
             .unwrap_or(Value::Null)
     };
-    json!({
+    let mut v = json!({
         "add_bos_token": true,
         "add_eos_token": false,
-        "add_prefix_space": sp.add_dummy_prefix,
         "added_tokens_decoder": decoder,
         "bos_token": piece(sp.bos_id),
         "clean_up_tokenization_spaces": false,
@@ -209,7 +213,11 @@ pub fn tokenizer_config_json(sp: &SpModel, max_len: u64) -> Value {
         "tokenizer_class": "LlamaTokenizer",
         "unk_token": piece(sp.unk_id),
         "use_default_system_prompt": false,
-    })
+    });
+    if !sp.add_dummy_prefix {
+        v["add_prefix_space"] = json!(false);
+    }
+    v
 }
 
 /// `special_tokens_map.json`.

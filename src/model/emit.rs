@@ -24,6 +24,28 @@ pub enum Piece {
     Values(Vec<f32>),
 }
 
+/// The rule every narrowing cast of every command follows: values that overflow the
+/// output dtype to ±inf are refused, naming the tensor and how many, unless the user
+/// passed `--allow-overflow`.
+pub fn check_overflow(
+    file: &str,
+    tensor: &str,
+    count: u64,
+    to: DType,
+    allow: bool,
+) -> crate::Result<()> {
+    if count > 0 && !allow {
+        return Err(crate::Error::Tensor {
+            member: file.to_string(),
+            tensor: tensor.to_string(),
+            msg: format!(
+                "{count} values overflow {to} (pass --allow-overflow to write them as ±inf)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Output shape of `pieces` of `l`.
 pub fn shape_of(l: &Logical, pieces: &[Piece]) -> Vec<u64> {
     if l.shape.len() == 1 {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 use crate::model::roles::{Kind, Layer, Role};
 use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::config::ModelConfig;
 use crate::nemo::zarr::ZarrArray;
 use crate::tensor::{DType, TensorRef};
 
@@ -474,11 +475,31 @@ pub fn check_vocab(
     vocab: u64,
 ) -> Result<()> {
     let rows = logicals[&(Kind::Embedding, None)].rows();
-    if vocab > rows {
+    if let Some(msg) = vocab_misfit(&ck.config, vocab, rows) {
         return Err(Error::Tokenizer {
             file: ck.archive.display().to_string(),
-            msg: format!("the tokenizer has {vocab} pieces but the embedding has only {rows} rows"),
+            msg,
         });
     }
     Ok(())
+}
+
+/// Why a tokenizer of `pieces` pieces does not belong with an embedding of `rows` rows,
+/// if it does not: the rows must be the pieces padded to a multiple of
+/// `make_vocab_size_divisible_by × TP` for some power-of-two TP (NeMo pads for the TP it
+/// saved with, and the padding is trimmed on export).
+pub fn vocab_misfit(cfg: &ModelConfig, pieces: u64, rows: u64) -> Option<String> {
+    if pieces > rows {
+        return Some(format!(
+            "the tokenizer has {pieces} pieces but the embedding has only {rows} rows"
+        ));
+    }
+    let fits = rows == pieces || (0..8).any(|k| cfg.padded_vocab(pieces, 1 << k) == rows);
+    (!fits).then(|| {
+        format!(
+            "the tokenizer has {pieces} pieces, which padded to a multiple of {} x TP give {} rows, but the embedding has {rows}: it is not this model's tokenizer",
+            cfg.make_vocab_size_divisible_by,
+            cfg.padded_vocab(pieces, cfg.tensor_model_parallel_size)
+        )
+    })
 }

@@ -65,6 +65,9 @@ pub struct ErrStats {
     pub sum_sq_err: f64,
     pub sum_sq: f64,
     pub count: u64,
+    /// Finite values written as ±inf (casts with `--allow-overflow`): their error is
+    /// infinite, and so are the tensor's max and RMS errors.
+    pub overflow: u64,
 }
 
 impl ErrStats {
@@ -73,6 +76,16 @@ impl ErrStats {
         self.sum_sq_err += o.sum_sq_err;
         self.sum_sq += o.sum_sq;
         self.count += o.count;
+        self.overflow += o.overflow;
+    }
+
+    /// Counts `n` overflowed values: each has an infinite error.
+    pub fn add_overflow(&mut self, n: u64) {
+        if n > 0 {
+            self.overflow += n;
+            self.max_abs = f64::INFINITY;
+            self.sum_sq_err = f64::INFINITY;
+        }
     }
 
     /// `sqrt(Σ err² / Σ x²)`.
@@ -90,7 +103,9 @@ impl ErrStats {
 
     /// `10 log10(Σ x² / Σ err²)`; infinite when exact.
     pub fn snr_db(&self) -> f64 {
-        if self.sum_sq_err == 0.0 {
+        if self.sum_sq_err.is_infinite() {
+            f64::NEG_INFINITY
+        } else if self.sum_sq_err == 0.0 {
             f64::INFINITY
         } else {
             10.0 * (self.sum_sq / self.sum_sq_err).log10()

@@ -41,8 +41,8 @@ impl WType {
 
     pub fn name(self) -> &'static str {
         match self {
-            WType::F32 => "f32",
-            WType::F16 => "f16",
+            WType::F32 => "fp32",
+            WType::F16 => "fp16",
             WType::BF16 => "bf16",
             WType::U8Offset | WType::I8 => "int8",
         }

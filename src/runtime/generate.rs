@@ -25,12 +25,21 @@ pub enum Stop {
 }
 
 impl Stop {
-    pub fn as_str(&self) -> String {
+    /// One of `max_tokens`, `eos`, `end_string`, `context`.
+    pub fn kind(&self) -> &'static str {
         match self {
-            Stop::MaxTokens => "max_tokens".into(),
-            Stop::Eos => "eos".into(),
-            Stop::EndString(s) => format!("end_string {s}"),
-            Stop::Context => "context".into(),
+            Stop::MaxTokens => "max_tokens",
+            Stop::Eos => "eos",
+            Stop::EndString(_) => "end_string",
+            Stop::Context => "context",
+        }
+    }
+
+    /// The end string that stopped generation.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Stop::EndString(s) => Some(s),
+            _ => None,
         }
     }
 }
@@ -93,15 +102,20 @@ pub fn generate(
     let mut text = String::new();
     let mut steps = 0usize;
     let t1 = Instant::now();
+    // One rule: prompt and completion together never exceed the context.
     let stop = loop {
         if all.len() - prompt_ids.len() >= opts.max_tokens {
             break Stop::MaxTokens;
         }
+        if all.len() >= w.dims.max_positions {
+            break Stop::Context;
+        }
         let next = argmax(&logits);
+        all.push(next);
         if !opts.ignore_eos && Some(next) == model.eos {
+            // EOS is kept in the ids, as an end string's tokens are; it has no text.
             break Stop::Eos;
         }
-        all.push(next);
         text = completion(model, &prompt_text, &all, prompt_ids.len());
         if let Some((at, i)) = steerlm::find_end(&text, &ends) {
             text.truncate(at);

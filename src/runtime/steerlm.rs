@@ -2,16 +2,16 @@
 //! client builds them (`nemo-format.md` §8).
 //!
 //! ```text
-//! <extra_id_0>System\n{system}\n
+//! <extra_id_0>System\n{system}\n\n
 //! <extra_id_1>User\n{turn}\n
 //! <extra_id_1>Assistant\n<extra_id_2>{attributes}\n{turn}\n    (earlier turns)
 //! <extra_id_1>User\n{prompt}\n
 //! <extra_id_1>Assistant\n<extra_id_2>{attributes}\n            (generation starts here)
 //! ```
 
-/// The model card's system text. It ends with a newline, so the template (which adds one)
-/// leaves the blank line the card's f-string has.
-pub const DEFAULT_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.\n";
+/// The model card's system text. The template follows any system text with a blank line,
+/// as the card's f-string does.
+pub const DEFAULT_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 /// The model card's attribute set, in its order.
 pub const DEFAULT_ATTRIBUTES: [(&str, &str); 7] = [
@@ -43,14 +43,15 @@ impl Default for Attributes {
 }
 
 impl Attributes {
-    /// Applies `name=value` items over the defaults: a known name keeps its place, a new
-    /// one is appended in the order given.
+    /// Applies `name=value` (or SteerLM's own spelling, `name:value`) items over the
+    /// defaults: a known name keeps its place, a new one is appended in the order given.
     pub fn with_overrides(items: &[String]) -> Result<Attributes, String> {
         let mut a = Attributes::default();
         for item in items {
             let (k, v) = item
                 .split_once('=')
-                .ok_or_else(|| format!("--attr `{item}` is not name=value"))?;
+                .or_else(|| item.split_once(':'))
+                .ok_or_else(|| format!("--attr `{item}` is not name=value or name:value"))?;
             let (k, v) = (k.trim(), v.trim());
             if k.is_empty() || k.contains([',', ':', '\n']) || v.contains([',', '\n']) {
                 return Err(format!(
@@ -78,9 +79,19 @@ impl Attributes {
 /// Builds the prompt for one user message.
 pub fn prompt(system: &str, user: &str, attrs: &Attributes) -> String {
     format!(
-        "<extra_id_0>System\n{system}\n<extra_id_1>User\n{user}\n<extra_id_1>Assistant\n<extra_id_2>{}\n",
+        "<extra_id_0>System\n{system}\n\n<extra_id_1>User\n{user}\n<extra_id_1>Assistant\n<extra_id_2>{}\n",
         attrs.line()
     )
+}
+
+/// The text of a prompt file as meant: CRLF line ends become LF, and one trailing
+/// newline (the one every editor adds) is dropped.
+pub fn prompt_file_text(raw: &str) -> String {
+    let t = raw.replace("\r\n", "\n");
+    match t.strip_suffix('\n') {
+        Some(s) => s.to_string(),
+        None => t,
+    }
 }
 
 /// Where the completion `text` ends: the first position where some end string completes
@@ -138,6 +149,24 @@ mod tests {
     }
 
     #[test]
+    fn template_a_custom_system_text_is_followed_by_a_blank_line() {
+        let p = prompt("Be brief.", "Hi", &Attributes::default());
+        assert!(
+            p.starts_with("<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nHi\n"),
+            "{p:?}"
+        );
+    }
+
+    /// Reads a prompt file's text as meant: CRLF line ends become LF and one trailing
+    /// newline (the one every editor adds) is dropped.
+    #[test]
+    fn prompt_file_text_is_normalised() {
+        assert_eq!(prompt_file_text("a\r\nb\r\n"), "a\nb");
+        assert_eq!(prompt_file_text("a\n\n"), "a\n");
+        assert_eq!(prompt_file_text("a"), "a");
+    }
+
+    #[test]
     fn overrides_keep_order() {
         let a = Attributes::with_overrides(&["humor=4".into(), "verbosity=2".into()]).unwrap();
         assert_eq!(
@@ -145,6 +174,8 @@ mod tests {
             "quality:9,toxicity:0,humor:4,creativity:0,violence:0,helpfulness:9,not_appropriate:0,verbosity:2"
         );
         assert!(Attributes::with_overrides(&["humor".into()]).is_err());
+        let colon = Attributes::with_overrides(&["quality:3".into()]).unwrap();
+        assert_eq!(colon.0[0], ("quality".to_string(), "3".to_string()));
         assert!(Attributes::with_overrides(&["a,b=1".into()]).is_err());
     }
 

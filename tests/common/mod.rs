@@ -179,3 +179,103 @@ pub fn reshard_to_ranks(archive: &str, out: &Path, tp: u32) {
     ]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// Runs `fixtures/check_tokenizer.py` on the HF folder `dir` for `texts`: the ids that
+/// transformers (slow and fast) and `sentencepiece` give. `None` (with the reason printed)
+/// when no Python with transformers is found, which `cargo xtask test` never allows: it
+/// installs them and sets `STEERLM_REQUIRE_PYTHON=1`, so that under the README's test
+/// command this check cannot be skipped.
+pub fn transformers_ids(dir: &Path, texts: &[&str]) -> Option<Value> {
+    use std::io::Write;
+    let python = std::env::var("STEERLM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import transformers, sentencepiece, google.protobuf"])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = format!(
+            "{python} cannot import transformers, sentencepiece and protobuf (fixtures/requirements-tokenizer.txt)"
+        );
+        if std::env::var("STEERLM_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+            panic!("{why}");
+        }
+        eprintln!("SKIPPED: {why}; `cargo xtask test` installs them");
+        return None;
+    }
+    let mut child = std::process::Command::new(&python)
+        .arg(fixtures().join("check_tokenizer.py"))
+        .arg(dir)
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(texts).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("python");
+    assert!(
+        out.status.success(),
+        "check_tokenizer.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("check_tokenizer.py JSON"))
+}
+
+/// Exit 2, one line containing `want`, and no output or partial output left beside `out`.
+pub fn refused(code: i32, err: &str, out: &Path, want: &str) {
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(want), "expected `{want}` in: {err}");
+    assert!(!out.exists(), "no output");
+    assert_no_leftovers(out);
+}
+
+/// Nothing named after `out` is left beside it: no `.partial-<pid>`, `.old` or lock.
+pub fn assert_no_leftovers(out: &Path) {
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    let parent = out.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial-") || *n == format!(".{name}.lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+/// A copy of `legacy_tp2_bf16.nemo` in `dir` whose rank-0 o_proj of layer 0 holds bf16
+/// 3.0e38 (0x7f62) in its first element: it overflows fp16.
+pub fn overflowing_archive(dir: &Path) -> PathBuf {
+    use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
+    let fixture = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    let src = dir.join("big.nemo");
+    let bytes = std::fs::read(&fixture).unwrap();
+    let ck = Checkpoint::open(&fixture, &Default::default()).unwrap();
+    let Weights::Ranks(ranks) = &ck.weights else {
+        panic!("rank archive")
+    };
+    let (_, t) = ranks[0]
+        .state
+        .tensors()
+        .find(|(n, _)| n.ends_with("layers.0.self_attention.dense.weight"))
+        .unwrap();
+    let members = tar::index(&bytes, "f").unwrap();
+    let m = members
+        .iter()
+        .find(|m| m.name == "mp_rank_00/model_weights.ckpt")
+        .unwrap();
+    let at = (t.offset - m.offset) as usize;
+    rebuild(&fixture, &src, |n, d| {
+        let mut d = d.to_vec();
+        if n == "mp_rank_00/model_weights.ckpt" {
+            d[at..at + 2].copy_from_slice(&[0x62, 0x7f]);
+        }
+        Some((format!("./{n}"), d))
+    });
+    src
+}
