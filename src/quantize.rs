@@ -85,6 +85,8 @@ impl Report {
         let num = |v: f64| {
             if v.is_finite() {
                 json!(v)
+            } else if v.is_nan() {
+                json!(null)
             } else if v > 0.0 {
                 json!("inf")
             } else {

@@ -517,3 +517,125 @@ fn runtime_on_int8_against_the_float_model() {
     }
     eprintln!("{}", table.join("\n"));
 }
+
+/// Regression (`quantize --scheme fp16 --allow-overflow` reported overflowed tensors as
+/// lossless): the overflowed values are counted, their error is infinite in the table,
+/// the report and the summary line.
+#[test]
+fn fp16_allow_overflow_reports_overflowed_tensors_as_lossless() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = overflowing_archive(tmp.path());
+    let out = tmp.path().join("out");
+    let report = tmp.path().join("r.json");
+    let (code, stdout, err) = run(&[
+        "quantize",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--scheme",
+        "fp16",
+        "--device",
+        "cpu",
+        "--allow-overflow",
+        "--report",
+        report.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let same: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["tensors"], same["tensors"], "--json prints the report");
+    let t = r["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "model.layers.0.self_attn.o_proj.weight")
+        .unwrap();
+    assert_eq!(t["overflowed_values"], 1, "{t}");
+    assert_eq!(t["max_abs_error"], "inf", "{t}");
+    assert_eq!(t["rel_rms_error"], "inf", "{t}");
+    assert_eq!(t["snr_db"], "-inf", "{t}");
+    let row = err
+        .lines()
+        .find(|l| l.starts_with("model.layers.0.self_attn.o_proj.weight"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(row.contains("inf"), "{row}");
+    assert!(
+        err.contains("1 values in 1 tensors overflowed to ±inf"),
+        "{err}"
+    );
+}
+
+/// Regression (`--report FILE` failed only after the model was written): a report path
+/// that cannot be written is refused before any work, and nothing is written.
+#[test]
+fn report_path_fails_only_after_the_model_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let report = tmp.path().join("no/such/folder/r.json");
+    let (code, _, err) = run(&[
+        "quantize",
+        fixtures().join("models/mha/hf").to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--scheme",
+        "int8",
+        "--device",
+        "cpu",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    refused(code, &err, &out, "the output's folder does not exist");
+}
+
+/// Regression (`quantize X X --force` replaced the source): refused, source intact.
+#[test]
+fn quantize_onto_its_own_input_replaces_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    copy_dir(&fixtures().join("models/mha/hf"), &hf);
+    let before = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let h = hf.to_str().unwrap();
+    let (code, _, err) = run(&["quantize", h, h, "--scheme", "int8", "--force"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the output is the input"), "{err}");
+    assert_eq!(std::fs::read(hf.join("model.safetensors")).unwrap(), before);
+}
+
+/// Regression (SIGTERM and SIGHUP left OUT.partial-<pid> behind, 164-191 MB seen for
+/// quantize): every termination signal removes the partial output.
+#[test]
+fn quantize_sigterm_and_sighup_leave_partials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = steerlm_convert::synth::SynthSpec::llama2_13b(2);
+    spec.hidden = 2048;
+    spec.heads = 16;
+    spec.groups = 16;
+    spec.ffn = 5504;
+    let src = tmp.path().join("big.nemo");
+    steerlm_convert::synth::write(&spec, &src, |_| {}).unwrap();
+    for (sig, name) in [(libc::SIGTERM, "term"), (libc::SIGHUP, "hup")] {
+        let out = tmp.path().join(name);
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("steerlm-convert"))
+            .args(["quantize", src.to_str().unwrap(), out.to_str().unwrap()])
+            .args(["--scheme", "int8", "--device", "cpu", "-q"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let partial = tmp.path().join(format!("{name}.partial-{}", child.id()));
+        let t = std::time::Instant::now();
+        while !partial.exists() {
+            assert!(t.elapsed().as_secs() < 60, "no partial output appeared");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let st = child.wait_with_output().unwrap();
+        assert_eq!(
+            st.status.code(),
+            Some(130),
+            "{name}: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        assert!(!out.exists());
+        assert_no_leftovers(&out);
+    }
+}

@@ -303,3 +303,146 @@ fn recomputed_rope_frequencies_are_torchs_to_the_bit() {
         .collect();
     assert_eq!(got, want);
 }
+
+fn reshard_cli(args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["reshard"];
+    a.extend_from_slice(args);
+    a.push("-q");
+    run(&a)
+}
+
+/// Regression (`reshard --dtype fp16` wrote ±inf with no word): refused, naming the
+/// tensor and count, unless --allow-overflow; in both output formats.
+#[test]
+fn reshard_dtype_fp16_writes_inf_with_no_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = overflowing_archive(dir.path());
+    let s = src.to_str().unwrap();
+    for out in ["out", "out.nemo"] {
+        let out = dir.path().join(out);
+        let o = out.to_str().unwrap();
+        let (code, _, err) = reshard_cli(&[s, o, "--tp", "1", "--dtype", "fp16"]);
+        refused(
+            code,
+            &err,
+            &out,
+            "language_model.encoder.layers.0.self_attention.dense.weight`: 1 values overflow fp16",
+        );
+        let (code, _, err) =
+            reshard_cli(&[s, o, "--tp", "1", "--dtype", "fp16", "--allow-overflow"]);
+        assert_eq!(code, 0, "{err}");
+    }
+}
+
+/// Regression (`reshard IN out.nemo` without --format made a folder named out.nemo): the
+/// extension decides, and a contradiction is refused.
+#[test]
+fn reshard_to_a_nemo_name_without_format_creates_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    let out = dir.path().join("out.nemo");
+    let (code, _, err) = reshard_cli(&[f.to_str().unwrap(), out.to_str().unwrap(), "--tp", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.is_file(), "a .nemo archive, not a folder");
+    open(&out);
+    let other = dir.path().join("other.nemo");
+    let (code, _, err) = reshard_cli(&[
+        f.to_str().unwrap(),
+        other.to_str().unwrap(),
+        "--tp",
+        "1",
+        "--format",
+        "safetensors",
+    ]);
+    refused(code, &err, &other, "--format safetensors writes a folder");
+}
+
+/// Regression (`reshard --format nemo --dtype fp32` left `precision: bf16`): the YAML
+/// says the written dtype.
+#[test]
+fn reshard_dtype_leaves_the_old_precision_in_the_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    for (dtype, want) in [("fp32", "32"), ("fp16", "16"), ("bf16", "bf16")] {
+        let out = dir.path().join(format!("{dtype}.nemo"));
+        let (code, _, err) = reshard_cli(&[
+            f.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--tp",
+            "2",
+            "--dtype",
+            dtype,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let ck = open(&out);
+        let yaml = yaml_without_grid(&ck);
+        assert_eq!(
+            serde_norway::to_string(&yaml["precision"]).unwrap().trim(),
+            want,
+            "{dtype}"
+        );
+    }
+}
+
+/// Regression (`reshard X X --force` replaced the source): a folder onto itself is
+/// refused with the source intact; a .nemo onto itself is the documented atomic rewrite.
+#[test]
+fn reshard_onto_its_own_input_replaces_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let ranks = dir.path().join("ranks");
+    reshard_to_ranks("archives/legacy_tp2_bf16.nemo", &ranks, 2);
+    let r = ranks.to_str().unwrap();
+    let (code, _, err) = reshard_cli(&[r, r, "--tp", "1", "--force"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the output is the input"), "{err}");
+    assert!(ranks.join("model_config.yaml").exists());
+    // In place for a .nemo file: complete, re-sharded, and nothing left beside it.
+    let a = dir.path().join("a.nemo");
+    std::fs::copy(fixtures().join("archives/legacy_tp2_bf16.nemo"), &a).unwrap();
+    let s = a.to_str().unwrap();
+    let (code, _, err) = reshard_cli(&[s, s, "--tp", "4", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(open(&a).grid.tp, 4);
+    let hf = dir.path().join("hf");
+    to_hf(&open(&a), &hf);
+    assert_eq!(tensors(&hf), {
+        let h2 = dir.path().join("hf2");
+        to_hf(
+            &open(&fixtures().join("archives/legacy_tp2_bf16.nemo")),
+            &h2,
+        );
+        tensors(&h2)
+    });
+    assert_no_leftovers(&a);
+}
+
+/// Regression (counts disagreed: reshard said 28 tensors per rank where inspect said 27):
+/// reshard counts weight tensors, as inspect does, and lists them.
+#[test]
+fn reshard_counts_agree_with_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    let out = dir.path().join("o");
+    let (code, stdout, err) = reshard_cli(&[
+        f.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--tp",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let (code, ins, err) = run(&["inspect", f.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let ins: Value = serde_json::from_str(&ins).unwrap();
+    assert_eq!(v["tensor_count"], ins["tensor_count"]);
+    assert_eq!(
+        v["tensors"].as_array().unwrap().len() as u64,
+        v["tensor_count"].as_u64().unwrap()
+    );
+    assert!(v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| !t["name"].as_str().unwrap().ends_with("inv_freq")));
+}

@@ -90,7 +90,9 @@ impl ErrStats {
 
     /// `sqrt(Σ err² / Σ x²)`.
     pub fn rel_rms(&self) -> f64 {
-        if self.sum_sq == 0.0 {
+        if self.overflow > 0 {
+            f64::INFINITY
+        } else if self.sum_sq == 0.0 {
             if self.sum_sq_err == 0.0 {
                 0.0
             } else {
@@ -103,7 +105,7 @@ impl ErrStats {
 
     /// `10 log10(Σ x² / Σ err²)`; infinite when exact.
     pub fn snr_db(&self) -> f64 {
-        if self.sum_sq_err.is_infinite() {
+        if self.overflow > 0 {
             f64::NEG_INFINITY
         } else if self.sum_sq_err == 0.0 {
             f64::INFINITY
