@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 /// Convert NeMo `.nemo` checkpoints of Megatron-GPT / Llama-2 models (such as SteerLM
 /// Llama-2 13B) into what people deploy, in bounded memory, without Python or a GPU.
 #[derive(Debug, Parser)]
-#[command(name = "steerlm-convert", version, about, long_about = None)]
+#[command(name = "steerlm-convert", version, about, long_about = None, term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -188,3 +188,154 @@ fn bad_input_is_one_line_and_exit_2() {
         "nope.nemo",
     );
 }
+
+/// Regression (special tokens in raw prompts): `<s>` typed in a prompt is text, as
+/// SentencePiece and NeMo's server read it (NeMo's SentencePiece tokenizer does not split
+/// control tokens out of text); transformers agrees with `split_special_tokens=True`.
+/// Its default reads `<s>` as the BOS token, and slow and fast do not even agree there.
+#[test]
+fn special_tokens_in_raw_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let (code, _, err) = run(&[
+        "nemo-to-safetensors",
+        fixtures()
+            .join("archives/nemo_legacy_tp2.nemo")
+            .to_str()
+            .unwrap(),
+        hf.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let texts = ["<s>x", "a</s>b <unk>", "<extra_id_1>User"];
+    let Some(r) = transformers_ids(&hf, &texts) else {
+        return;
+    };
+    for (i, text) in texts.iter().enumerate() {
+        let v = gen_json(&hf, text, &["--raw", "--max-tokens", "1"]);
+        let ours: Vec<u32> = ids_of(&v["prompt_ids"])[1..].to_vec();
+        let case = &r["cases"][i];
+        assert_eq!(ours, ids_of(&case["sentencepiece"]), "{text}");
+        assert_eq!(ours, ids_of(&case["slow_split_special"]), "{text}");
+        assert_eq!(ours, ids_of(&case["fast_split_special"]), "{text}");
+    }
+    assert_ne!(r["cases"][0]["slow"], r["cases"][0]["slow_split_special"]);
+}
+
+/// Regression (template): a custom --system text is followed by the blank line the
+/// card's template has; `--attr quality:3` is accepted.
+#[test]
+fn template_custom_system_has_no_blank_line() {
+    let model = fixtures().join("archives/nemo_legacy_tp1.nemo");
+    let v = gen_json(
+        &model,
+        "Hi",
+        &[
+            "--system",
+            "Be brief.",
+            "--attr",
+            "quality:3",
+            "--max-tokens",
+            "1",
+        ],
+    );
+    assert_eq!(
+        v["prompt"],
+        "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n<extra_id_2>quality:3,toxicity:0,humor:0,creativity:0,violence:0,helpfulness:9,not_appropriate:0\n"
+    );
+}
+
+/// Regression (`--prompt-file` kept the trailing newline and CRLF): the file's text is
+/// the same prompt as --prompt gives.
+#[test]
+fn prompt_file_keeps_trailing_newline_and_crlf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("p.txt");
+    std::fs::write(&f, "Line one.\r\nLine two.\r\n").unwrap();
+    let model = fixtures().join("archives/nemo_legacy_tp1.nemo");
+    let from_arg = gen_json(&model, "Line one.\nLine two.", &["--max-tokens", "1"]);
+    let (code, out, err) = run(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt-file",
+        f.to_str().unwrap(),
+        "--max-tokens",
+        "1",
+        "--json",
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let from_file: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(from_file["prompt"], from_arg["prompt"]);
+    assert_eq!(from_file["prompt_ids"], from_arg["prompt_ids"]);
+    // A missing prompt names both ways to give one.
+    let (code, _, err) = run(&["generate", model.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--prompt") && err.contains("--prompt-file"),
+        "{err}"
+    );
+}
+
+/// Regression (the context limit was applied inconsistently): prompt and completion
+/// together never exceed the context (512 positions here), whatever the prompt's length.
+#[test]
+fn context_limit_is_applied_inconsistently() {
+    let model = fixtures().join("models/mha/hf");
+    // A prompt of exactly 512 tokens ("x" is one token after BOS and the dummy prefix).
+    let tok = steerlm_convert::runtime::tokenizer::Tokenizer::new(
+        steerlm_convert::nemo::tokenizer::SpModel::parse(
+            &std::fs::read(model.join("tokenizer.model")).unwrap(),
+            "tokenizer.model",
+        )
+        .unwrap(),
+    );
+    let mut text = String::from("a");
+    while tok.encode(&text).len() + 1 < 512 {
+        text.push_str(" a");
+    }
+    assert_eq!(tok.encode(&text).len() + 1, 512);
+    let full = gen_json(
+        &model,
+        &text,
+        &["--raw", "--ignore-eos", "--max-tokens", "8"],
+    );
+    assert_eq!(full["prompt_ids"].as_array().unwrap().len(), 512);
+    assert_eq!(full["generated_ids"].as_array().unwrap().len(), 0);
+    assert_eq!(full["stop"], "context");
+    let short = gen_json(
+        &model,
+        "a",
+        &["--raw", "--ignore-eos", "--max-tokens", "1000"],
+    );
+    let total = short["prompt_ids"].as_array().unwrap().len()
+        + short["generated_ids"].as_array().unwrap().len();
+    assert_eq!(total, 512);
+    assert_eq!(short["stop"], "context");
+}
+
+/// Regression (`--json` vocabulary): a schema version, `generated_ids`, `stop` as an enum
+/// with its detail apart, `fp32`-style dtype names, and EOS kept in the ids as an end
+/// string's tokens are.
+#[test]
+fn json_schema_is_stable_and_names_agree() {
+    let model = fixtures().join("archives/nemo_legacy_tp1.nemo");
+    let v = gen_json(
+        &model,
+        "Where and when did techno music originate?",
+        &["--max-tokens", "64"],
+    );
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["command"], "generate");
+    let stop = v["stop"].as_str().unwrap();
+    assert!(
+        ["max_tokens", "eos", "end_string", "context"].contains(&stop),
+        "{stop}"
+    );
+    assert_eq!(v["stop_detail"].is_string(), stop == "end_string", "{v}");
+    assert!(["fp32", "fp16", "bf16", "int8"].contains(&v["weights"].as_str().unwrap()));
+    let eos = v["generated_ids"].as_array().unwrap().last().cloned();
+    if stop == "eos" {
+        assert_eq!(eos, Some(serde_json::json!(2)), "EOS is the last id");
+    }
+}

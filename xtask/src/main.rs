@@ -44,10 +44,53 @@ fn test_cmd() -> Result<()> {
         }
         cmd.env("STEERLM_CUDA_WHEELS", &wheels);
     }
+    python_deps(&root, &mut cmd)?;
     let st = cmd.status()?;
     if !st.success() {
         bail!("tests failed");
     }
+    Ok(())
+}
+
+/// The tokenizer checks run transformers on the folders we write. When python3 cannot
+/// import it, fixtures/requirements-tokenizer.txt is installed into target/py-deps (no
+/// root needed). The tests are then told to fail, never skip, without it.
+fn python_deps(root: &Path, cmd: &mut Command) -> Result<()> {
+    const PROBE: &str = "import transformers, sentencepiece, google.protobuf";
+    let deps = root.join("target/py-deps");
+    let importable = |path: Option<&Path>| {
+        let mut c = Command::new("python3");
+        c.args(["-c", PROBE]);
+        if let Some(p) = path {
+            c.env("PYTHONPATH", p);
+        }
+        c.output().is_ok_and(|o| o.status.success())
+    };
+    if !importable(None) {
+        if !importable(Some(&deps)) {
+            eprintln!(
+                "installing fixtures/requirements-tokenizer.txt into {}",
+                deps.display()
+            );
+            let pip = |extra: &[&str]| -> Result<bool> {
+                Ok(Command::new("python3")
+                    .args(["-m", "pip", "install", "--quiet", "--target"])
+                    .arg(&deps)
+                    .args(extra)
+                    .arg("-r")
+                    .arg(root.join("fixtures/requirements-tokenizer.txt"))
+                    .status()
+                    .context("python3 -m pip (needed for the transformers tokenizer checks)")?
+                    .success())
+            };
+            if !pip(&[])? && !pip(&["--break-system-packages"])? {
+                bail!("pip could not install fixtures/requirements-tokenizer.txt");
+            }
+        }
+        cmd.env("PYTHONPATH", &deps);
+    }
+    cmd.env("STEERLM_PYTHON", "python3")
+        .env("STEERLM_REQUIRE_PYTHON", "1");
     Ok(())
 }
 
@@ -78,7 +121,9 @@ pub(crate) const USAGE: &str = "usage:
   cargo xtask test
       The test suite: installs NVRTC from the nvidia-cuda-nvrtc-cu12 wheel into
       target/cuda-wheels when no CUDA toolkit is found (the kernels are compile-checked),
-      then runs cargo test --workspace.
+      and transformers + sentencepiece (fixtures/requirements-tokenizer.txt) into
+      target/py-deps when python3 lacks them (the tokenizer checks), then runs
+      cargo test --workspace.
   cargo xtask gpu-check
       On a machine with a GPU: every kernel against its CPU twin on random inputs
       (bit-identical int8 and scales, casts), kernel timings against the device copy
