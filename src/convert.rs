@@ -119,7 +119,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
             .map_err(|e| Error::io(&path, e))?;
             debug_assert_eq!(w.written - before, specs[i].nbytes());
             emit::check_overflow(
-                &ck.archive.display().to_string(),
+                ck.archive.display(),
                 &specs[i].name,
                 n,
                 specs[i].dtype,

@@ -437,7 +437,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         )
                         .map_err(|e| Error::io(&path, e))?;
                         emit::check_overflow(
-                            &ck.archive.display().to_string(),
+                            ck.archive.display(),
                             name,
                             n,
                             out_dtype(*from),
@@ -520,7 +520,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         &bar,
                     )?;
                     emit::check_overflow(
-                        &ck.archive.display().to_string(),
+                        ck.archive.display(),
                         name,
                         n,
                         out_dtype(*from),

@@ -165,3 +165,40 @@ fn help_documents_every_flag() {
     let (code, _, err) = run(&["inspect"]);
     assert_eq!(code, 2, "usage errors exit 2: {err}");
 }
+
+/// Regression (help text): `--scratch-dir` says what each command does with it, `--scheme`
+/// is described, inputs are not only ".nemo archives", the stop values are listed, and a
+/// missing prompt names both ways to give one.
+#[test]
+fn help_text_says_one_thing_per_command() {
+    let help = |cmd: &str| {
+        let (code, out, err) = run(&[cmd, "--help"]);
+        assert_eq!(code, 0, "{err}");
+        out.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let generate = help("generate");
+    assert!(
+        generate.contains("(default: the system temp dir)"),
+        "{generate}"
+    );
+    assert!(!generate.contains("the output's folder"), "{generate}");
+    assert!(
+        generate.contains("max_tokens, eos, end_string") && generate.contains("context"),
+        "{generate}"
+    );
+    assert!(help("nemo-to-safetensors").contains("(default: the output's folder)"));
+    let quantize = help("quantize");
+    assert!(
+        quantize.contains("--scheme <SCHEME> What to write"),
+        "{quantize}"
+    );
+    for cmd in ["inspect", "nemo-to-safetensors"] {
+        assert!(help(cmd).contains("per-rank folder"), "{cmd}");
+    }
+    let (code, _, err) = run(&["generate", "model.nemo"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--prompt <PROMPT>|--prompt-file <FILE>"),
+        "{err}"
+    );
+}

@@ -639,7 +639,7 @@ fn sigterm_and_sighup_leave_no_partial_output() {
         (libc::SIGINT, "int"),
     ] {
         let out = dir.path().join(name);
-        let mut child = spawn(&[
+        let child = spawn(&[
             "nemo-to-safetensors",
             src.to_str().unwrap(),
             out.to_str().unwrap(),

@@ -4,15 +4,25 @@
 
 use steerlm_convert::gpu::{self, nvrtc::Nvrtc};
 
-fn nvrtc() -> Nvrtc {
-    Nvrtc::load().unwrap_or_else(|e| {
-        panic!("{e}\n(run the tests with `cargo xtask test`: it installs the NVRTC wheel)")
-    })
+/// NVRTC, or `None` with the reason printed when this machine has none. `cargo xtask
+/// test` installs it and sets `STEERLM_REQUIRE_NVRTC=1`, so under the README's test
+/// command these checks cannot skip.
+fn nvrtc() -> Option<Nvrtc> {
+    match Nvrtc::load() {
+        Ok(n) => Some(n),
+        Err(e) if std::env::var("STEERLM_REQUIRE_NVRTC").is_ok_and(|v| v == "1") => {
+            panic!("{e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no NVRTC ({e}); `cargo xtask test` installs the wheel");
+            None
+        }
+    }
 }
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
-    let nv = nvrtc();
+    let Some(nv) = nvrtc() else { return };
     eprintln!("NVRTC {}.{} from {}", nv.version.0, nv.version.1, nv.path);
     // The oldest architecture NVRTC 12 and 13 both target, and the H100's.
     for arch in ["compute_75", "compute_90"] {
@@ -26,7 +36,7 @@ fn every_kernel_compiles_with_nvrtc() {
 
 #[test]
 fn a_broken_kernel_fails_with_the_compiler_log() {
-    let nv = nvrtc();
+    let Some(nv) = nvrtc() else { return };
     let (_, _, src) = gpu::kernel_sources().remove(0);
     let broken = src.replace("rintf(", "rintff(");
     let err = nv

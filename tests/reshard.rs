@@ -446,3 +446,16 @@ fn reshard_counts_agree_with_inspect() {
         .iter()
         .all(|t| !t["name"].as_str().unwrap().ends_with("inv_freq")));
 }
+
+/// Regression (TP 1 wrote model.safetensors at the top level while the README said rank
+/// folders): the README now says what is written, and this is it.
+#[test]
+fn reshard_tp1_layout_is_the_documented_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tp1");
+    reshard_to_ranks("archives/legacy_tp2_bf16.nemo", &out, 1);
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!out.join("mp_rank_00").exists());
+    let readme = std::fs::read_to_string(fixtures().join("../README.md")).unwrap();
+    assert!(readme.contains("for TP 1 × PP 1 a single\n`model.safetensors` at the top"));
+}

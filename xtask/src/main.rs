@@ -44,6 +44,7 @@ fn test_cmd() -> Result<()> {
         }
         cmd.env("STEERLM_CUDA_WHEELS", &wheels);
     }
+    cmd.env("STEERLM_REQUIRE_NVRTC", "1");
     python_deps(&root, &mut cmd)?;
     let st = cmd.status()?;
     if !st.success() {
