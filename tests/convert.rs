@@ -554,17 +554,18 @@ fn tokenizer_we_write_drifts_from_the_source() {
     }
 }
 
-/// A synthetic archive big enough (about 300 MB) that a conversion of it can be caught
-/// and killed mid-write.
-fn big_archive(dir: &Path) -> PathBuf {
-    let mut spec = steerlm_convert::synth::SynthSpec::llama2_13b(2);
-    spec.hidden = 2048;
-    spec.heads = 16;
-    spec.groups = 16;
-    spec.ffn = 5504;
-    let p = dir.join("big.nemo");
-    steerlm_convert::synth::write(&spec, &p, |_| {}).unwrap();
-    p
+/// A conversion slow enough to be caught mid-write: the big archive widened to fp32.
+fn slow_convert(src: &Path, out: &Path) -> Vec<String> {
+    [
+        "nemo-to-safetensors",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+        "-q",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn spawn(args: &[&str]) -> std::process::Child {
@@ -603,14 +604,8 @@ fn sigkill_mid_write_then_rerun_leaves_no_partials() {
     let dir = tempfile::tempdir().unwrap();
     let src = big_archive(dir.path());
     let out = dir.path().join("out");
-    let args = [
-        "nemo-to-safetensors",
-        src.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--dtype",
-        "fp32",
-        "-q",
-    ];
+    let args = slow_convert(&src, &out);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = spawn(&args);
     let partial = wait_for_partial(&out, &child);
     signal(&child, libc::SIGKILL);
@@ -639,14 +634,8 @@ fn sigterm_and_sighup_leave_no_partial_output() {
         (libc::SIGINT, "int"),
     ] {
         let out = dir.path().join(name);
-        let child = spawn(&[
-            "nemo-to-safetensors",
-            src.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "--dtype",
-            "fp32",
-            "-q",
-        ]);
+        let args = slow_convert(&src, &out);
+        let child = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
         wait_for_partial(&out, &child);
         signal(&child, sig);
         let st = child.wait_with_output().unwrap();
@@ -668,14 +657,8 @@ fn two_concurrent_runs_give_one_output_and_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let src = big_archive(dir.path());
     let out = dir.path().join("out");
-    let args = [
-        "nemo-to-safetensors",
-        src.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--dtype",
-        "fp32",
-        "-q",
-    ];
+    let args = slow_convert(&src, &out);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = spawn(&args);
     wait_for_partial(&out, &first);
     let (code, _, err) = run(&args);

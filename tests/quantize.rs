@@ -605,13 +605,7 @@ fn quantize_onto_its_own_input_replaces_the_source() {
 #[test]
 fn quantize_sigterm_and_sighup_leave_partials() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut spec = steerlm_convert::synth::SynthSpec::llama2_13b(2);
-    spec.hidden = 2048;
-    spec.heads = 16;
-    spec.groups = 16;
-    spec.ffn = 5504;
-    let src = tmp.path().join("big.nemo");
-    steerlm_convert::synth::write(&spec, &src, |_| {}).unwrap();
+    let src = big_archive(tmp.path());
     for (sig, name) in [(libc::SIGTERM, "term"), (libc::SIGHUP, "hup")] {
         let out = tmp.path().join(name);
         let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("steerlm-convert"))

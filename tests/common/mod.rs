@@ -279,3 +279,16 @@ pub fn overflowing_archive(dir: &Path) -> PathBuf {
     });
     src
 }
+
+/// A synthetic archive big enough (about 300 MB) that a command on it can be caught and
+/// signalled mid-write.
+pub fn big_archive(dir: &Path) -> PathBuf {
+    let mut spec = steerlm_convert::synth::SynthSpec::llama2_13b(2);
+    spec.hidden = 2048;
+    spec.heads = 16;
+    spec.groups = 16;
+    spec.ffn = 5504;
+    let p = dir.join("big.nemo");
+    steerlm_convert::synth::write(&spec, &p, |_| {}).unwrap();
+    p
+}
