@@ -105,7 +105,8 @@ fn split_target(target: &Path) -> Result<(PathBuf, String)> {
 /// The exclusive lock on one output path, held while it is written.
 struct OutputLock {
     path: PathBuf,
-    file: File,
+    /// Held open: the `flock` lasts as long as this descriptor.
+    _file: File,
 }
 
 impl OutputLock {
@@ -141,16 +142,16 @@ impl OutputLock {
             }
             file.set_len(0).map_err(|e| Error::io(&path, e))?;
             write!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
-            return Ok(OutputLock { path, file });
+            return Ok(OutputLock { path, _file: file });
         }
     }
 }
 
 impl Drop for OutputLock {
     fn drop(&mut self) {
-        // Removed while still held, so that no later run can lock a file about to vanish.
+        // Removed while still held (the descriptor closes after this), so that no later
+        // run can lock a file about to vanish.
         let _ = std::fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }
 
