@@ -340,8 +340,8 @@ pub struct ReadArgs {
 
 impl DTypeArg {
     /// The dtype to write, `None` to keep the stored one.
-    pub fn dtype(self) -> Option<steerlm_convert::tensor::DType> {
-        use steerlm_convert::tensor::DType;
+    pub fn dtype(self) -> Option<steerlm_convert::dtype::DType> {
+        use steerlm_convert::dtype::DType;
         match self {
             DTypeArg::Keep => None,
             DTypeArg::Bf16 => Some(DType::BF16),

@@ -5,20 +5,18 @@
 //! reads the config, tokenizer and rank grid; [`torch`] locates every tensor of every rank
 //! through a safe pickle VM; [`model::roles`] says what each tensor is and how it is split.
 
-pub mod convert;
+pub mod arch;
+pub mod container;
+pub mod dtype;
 pub mod error;
-pub mod formats;
 pub mod gpu;
-pub mod model;
+pub mod hf;
+pub mod io;
 pub mod nemo;
-pub mod output;
-pub mod progress;
+pub mod pipeline;
 pub mod quant;
-pub mod quantize;
-pub mod reshard;
 pub mod runtime;
 pub mod synth;
-pub mod tensor;
 pub mod torch;
 
 pub use error::{Error, Result};

@@ -9,9 +9,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::nemo::layout::rank_member;
-use crate::nemo::tar_write::TarWriter;
+use crate::container::tar_write::TarWriter;
 use crate::nemo::tokenizer::{write_bpe_model, Piece, PieceType};
-use crate::tensor::DType;
+use crate::dtype::DType;
 use crate::torch::save::{SaveEntry, TorchFile};
 
 /// Shape of the synthetic model.
@@ -270,7 +270,7 @@ fn fill_random_halves(buf: &mut [u8], seed: &mut u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nemo::archive::OpenOptions;
+    use crate::container::mapped::OpenOptions;
     use crate::nemo::checkpoint::{Checkpoint, Weights};
 
     #[test]
@@ -304,14 +304,14 @@ mod tests {
             assert_eq!(r.len() as u64, tp * pp);
             assert!(!out.with_extension("nemo.partial").exists());
             let hf = dir.path().join(format!("hf{tp}{pp}"));
-            let opts = crate::convert::ConvertOptions {
+            let opts = crate::pipeline::to_hf::ConvertOptions {
                 dtype: None,
                 max_shard_bytes: u64::MAX,
                 force: false,
                 allow_overflow: false,
                 progress: false,
             };
-            let report = crate::convert::nemo_to_safetensors(&ck, &hf, &opts).unwrap();
+            let report = crate::pipeline::to_hf::nemo_to_safetensors(&ck, &hf, &opts).unwrap();
             assert_eq!(report.tensors.len(), 2 + 4 * 9 + 1);
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
-use steerlm_convert::tensor::DType;
+use steerlm_convert::dtype::DType;
 
 fn convert(input: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
     let mut args = vec![
@@ -89,7 +89,7 @@ fn check_against_truth(dir: &Path, model: &str, dtype: DType, what: &str) {
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     want.as_object_mut().unwrap().remove("transformers_version");
     want["torch_dtype"] =
-        Value::String(steerlm_convert::formats::hf::torch_dtype_name(dtype).into());
+        Value::String(steerlm_convert::hf::config::torch_dtype_name(dtype).into());
     assert_eq!(got, want, "{what}: config.json");
     let tok = std::fs::read(dir.join("tokenizer.model")).unwrap();
     let want_tok = std::fs::read(
@@ -450,7 +450,7 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
 
 #[test]
 fn an_unknown_tensor_key_is_refused_by_name() {
-    use steerlm_convert::torch::checkpoint::{StateDict, StateEntry};
+    use steerlm_convert::torch::state_dict::{StateDict, StateEntry};
     use steerlm_convert::torch::save::{SaveEntry, TorchFile};
     let dir = tempfile::tempdir().unwrap();
     let fixture = fixtures().join("archives/legacy_tp2_bf16.nemo");

@@ -110,7 +110,7 @@ fn a_sane_rebuild_is_accepted() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("TP 2 x PP 1"));
     let z = torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 12)]);
-    let sd = steerlm_convert::torch::checkpoint::StateDict::read(&z, 0, "m").unwrap();
+    let sd = steerlm_convert::torch::state_dict::StateDict::read(&z, 0, "m").unwrap();
     assert_eq!(sd.tensors().next().unwrap().1.shape, vec![2, 3]);
 }
 
@@ -147,7 +147,7 @@ fn truncated_gzip() {
 fn truncated_zip_member() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = std::fs::read(fixtures().join(TP2)).unwrap();
-    let members = steerlm_convert::nemo::tar::index(&ckpt, "f").unwrap();
+    let members = steerlm_convert::container::tar::index(&ckpt, "f").unwrap();
     let m = members
         .iter()
         .find(|m| m.name == "mp_rank_01/model_weights.ckpt")

@@ -4,11 +4,11 @@
 mod common;
 
 use common::*;
-use steerlm_convert::model::roles::{Kind, Layer};
-use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::arch::roles::{Kind, Layer};
+use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
 use steerlm_convert::nemo::layout::LayoutKind;
-use steerlm_convert::tensor::TensorRef;
+use steerlm_convert::dtype::TensorRef;
 
 fn open(file: &str) -> Checkpoint {
     Checkpoint::open(&fixtures().join(file), &OpenOptions::default())

@@ -9,12 +9,12 @@ use assert_cmd::Command;
 use common::*;
 use proptest::prelude::*;
 use serde_json::Value;
-use steerlm_convert::convert::{nemo_to_safetensors, ConvertOptions};
-use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::pipeline::to_hf::{nemo_to_safetensors, ConvertOptions};
+use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::nemo::checkpoint::Checkpoint;
-use steerlm_convert::reshard::{reshard, Format, ReshardOptions};
+use steerlm_convert::pipeline::reshard::{reshard, Format, ReshardOptions};
 use steerlm_convert::synth::{self, SynthSpec};
-use steerlm_convert::tensor::DType;
+use steerlm_convert::dtype::DType;
 
 fn open(p: &Path) -> Checkpoint {
     Checkpoint::open(p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -297,7 +297,7 @@ fn recomputed_rope_frequencies_are_torchs_to_the_bit() {
         .find(|(n, _)| n.ends_with("inv_freq"))
         .unwrap();
     let want = ck.archive.slice(t.offset, t.nbytes()).to_vec();
-    let got: Vec<u8> = steerlm_convert::reshard::rope_inv_freq(10000.0, 8)
+    let got: Vec<u8> = steerlm_convert::pipeline::reshard::rope_inv_freq(10000.0, 8)
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::Model;
 

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = steerlm_convert::nemo::tar::index(data, "fuzz");
+    let _ = steerlm_convert::container::tar::index(data, "fuzz");
 });

@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use steerlm_convert::torch::{checkpoint::StateDict, zip};
+use steerlm_convert::container::zip;
+use steerlm_convert::torch::state_dict::StateDict;
 
 fuzz_target!(|data: &[u8]| {
     let _ = zip::read_records(data, "fuzz");

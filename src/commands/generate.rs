@@ -4,11 +4,11 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use serde_json::json;
-use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::{Model, SourceKind};
 use steerlm_convert::runtime::{cpu, steerlm};
-use steerlm_convert::{output, Error};
+use steerlm_convert::{io::output, Error};
 
 use crate::cli::GenerateArgs;
 

@@ -4,10 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
-use steerlm_convert::model::roles::Role;
+use steerlm_convert::arch::roles::Role;
 use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
-use steerlm_convert::tensor::fmt_shape;
-use steerlm_convert::torch::checkpoint::StateEntry;
+use steerlm_convert::dtype::fmt_shape;
+use steerlm_convert::torch::state_dict::StateEntry;
 
 use crate::cli::InspectArgs;
 
@@ -31,7 +31,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     let stored_rows = ck.stored_vocab_rows();
     let mut warnings = ck.warnings.clone();
     if let (Some(v), Some(rows)) = (vocab, stored_rows) {
-        if let Some(w) = steerlm_convert::model::shard::vocab_misfit(c, v, rows) {
+        if let Some(w) = steerlm_convert::arch::tp::vocab_misfit(c, v, rows) {
             warnings.push(w);
         }
     }

@@ -8,7 +8,7 @@ pub mod reshard;
 
 use std::path::Path;
 
-use steerlm_convert::nemo::archive::OpenOptions;
+use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::nemo::checkpoint::Checkpoint;
 
 /// Opens the input of a command that writes `output`: a gzip archive is decompressed
@@ -37,7 +37,7 @@ pub fn open_input(
 pub fn gpu_engine(
     device: crate::cli::DeviceArg,
     quiet: bool,
-) -> steerlm_convert::Result<Option<Box<dyn steerlm_convert::quantize::Engine>>> {
+) -> steerlm_convert::Result<Option<Box<dyn steerlm_convert::pipeline::quantize::Engine>>> {
     use crate::cli::DeviceArg;
     if device == DeviceArg::Cpu {
         return Ok(None);

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use steerlm_convert::convert::{self, ConvertOptions};
-use steerlm_convert::output;
+use steerlm_convert::pipeline::to_hf::{self, ConvertOptions};
+use steerlm_convert::io::output;
 
 use crate::cli::NemoToSafetensorsArgs;
 
@@ -23,7 +23,7 @@ pub fn run(args: &NemoToSafetensorsArgs) -> anyhow::Result<ExitCode> {
         allow_overflow: args.allow_overflow,
         progress: !args.io.quiet,
     };
-    let report = convert::nemo_to_safetensors(&ck, &args.output, &opts)?;
+    let report = to_hf::nemo_to_safetensors(&ck, &args.output, &opts)?;
     let casts: Vec<String> = {
         let mut v: Vec<String> = report
             .tensors

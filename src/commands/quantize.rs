@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use steerlm_convert::nemo::archive::OpenOptions;
-use steerlm_convert::output;
-use steerlm_convert::quantize::{self, CpuEngine, Engine, QuantizeOptions, Report, Scheme};
-use steerlm_convert::tensor::DType;
+use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::io::output;
+use steerlm_convert::pipeline::quantize::{self, CpuEngine, Engine, QuantizeOptions, Report, Scheme};
+use steerlm_convert::dtype::DType;
 use steerlm_convert::Error;
 
 use crate::cli::{GranularityArg, QuantizeArgs, SchemeArg};

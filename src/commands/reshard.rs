@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use serde_json::json;
-use steerlm_convert::output;
-use steerlm_convert::reshard::{self, Format, ReshardOptions};
+use steerlm_convert::io::output;
+use steerlm_convert::pipeline::reshard::{self, Format, ReshardOptions};
 use steerlm_convert::Error;
 
 use crate::cli::{FormatArg, ReshardArgs};

@@ -10,8 +10,8 @@ use cudarc::driver::{
 
 use super::nvrtc::Nvrtc;
 use crate::quant::int8::{ErrStats, RowError};
-use crate::quantize::{CastBatch, Engine, QBatch, RowSource};
-use crate::tensor::DType;
+use crate::pipeline::quantize::{CastBatch, Engine, QBatch, RowSource};
+use crate::dtype::DType;
 
 const BLOCK: u32 = 256;
 /// Input bytes per chunk (a batch is split into chunks that alternate between streams).

@@ -91,27 +91,27 @@ impl CudaEngine {
 }
 
 #[cfg(not(feature = "cuda"))]
-impl crate::quantize::Engine for CudaEngine {
+impl crate::pipeline::quantize::Engine for CudaEngine {
     fn name(&self) -> String {
         match *self {}
     }
     fn quantize(
         &self,
-        _: &crate::quantize::RowSource<'_>,
+        _: &crate::pipeline::quantize::RowSource<'_>,
         _: usize,
         _: usize,
         _: usize,
-        _: crate::tensor::DType,
-    ) -> Result<crate::quantize::QBatch, (usize, crate::quant::int8::RowError)> {
+        _: crate::dtype::DType,
+    ) -> Result<crate::pipeline::quantize::QBatch, (usize, crate::quant::int8::RowError)> {
         match *self {}
     }
     fn cast(
         &self,
-        _: &crate::quantize::RowSource<'_>,
+        _: &crate::pipeline::quantize::RowSource<'_>,
         _: usize,
         _: usize,
-        _: crate::tensor::DType,
-    ) -> Result<crate::quantize::CastBatch, String> {
+        _: crate::dtype::DType,
+    ) -> Result<crate::pipeline::quantize::CastBatch, String> {
         match *self {}
     }
 }

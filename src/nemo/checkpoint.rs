@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::roles::{self, Classified, Schema};
-use crate::nemo::archive::{Archive, OpenOptions};
+use crate::arch::roles::{self, Classified, Schema};
+use crate::container::mapped::{Archive, OpenOptions};
 use crate::nemo::config::ModelConfig;
 use crate::nemo::layout::{self, LayoutKind, RankGrid};
 use crate::nemo::tokenizer::SpModel;
-use crate::nemo::zarr::{self, DistCheckpoint};
-use crate::torch::checkpoint::StateDict;
+use crate::container::zarr::{self, DistCheckpoint};
+use crate::torch::state_dict::StateDict;
 
 /// One rank's state dict.
 #[derive(Debug, Clone)]
@@ -86,7 +86,7 @@ impl Checkpoint {
                     .member(member)
                     .expect("grid built from member names");
                 let state = if member.ends_with(".safetensors") {
-                    crate::formats::safetensors_in::read_state_dict(
+                    crate::container::safetensors::read_state_dict(
                         archive.data(m),
                         m.offset,
                         member,
@@ -163,7 +163,7 @@ impl Checkpoint {
     }
 
     /// Every stored weight tensor (not `inv_freq` or `_extra_state`): (dtype, bytes).
-    fn weight_tensors(&self) -> Vec<(crate::tensor::DType, u64)> {
+    fn weight_tensors(&self) -> Vec<(crate::dtype::DType, u64)> {
         let is_weight = |k: &str| self.classify(k).is_none_or(|c| c.role != roles::Role::Skip);
         match &self.weights {
             Weights::Ranks(ranks) => ranks
@@ -192,7 +192,7 @@ impl Checkpoint {
     }
 
     /// The distinct dtypes of the stored weights.
-    pub fn stored_dtypes(&self) -> Vec<crate::tensor::DType> {
+    pub fn stored_dtypes(&self) -> Vec<crate::dtype::DType> {
         let mut v: Vec<_> = self.weight_tensors().iter().map(|&(d, _)| d).collect();
         v.sort();
         v.dedup();

@@ -1,11 +1,7 @@
-//! NeMo `.nemo` archives: the container, the config, the rank layout, the tokenizer
-//! artifact and distributed checkpoints.
+//! NeMo `.nemo` checkpoints: the config, the rank layout, the tokenizer artifact and the
+//! opened checkpoint.
 
-pub mod archive;
 pub mod checkpoint;
 pub mod config;
 pub mod layout;
-pub mod tar;
-pub mod tar_write;
 pub mod tokenizer;
-pub mod zarr;

@@ -12,10 +12,10 @@
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::nemo::archive::Archive;
+use crate::container::mapped::Archive;
 use crate::runtime::cpu::WType;
 use crate::runtime::llama::{Band, Linear, Part};
-use crate::tensor::{DType, TensorRef};
+use crate::dtype::{DType, TensorRef};
 
 /// The `quantization_config` block for int8 weight-only with `group` (`None`: per
 /// channel), leaving `ignore` (full names of linear layers kept in float) as given.
@@ -156,7 +156,7 @@ pub fn linear(
     }
     let sb = ar.slice(st.offset, st.nbytes());
     let mut scales = vec![0f32; sb.len() / st.dtype.size()];
-    crate::quantize::to_f32(sb, st.dtype, &mut scales);
+    crate::pipeline::quantize::to_f32(sb, st.dtype, &mut scales);
     if scales.iter().any(|s| !s.is_finite()) {
         return Err(err(sm, sname, "holds a non-finite scale".into()));
     }

@@ -17,7 +17,7 @@
 // Kernels index lanes explicitly: that is what lets the compiler vectorize them.
 #![allow(clippy::needless_range_loop)]
 
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// Rounds `s` to `dt` (nearest-even) and returns the stored value as f32.
 #[inline(always)]

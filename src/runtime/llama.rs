@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::nemo::archive::Archive;
+use crate::container::mapped::Archive;
 use crate::runtime::cpu::{self, WType};
 
 /// A strided block of a linear layer's weight: columns `col0..col0 + cols` of the band's
@@ -307,7 +307,7 @@ impl Weights {
 
     fn inv_freq(&self) -> Vec<f32> {
         let d = &self.dims;
-        let mut f = crate::reshard::rope_inv_freq(d.rope_theta, (d.head_dim / 2) as u64);
+        let mut f = crate::pipeline::reshard::rope_inv_freq(d.rope_theta, (d.head_dim / 2) as u64);
         if d.rope_factor != 1.0 {
             let factor = d.rope_factor as f32;
             f.iter_mut().for_each(|v| *v /= factor);

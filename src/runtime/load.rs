@@ -8,16 +8,16 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::roles::Kind;
-use crate::model::shard::{self, Logical};
-use crate::nemo::archive::{Archive, OpenOptions};
+use crate::arch::roles::Kind;
+use crate::arch::tp::{self, Logical};
+use crate::container::mapped::{Archive, OpenOptions};
 use crate::nemo::checkpoint::Checkpoint;
 use crate::nemo::tokenizer::SpModel;
 use crate::quant;
 use crate::runtime::cpu::WType;
 use crate::runtime::llama::{Band, Dims, Layer, Linear, Part, QkvOrder, Weights};
 use crate::runtime::tokenizer::Tokenizer;
-use crate::tensor::{DType, TensorRef};
+use crate::dtype::{DType, TensorRef};
 
 /// Where the weights came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +55,7 @@ fn wtype(d: DType, what: &str, file: &str) -> Result<WType> {
 
 fn to_f32(bytes: &[u8], d: DType) -> Vec<f32> {
     let mut v = vec![0f32; bytes.len() / d.size()];
-    crate::quantize::to_f32(bytes, d, &mut v);
+    crate::pipeline::quantize::to_f32(bytes, d, &mut v);
     v
 }
 
@@ -230,8 +230,8 @@ fn open_nemo(ck: Checkpoint) -> Result<Model> {
     }
     let sp = ck.tokenizer()?.model.clone();
     let vocab = sp.vocab_size() as u64;
-    let logicals = shard::logical_tensors(&ck)?;
-    shard::check_vocab(&ck, &logicals, vocab)?;
+    let logicals = tp::logical_tensors(&ck)?;
+    tp::check_vocab(&ck, &logicals, vocab)?;
     let get = |k: Kind, layer: Option<u64>| -> Result<&Logical<'_>> {
         logicals.get(&(k, layer)).ok_or_else(|| Error::Tensor {
             member: file.clone(),
@@ -493,7 +493,7 @@ fn open_hf(dir: &Path) -> Result<Model> {
     }
     for n in &names {
         let m = archive.member(n).expect("listed");
-        let sd = crate::formats::safetensors_in::read_state_dict(archive.data(m), m.offset, n)
+        let sd = crate::container::safetensors::read_state_dict(archive.data(m), m.offset, n)
             .map_err(|e| e.in_file(&file))?;
         for (name, t) in sd.tensors() {
             if tensors

@@ -1,6 +1,5 @@
-//! PyTorch checkpoints: the zip container, the safe pickle VM, and located state dicts.
+//! PyTorch checkpoints: the safe pickle VM, located state dicts, and the writer.
 
-pub mod checkpoint;
 pub mod pickle;
 pub mod save;
-pub mod zip;
+pub mod state_dict;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// A storage referenced through a persistent id: `('storage', <class>, key, location, numel)`.
 #[derive(Debug, Clone, PartialEq, Eq)]

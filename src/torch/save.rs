@@ -6,7 +6,7 @@
 
 use std::io::{self, Seek, SeekFrom, Write};
 
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 const ALIGN: u64 = 64;
 
@@ -45,7 +45,7 @@ pub fn state_dict_pickle(entries: &[(String, SaveEntry)]) -> Vec<u8> {
                 p.out.push(b'Q');
                 p.int(0);
                 p.tuple_of_ints(shape);
-                p.tuple_of_ints(&crate::tensor::contiguous_strides(shape));
+                p.tuple_of_ints(&crate::dtype::contiguous_strides(shape));
                 p.out.push(0x89);
                 p.global("collections", "OrderedDict");
                 p.out.push(b')');
@@ -422,7 +422,7 @@ impl TorchFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::torch::checkpoint::{StateDict, StateEntry};
+    use crate::torch::state_dict::{StateDict, StateEntry};
 
     #[test]
     fn write_then_read() {

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use serde_json::Value;
-use steerlm_convert::nemo::tar::{self, MemberKind};
-use steerlm_convert::nemo::tar_write::TarWriter;
-use steerlm_convert::tensor::DType;
+use steerlm_convert::container::tar::{self, MemberKind};
+use steerlm_convert::container::tar_write::TarWriter;
+use steerlm_convert::dtype::DType;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

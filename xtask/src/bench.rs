@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use steerlm_convert::synth::{self, SynthSpec};
-use steerlm_convert::tensor::DType;
+use steerlm_convert::dtype::DType;
 
 use crate::{best_against_cp, flag, measure, num, release_binary, runs, synth_if_absent};
 

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use steerlm_convert::formats::safetensors_out::{header, TensorSpec};
+use steerlm_convert::container::safetensors_write::{header, TensorSpec};
 use steerlm_convert::gpu::CudaEngine;
-use steerlm_convert::nemo::archive::{Archive, OpenOptions};
-use steerlm_convert::quantize::{CpuEngine, Engine, RowSource};
-use steerlm_convert::tensor::DType;
+use steerlm_convert::container::mapped::{Archive, OpenOptions};
+use steerlm_convert::pipeline::quantize::{CpuEngine, Engine, RowSource};
+use steerlm_convert::dtype::DType;
 
 struct Rng(u64);
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use steerlm_convert::synth::{self, SynthSpec};
-use steerlm_convert::tensor::DType;
+use steerlm_convert::dtype::DType;
 
 mod bench;
 mod gpu_check;

@@ -4,8 +4,8 @@
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::tensor::{contiguous_strides, DType, TensorRef};
-use crate::torch::checkpoint::{StateDict, StateEntry};
+use crate::dtype::{contiguous_strides, DType, TensorRef};
+use crate::torch::state_dict::{StateDict, StateEntry};
 
 fn dtype(name: &str) -> Option<DType> {
     Some(match name {

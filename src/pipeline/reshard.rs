@@ -10,17 +10,17 @@ use std::time::Instant;
 use serde_norway::Value as Yaml;
 
 use crate::error::{Error, Result};
-use crate::formats::safetensors_out::{self, FileSink, Plain, TensorSpec};
-use crate::model::emit::{self, Piece};
-use crate::model::roles::{self, Kind, Layer, Role, Schema};
-use crate::model::shard::{self, Dims, Logical};
+use crate::container::safetensors_write::{self, FileSink, Plain, TensorSpec};
+use crate::pipeline::emit::{self, Piece};
+use crate::arch::roles::{self, Kind, Layer, Role, Schema};
+use crate::arch::tp::{self, Dims, Logical};
 use crate::nemo::checkpoint::{Checkpoint, Weights};
 use crate::nemo::layout::rank_member;
-use crate::nemo::tar::MemberKind;
-use crate::nemo::tar_write::TarWriter;
-use crate::output::{self, AtomicDir, AtomicFile};
-use crate::progress::Progress;
-use crate::tensor::DType;
+use crate::container::tar::MemberKind;
+use crate::container::tar_write::TarWriter;
+use crate::io::output::{self, AtomicDir, AtomicFile};
+use crate::io::progress::Progress;
+use crate::dtype::DType;
 use crate::torch::save::{SaveEntry, TorchFile};
 
 /// Output container.
@@ -124,7 +124,7 @@ fn templates(ck: &Checkpoint) -> Names {
             for r in ranks {
                 for (k, e) in &r.state.entries {
                     let inv = match e {
-                        crate::torch::checkpoint::StateEntry::Tensor(t) => {
+                        crate::torch::state_dict::StateEntry::Tensor(t) => {
                             Some((t.offset, t.nbytes(), t.dtype))
                         }
                         _ => None,
@@ -245,8 +245,8 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
     check_grid(ck, opts.tp, opts.pp)?;
     let tok = ck.tokenizer()?;
     let vocab = tok.model.vocab_size() as u64;
-    let logicals = shard::logical_tensors(ck)?;
-    shard::check_vocab(ck, &logicals, vocab)?;
+    let logicals = tp::logical_tensors(ck)?;
+    tp::check_vocab(ck, &logicals, vocab)?;
     let new_rows = ck.config.padded_vocab(vocab, opts.tp);
     let names = templates(ck);
     let yaml = updated_yaml(ck, opts.tp, opts.pp, opts.dtype)?;
@@ -414,7 +414,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                 let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
                 let mut w = FileSink::new(f);
                 let refs: Vec<&TensorSpec> = specs.iter().collect();
-                w.write_all(&safetensors_out::header(&refs))
+                w.write_all(&safetensors_write::header(&refs))
                     .map_err(|e| Error::io(&path, e))?;
                 for e in entries {
                     if let OutEntry::Tensor {

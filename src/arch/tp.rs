@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::model::roles::{Kind, Layer, Role};
+use crate::arch::roles::{Kind, Layer, Role};
 use crate::nemo::checkpoint::{Checkpoint, Weights};
 use crate::nemo::config::ModelConfig;
-use crate::nemo::zarr::ZarrArray;
-use crate::tensor::{DType, TensorRef};
+use crate::container::zarr::ZarrArray;
+use crate::dtype::{DType, TensorRef};
 
 /// A logical tensor: a kind at a global layer, merged over TP ranks.
 #[derive(Debug, Clone)]
@@ -210,7 +210,7 @@ impl Dims {
     /// The shape one of `tp` ranks holds.
     pub fn rank_shape(&self, kind: Kind, vocab_rows: u64, tp: u64) -> Vec<u64> {
         let mut s = self.shape(kind, vocab_rows);
-        match crate::model::roles::role_of(kind) {
+        match crate::arch::roles::role_of(kind) {
             Role::VocabRows | Role::ColumnRows | Role::QkvGrouped | Role::GateUpFused => s[0] /= tp,
             Role::RowCols => s[1] /= tp,
             Role::Replicated | Role::Skip => {}
@@ -323,8 +323,8 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                     if t.shape != want {
                         return Err(terr(format!(
                             "shape {} contradicts the config (expected {} at TP {})",
-                            crate::tensor::fmt_shape(&t.shape),
-                            crate::tensor::fmt_shape(&want),
+                            crate::dtype::fmt_shape(&t.shape),
+                            crate::dtype::fmt_shape(&want),
                             d.tp
                         )));
                     }
@@ -340,7 +340,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                         )));
                     }
                 }
-                let role = crate::model::roles::role_of(kind);
+                let role = crate::arch::roles::role_of(kind);
                 out.insert(
                     (kind, layer),
                     Logical {
@@ -384,8 +384,8 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                         if a.shape != full || a.chunks[0] != 1 {
                             return Err(aerr(format!(
                                 "shape {} contradicts the config (expected {} with one layer per chunk)",
-                                crate::tensor::fmt_shape(&a.shape),
-                                crate::tensor::fmt_shape(&full)
+                                crate::dtype::fmt_shape(&a.shape),
+                                crate::dtype::fmt_shape(&full)
                             )));
                         }
                         for l in 0..d.layers {
@@ -408,8 +408,8 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
                         if a.shape != want {
                             return Err(aerr(format!(
                                 "shape {} contradicts the config (expected {})",
-                                crate::tensor::fmt_shape(&a.shape),
-                                crate::tensor::fmt_shape(&want)
+                                crate::dtype::fmt_shape(&a.shape),
+                                crate::dtype::fmt_shape(&want)
                             )));
                         }
                         out.insert(
@@ -432,7 +432,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<BTreeMap<(Kind, Option<u64>), 
     }
     // Every layer and the model-level tensors must be present.
     let gate_up: &[Kind] = if ck.config.activation == crate::nemo::config::Activation::FastSwiglu
-        || ck.schema == crate::model::roles::Schema::Mcore
+        || ck.schema == crate::arch::roles::Schema::Mcore
     {
         &[Kind::GateUp]
     } else {

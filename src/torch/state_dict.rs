@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::tensor::{strided_extent, TensorRef};
+use crate::dtype::{strided_extent, TensorRef};
 use crate::torch::pickle::{self, Entry, PickledTensor};
-use crate::torch::zip;
+use crate::container::zip;
 
 /// One entry of a located state dict.
 #[derive(Debug, Clone, PartialEq)]

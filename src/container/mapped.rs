@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::nemo::tar::{self, Member, MemberKind};
-use crate::progress::Progress;
+use crate::container::tar::{self, Member, MemberKind};
+use crate::io::progress::Progress;
 
 /// An opened archive.
 pub struct Archive {

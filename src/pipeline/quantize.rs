@@ -11,18 +11,18 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::convert;
+use crate::pipeline::to_hf;
 use crate::error::{Error, Result};
-use crate::formats::hf;
-use crate::formats::safetensors_out::{self, FileSink, TensorSpec};
-use crate::model::shard::{self, Logical, Seg};
-use crate::nemo::archive::{Archive, OpenOptions};
+use crate::hf::config as hf;
+use crate::container::safetensors_write::{self, FileSink, TensorSpec};
+use crate::arch::tp::{self, Logical, Seg};
+use crate::container::mapped::{Archive, OpenOptions};
 use crate::nemo::checkpoint::Checkpoint;
-use crate::output::{self, AtomicDir};
-use crate::progress::Progress;
+use crate::io::output::{self, AtomicDir};
+use crate::io::progress::Progress;
 use crate::quant::compressed;
 use crate::quant::int8::{self, ErrStats, RowError};
-use crate::tensor::{DType, TensorRef};
+use crate::dtype::{DType, TensorRef};
 
 /// What to produce.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -621,8 +621,8 @@ fn from_nemo(ck: &Checkpoint, out: &Path, opts: &QuantizeOptions) -> Result<Repo
     let tok = ck.tokenizer()?;
     let sp = &tok.model;
     let vocab = sp.vocab_size() as u64;
-    let logicals = shard::logical_tensors(ck)?;
-    shard::check_vocab(ck, &logicals, vocab)?;
+    let logicals = tp::logical_tensors(ck)?;
+    tp::check_vocab(ck, &logicals, vocab)?;
     let plan = hf::plan(&logicals, &ck.config, vocab);
     let mut sources = Vec::new();
     for t in &plan {
@@ -657,7 +657,7 @@ fn from_nemo(ck: &Checkpoint, out: &Path, opts: &QuantizeOptions) -> Result<Repo
             if let Some(q) = qc {
                 cfg["quantization_config"] = q;
             }
-            convert::write_side_files(dir, ck, cfg)
+            to_hf::write_side_files(dir, ck, cfg)
         },
     )
 }
@@ -696,7 +696,7 @@ fn from_hf(ar: &Archive, out: &Path, opts: &QuantizeOptions) -> Result<Report> {
     let mut all: Vec<(String, TensorRef, String)> = Vec::new();
     for n in &names {
         let m = ar.member(n).expect("listed");
-        let sd = crate::formats::safetensors_in::read_state_dict(ar.data(m), m.offset, n)
+        let sd = crate::container::safetensors::read_state_dict(ar.data(m), m.offset, n)
             .map_err(|e| e.in_file(&file))?;
         for (name, t) in sd.tensors() {
             all.push((name.to_string(), t.clone(), n.clone()));
@@ -756,7 +756,7 @@ fn from_hf(ar: &Archive, out: &Path, opts: &QuantizeOptions) -> Result<Report> {
         if let Some(q) = qc {
             cfg["quantization_config"] = q;
         }
-        convert::write_json(dir, "config.json", &cfg)?;
+        to_hf::write_json(dir, "config.json", &cfg)?;
         let mut files = vec!["config.json".to_string()];
         for n in &side {
             let p = dir.join(n);
@@ -875,8 +875,8 @@ fn run(
     }
     let specs: Vec<TensorSpec> = outs.iter().map(|o| o.0.clone()).collect();
     let dir = AtomicDir::create(out, opts.force)?;
-    let shards = safetensors_out::plan_shards(&specs, opts.max_shard_bytes);
-    let names = safetensors_out::shard_names(shards.len());
+    let shards = safetensors_write::plan_shards(&specs, opts.max_shard_bytes);
+    let names = safetensors_write::shard_names(shards.len());
     let bytes_in: u64 = sources
         .iter()
         .map(|s| (s.rows * s.cols * s.dtype.size()) as u64)
@@ -886,7 +886,7 @@ fn run(
     let mut pending: HashMap<usize, Vec<f32>> = HashMap::new();
     let mut reports: Vec<TensorReport> = Vec::new();
     for (shard, name) in shards.iter().zip(&names) {
-        let (path, mut w) = safetensors_out::create_shard(dir.path(), name, &specs, shard)?;
+        let (path, mut w) = safetensors_write::create_shard(dir.path(), name, &specs, shard)?;
         for &oi in shard {
             output::check_interrupted()?;
             let before = w.written;
@@ -936,10 +936,10 @@ fn run(
     bar.finish();
     let mut files = names.clone();
     if shards.len() > 1 {
-        convert::write_json(
+        to_hf::write_json(
             dir.path(),
             "model.safetensors.index.json",
-            &safetensors_out::index_json(&specs, &shards, &names),
+            &safetensors_write::index_json(&specs, &shards, &names),
         )?;
         files.push("model.safetensors.index.json".into());
     }
@@ -1003,7 +1003,7 @@ fn write_main(
             for &(o, len) in &segs {
                 let copied = match s.ar.file_at(o) {
                     Some((f, fo)) if len >= 1 << 20 => {
-                        safetensors_out::Sink::copy_from(w, f, fo, len)?
+                        safetensors_write::Sink::copy_from(w, f, fo, len)?
                     }
                     _ => false,
                 };

@@ -3,11 +3,11 @@
 
 use rayon::prelude::*;
 
-use crate::formats::safetensors_out::Sink;
-use crate::model::shard::{Logical, Seg};
-use crate::nemo::archive::Archive;
-use crate::progress::Progress;
-use crate::tensor::{self, DType};
+use crate::container::safetensors_write::Sink;
+use crate::arch::tp::{Logical, Seg};
+use crate::container::mapped::Archive;
+use crate::io::progress::Progress;
+use crate::dtype::{self, DType};
 
 /// A part of an output tensor, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +103,7 @@ pub fn write_pieces(
             .par_iter()
             .map(|&(o, n)| {
                 let mut v = Vec::new();
-                let c = tensor::convert(archive.slice(o, n), from, to, &mut v)?;
+                let c = dtype::convert(archive.slice(o, n), from, to, &mut v)?;
                 Ok((v, c))
             })
             .collect();
@@ -122,7 +122,7 @@ pub fn write_pieces(
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 let mut out = Vec::new();
                 // Frequencies are below 1: no cast of them overflows.
-                tensor::convert(&bytes, DType::F32, to, &mut out).map_err(std::io::Error::other)?;
+                dtype::convert(&bytes, DType::F32, to, &mut out).map_err(std::io::Error::other)?;
                 w.write_all(&out)?;
                 bar.inc(out.len() as u64);
             }

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use serde_json::{json, Map, Value};
 
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// A tensor to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]

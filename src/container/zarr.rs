@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nemo::archive::Archive;
-use crate::tensor::{contiguous_strides, DType, TensorRef};
+use crate::container::mapped::Archive;
+use crate::dtype::{contiguous_strides, DType, TensorRef};
 
 /// One zarr array of a distributed checkpoint.
 #[derive(Debug, Clone)]
@@ -94,7 +94,7 @@ pub fn read(archive: &Archive) -> Result<DistCheckpoint> {
     // Group members by key directory.
     let mut dirs: BTreeMap<&str, Vec<(&str, u64, u64)>> = BTreeMap::new();
     for m in archive.members() {
-        if m.kind != crate::nemo::tar::MemberKind::File {
+        if m.kind != crate::container::tar::MemberKind::File {
             continue;
         }
         let Some(rest) = m.name.strip_prefix("model_weights/") else {

@@ -133,7 +133,7 @@ fn pax_record(key: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nemo::tar::{index, MemberKind};
+    use crate::container::tar::{index, MemberKind};
 
     #[test]
     fn round_trip_with_long_names() {

@@ -8,15 +8,15 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::formats::hf;
-use crate::formats::safetensors_out::{self, TensorSpec};
-use crate::model::emit::{self, Piece};
-use crate::model::roles::{Kind, Role};
-use crate::model::shard::{self, Logical};
+use crate::hf::config as hf;
+use crate::container::safetensors_write::{self, TensorSpec};
+use crate::pipeline::emit::{self, Piece};
+use crate::arch::roles::{Kind, Role};
+use crate::arch::tp::{self, Logical};
 use crate::nemo::checkpoint::{Checkpoint, Weights};
-use crate::output::{self, AtomicDir};
-use crate::progress::Progress;
-use crate::tensor::DType;
+use crate::io::output::{self, AtomicDir};
+use crate::io::progress::Progress;
+use crate::dtype::DType;
 
 /// What to write.
 #[derive(Debug, Clone)]
@@ -66,8 +66,8 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     let tok = ck.tokenizer()?;
     let sp = &tok.model;
     let vocab = sp.vocab_size() as u64;
-    let logicals = shard::logical_tensors(ck)?;
-    shard::check_vocab(ck, &logicals, vocab)?;
+    let logicals = tp::logical_tensors(ck)?;
+    tp::check_vocab(ck, &logicals, vocab)?;
     let plan = hf::plan(&logicals, &ck.config, vocab);
     let out_dtype = |l: &Logical| opts.dtype.unwrap_or(l.dtype);
     let specs: Vec<TensorSpec> = plan
@@ -91,13 +91,13 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     }
     check_replicas(ck, &logicals)?;
     let dir = AtomicDir::create(out, opts.force)?;
-    let shards = safetensors_out::plan_shards(&specs, opts.max_shard_bytes);
-    let names = safetensors_out::shard_names(shards.len());
+    let shards = safetensors_write::plan_shards(&specs, opts.max_shard_bytes);
+    let names = safetensors_write::shard_names(shards.len());
     let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
     let bar = Progress::bytes(total, "converting", opts.progress);
     let mut overflow = Vec::new();
     for (shard, name) in shards.iter().zip(&names) {
-        let (path, mut w) = safetensors_out::create_shard(dir.path(), name, &specs, shard)?;
+        let (path, mut w) = safetensors_write::create_shard(dir.path(), name, &specs, shard)?;
         for &i in shard {
             output::check_interrupted()?;
             let l = &logicals[&plan[i].key];
@@ -138,7 +138,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
         write_json(
             dir.path(),
             "model.safetensors.index.json",
-            &safetensors_out::index_json(&specs, &shards, &names),
+            &safetensors_write::index_json(&specs, &shards, &names),
         )?;
         files.push("model.safetensors.index.json".into());
     }
@@ -200,7 +200,7 @@ pub fn write_side_files(dir: &Path, ck: &Checkpoint, config: Value) -> Result<Ve
     .to_vec();
     // Without tokenizer.json, transformers converts the slow tokenizer itself, and that
     // conversion drifts from SentencePiece; a model it cannot express is left to it.
-    if let Ok(tj) = crate::formats::hf_tokenizer::tokenizer_json(sp) {
+    if let Ok(tj) = crate::hf::tokenizer::tokenizer_json(sp) {
         write_json(dir, "tokenizer.json", &tj)?;
         files.push("tokenizer.json".into());
     }

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::model::roles::Kind;
-use crate::model::shard::Logical;
+use crate::arch::roles::Kind;
+use crate::arch::tp::Logical;
 use crate::nemo::config::ModelConfig;
 use crate::nemo::tokenizer::{PieceType, SpModel};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// One HF tensor: rows `rows` (ranges, in order) of a logical tensor.
 #[derive(Debug, Clone)]

@@ -1,0 +1,5 @@
+//! The Hugging Face `LlamaForCausalLM` folder: tensor names, `config.json` and the
+//! tokenizer files.
+
+pub mod config;
+pub mod tokenizer;
