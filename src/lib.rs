@@ -12,6 +12,7 @@ pub mod error;
 pub mod gpu;
 pub mod hf;
 pub mod io;
+pub mod model;
 pub mod nemo;
 pub mod pipeline;
 pub mod quant;

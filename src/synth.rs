@@ -7,11 +7,11 @@ use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::Path;
 
+use crate::container::tar_write::TarWriter;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::nemo::layout::rank_member;
-use crate::container::tar_write::TarWriter;
 use crate::nemo::tokenizer::{write_bpe_model, Piece, PieceType};
-use crate::dtype::DType;
 use crate::torch::save::{SaveEntry, TorchFile};
 
 /// Shape of the synthetic model.
@@ -311,7 +311,12 @@ mod tests {
                 allow_overflow: false,
                 progress: false,
             };
-            let report = crate::pipeline::to_hf::nemo_to_safetensors(&ck, &hf, &opts).unwrap();
+            let report = crate::pipeline::to_hf::nemo_to_safetensors(
+                &crate::model::View::from_nemo(ck).unwrap(),
+                &hf,
+                &opts,
+            )
+            .unwrap();
             assert_eq!(report.tensors.len(), 2 + 4 * 9 + 1);
         }
     }

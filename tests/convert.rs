@@ -395,7 +395,7 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
             .tensors()
             .find(|(n, _)| n.ends_with(name))
             .unwrap();
-        ck.archive.slice(t.offset, t.nbytes()).to_vec()
+        ck.files.slice(t.offset, t.nbytes()).to_vec()
     };
     let (h, f, hd) = (512usize, 1024usize, 64usize);
     let row = h * 4;
@@ -450,8 +450,8 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
 
 #[test]
 fn an_unknown_tensor_key_is_refused_by_name() {
-    use steerlm_convert::torch::state_dict::{StateDict, StateEntry};
     use steerlm_convert::torch::save::{SaveEntry, TorchFile};
+    use steerlm_convert::torch::state_dict::{StateDict, StateEntry};
     let dir = tempfile::tempdir().unwrap();
     let fixture = fixtures().join("archives/legacy_tp2_bf16.nemo");
     let src = dir.path().join("lora.nemo");

@@ -10,9 +10,9 @@ use common::*;
 use proptest::prelude::*;
 use serde_json::Value;
 use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::dtype::DType;
 use steerlm_convert::quant::int8::{self, ErrStats, RowError};
 use steerlm_convert::runtime::load::Model;
-use steerlm_convert::dtype::DType;
 
 /// Checks the half-step bound of one quantized row against the stored scales.
 fn check_bound(x: &[f32], group: usize, dt: DType) -> Result<(), TestCaseError> {

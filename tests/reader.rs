@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use steerlm_convert::arch::roles::{Kind, Layer};
 use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::dtype::TensorRef;
 use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
 use steerlm_convert::nemo::layout::LayoutKind;
-use steerlm_convert::dtype::TensorRef;
 
 fn open(file: &str) -> Checkpoint {
     Checkpoint::open(&fixtures().join(file), &OpenOptions::default())
@@ -17,7 +17,7 @@ fn open(file: &str) -> Checkpoint {
 
 fn bytes<'a>(ck: &'a Checkpoint, t: &TensorRef) -> &'a [u8] {
     assert!(t.is_contiguous());
-    ck.archive.slice(t.offset, t.nbytes())
+    ck.files.slice(t.offset, t.nbytes())
 }
 
 #[test]
@@ -51,7 +51,7 @@ fn every_fixture_opens_as_its_manifest_says() {
         );
         assert_eq!(ck.stored_vocab_rows(), a["padded_vocab"].as_u64(), "{file}");
         assert_eq!(
-            ck.archive.was_compressed(),
+            ck.files.was_compressed(),
             a["gzip"].as_bool().unwrap(),
             "{file}"
         );

@@ -9,15 +9,15 @@ use assert_cmd::Command;
 use common::*;
 use proptest::prelude::*;
 use serde_json::Value;
-use steerlm_convert::pipeline::to_hf::{nemo_to_safetensors, ConvertOptions};
 use steerlm_convert::container::mapped::OpenOptions;
-use steerlm_convert::nemo::checkpoint::Checkpoint;
-use steerlm_convert::pipeline::reshard::{reshard, Format, ReshardOptions};
-use steerlm_convert::synth::{self, SynthSpec};
 use steerlm_convert::dtype::DType;
+use steerlm_convert::model::View;
+use steerlm_convert::pipeline::reshard::{reshard, Format, ReshardOptions};
+use steerlm_convert::pipeline::to_hf::{nemo_to_safetensors, ConvertOptions};
+use steerlm_convert::synth::{self, SynthSpec};
 
-fn open(p: &Path) -> Checkpoint {
-    Checkpoint::open(p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+fn open(p: &Path) -> View {
+    View::open(p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn opts(tp: u64, pp: u64, format: Format) -> ReshardOptions {
@@ -32,7 +32,7 @@ fn opts(tp: u64, pp: u64, format: Format) -> ReshardOptions {
     }
 }
 
-fn to_hf(ck: &Checkpoint, out: &Path) {
+fn to_hf(ck: &View, out: &Path) {
     let o = ConvertOptions {
         dtype: Some(DType::F32),
         max_shard_bytes: u64::MAX,
@@ -65,7 +65,8 @@ fn truth_f32(model: &str) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-fn yaml_without_grid(ck: &Checkpoint) -> serde_norway::Value {
+fn yaml_without_grid(v: &View) -> serde_norway::Value {
+    let ck = v.nemo().unwrap();
     let mut d = ck.config.document.clone();
     if let serde_norway::Value::Mapping(m) = &mut d {
         m.remove("tensor_model_parallel_size");
@@ -82,7 +83,7 @@ fn every_fixture_reshards_to_every_grid_and_back_to_the_truth() {
         let file = a["file"].as_str().unwrap();
         let src = open(&fixtures().join(file));
         let truth = truth_f32(a["model"].as_str().unwrap());
-        let groups = src.config.num_query_groups;
+        let groups = src.nemo().unwrap().config.num_query_groups;
         for (i, (tp, pp)) in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]
             .into_iter()
             .enumerate()
@@ -100,17 +101,13 @@ fn every_fixture_reshards_to_every_grid_and_back_to_the_truth() {
                 .unwrap_or_else(|e| panic!("{file} -> {tp}x{pp}: {e}"));
             assert_eq!(r.ranks.len() as u64, tp * pp);
             let back = open(&out);
+            assert_eq!(back.grid().unwrap(), (tp, pp), "{file} -> {tp}x{pp}");
             assert_eq!(
-                (back.grid.tp, back.grid.pp),
-                (tp, pp),
-                "{file} -> {tp}x{pp}"
-            );
-            assert_eq!(
-                back.stored_vocab_rows(),
-                Some(src.config.padded_vocab(400, tp)),
+                back.nemo().unwrap().stored_vocab_rows(),
+                Some(src.nemo().unwrap().config.padded_vocab(400, tp)),
                 "{file} -> {tp}x{pp}: vocab re-padded"
             );
-            assert!(back.unknown_keys().is_empty());
+            assert!(back.nemo().unwrap().unknown_keys().is_empty());
             assert_eq!(
                 yaml_without_grid(&back),
                 yaml_without_grid(&src),
@@ -288,7 +285,8 @@ proptest! {
 fn recomputed_rope_frequencies_are_torchs_to_the_bit() {
     // legacy_tp1_fp32 stores the inv_freq transformers computed in float32.
     let ck = open(&fixtures().join("archives/legacy_tp1_fp32.nemo"));
-    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.weights else {
+    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.nemo().unwrap().weights
+    else {
         panic!()
     };
     let (_, t) = ranks[0]
@@ -296,8 +294,8 @@ fn recomputed_rope_frequencies_are_torchs_to_the_bit() {
         .tensors()
         .find(|(n, _)| n.ends_with("inv_freq"))
         .unwrap();
-    let want = ck.archive.slice(t.offset, t.nbytes()).to_vec();
-    let got: Vec<u8> = steerlm_convert::pipeline::reshard::rope_inv_freq(10000.0, 8)
+    let want = ck.files().slice(t.offset, t.nbytes()).to_vec();
+    let got: Vec<u8> = steerlm_convert::arch::rope_inv_freq(10000.0, 8)
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();
@@ -402,7 +400,7 @@ fn reshard_onto_its_own_input_replaces_the_source() {
     let s = a.to_str().unwrap();
     let (code, _, err) = reshard_cli(&[s, s, "--tp", "4", "--force"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(open(&a).grid.tp, 4);
+    assert_eq!(open(&a).grid().unwrap().0, 4);
     let hf = dir.path().join("hf");
     to_hf(&open(&a), &hf);
     assert_eq!(tensors(&hf), {

@@ -2,7 +2,7 @@
 //! (its kind and layer) and to how it is split across tensor-parallel ranks (its role).
 //! Merge and split rules are implemented once per role elsewhere.
 
-use crate::nemo::config::Activation;
+use crate::arch::Activation;
 
 /// How a tensor is distributed over tensor-parallel ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

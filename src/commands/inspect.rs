@@ -5,14 +5,14 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use steerlm_convert::arch::roles::Role;
-use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
 use steerlm_convert::dtype::fmt_shape;
+use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
 use steerlm_convert::torch::state_dict::StateEntry;
 
 use crate::cli::InspectArgs;
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let ck = super::open_input(&args.input, None, &args.io.scratch_dir, args.io.quiet)?;
+    let ck = super::open_checkpoint(&args.input, &args.io.scratch_dir, args.io.quiet)?;
     let report = report(&ck, args.tensors);
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -31,7 +31,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     let stored_rows = ck.stored_vocab_rows();
     let mut warnings = ck.warnings.clone();
     if let (Some(v), Some(rows)) = (vocab, stored_rows) {
-        if let Some(w) = steerlm_convert::arch::tp::vocab_misfit(c, v, rows) {
+        if let Some(w) = steerlm_convert::nemo::logical::vocab_misfit(c, v, rows) {
             warnings.push(w);
         }
     }
@@ -122,8 +122,8 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     let mut v = json!({
         "schema_version": 1,
         "command": "inspect",
-        "file": ck.archive.display(),
-        "compressed": ck.archive.was_compressed(),
+        "file": ck.files.display(),
+        "compressed": ck.files.was_compressed(),
         "layout": ck.grid.kind.as_str(),
         "schema": ck.schema.as_str(),
         "tp": ck.grid.tp,

@@ -9,27 +9,43 @@ pub mod reshard;
 use std::path::Path;
 
 use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::model::View;
 use steerlm_convert::nemo::checkpoint::Checkpoint;
 
-/// Opens the input of a command that writes `output`: a gzip archive is decompressed
-/// beside the output unless `--scratch-dir` says otherwise.
+/// How the input of a command that writes `output` is opened: a gzip archive is
+/// decompressed beside the output unless `--scratch-dir` says otherwise.
+pub fn open_options(
+    output: Option<&Path>,
+    scratch_dir: &Option<std::path::PathBuf>,
+    quiet: bool,
+) -> OpenOptions {
+    let beside = output
+        .and_then(|o| o.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf);
+    OpenOptions {
+        scratch_dir: scratch_dir.clone().or(beside),
+        progress: !quiet,
+    }
+}
+
+/// Opens the input of a command through the model view.
 pub fn open_input(
     input: &Path,
     output: Option<&Path>,
     scratch_dir: &Option<std::path::PathBuf>,
     quiet: bool,
+) -> steerlm_convert::Result<View> {
+    View::open(input, &open_options(output, scratch_dir, quiet))
+}
+
+/// Opens a NeMo input without assembling its tensors (`inspect`).
+pub fn open_checkpoint(
+    input: &Path,
+    scratch_dir: &Option<std::path::PathBuf>,
+    quiet: bool,
 ) -> steerlm_convert::Result<Checkpoint> {
-    let beside = output
-        .and_then(|o| o.parent())
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf);
-    Checkpoint::open(
-        input,
-        &OpenOptions {
-            scratch_dir: scratch_dir.clone().or(beside),
-            progress: !quiet,
-        },
-    )
+    View::open_checkpoint(input, &open_options(None, scratch_dir, quiet))
 }
 
 /// The GPU engine `--device` asks for: `None` for the CPU. `auto` falls back to the CPU
@@ -37,7 +53,7 @@ pub fn open_input(
 pub fn gpu_engine(
     device: crate::cli::DeviceArg,
     quiet: bool,
-) -> steerlm_convert::Result<Option<Box<dyn steerlm_convert::pipeline::quantize::Engine>>> {
+) -> steerlm_convert::Result<Option<Box<dyn steerlm_convert::quant::engine::Engine>>> {
     use crate::cli::DeviceArg;
     if device == DeviceArg::Cpu {
         return Ok(None);

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use steerlm_convert::pipeline::to_hf::{self, ConvertOptions};
 use steerlm_convert::io::output;
+use steerlm_convert::pipeline::to_hf::{self, ConvertOptions};
 
 use crate::cli::NemoToSafetensorsArgs;
 

@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 
 use steerlm_convert::container::mapped::OpenOptions;
-use steerlm_convert::io::output;
-use steerlm_convert::pipeline::quantize::{self, CpuEngine, Engine, QuantizeOptions, Report, Scheme};
 use steerlm_convert::dtype::DType;
+use steerlm_convert::io::output;
+use steerlm_convert::pipeline::quantize::{self, QuantizeOptions, Report, Scheme};
+use steerlm_convert::quant::engine::{CpuEngine, Engine};
 use steerlm_convert::Error;
 
 use crate::cli::{GranularityArg, QuantizeArgs, SchemeArg};

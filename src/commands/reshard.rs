@@ -53,13 +53,14 @@ pub fn run(args: &ReshardArgs) -> anyhow::Result<ExitCode> {
         progress: !args.io.quiet,
     };
     let r = reshard::reshard(&ck, &args.output, &opts)?;
+    let from = ck.grid().expect("reshard read a NeMo input");
     if args.json {
         let v = json!({
             "schema_version": 1,
             "command": "reshard",
             "output": args.output.display().to_string(),
             "format": match format { Format::Safetensors => "safetensors", Format::Nemo => "nemo" },
-            "from": {"tp": ck.grid.tp, "pp": ck.grid.pp},
+            "from": {"tp": from.0, "pp": from.1},
             "to": {"tp": args.tp, "pp": args.pp},
             "ranks": r.ranks,
             "tensor_count": r.tensors.len(),
@@ -76,8 +77,8 @@ pub fn run(args: &ReshardArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "wrote {}: TP {} x PP {} -> TP {} x PP {}, {} ranks, {} weight tensors, {:.3} GB in {:.2} s ({:.2} GB/s), peak RSS {:.0} MB",
         args.output.display(),
-        ck.grid.tp,
-        ck.grid.pp,
+        from.0,
+        from.1,
         args.tp,
         args.pp,
         r.ranks.len(),

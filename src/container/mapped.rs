@@ -13,12 +13,15 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::error::{Error, Result};
 use crate::container::tar::{self, Member, MemberKind};
+use crate::error::{Error, Result};
 use crate::io::progress::Progress;
 
+/// A byte range `(offset, len)` of the mapped input.
+pub type Seg = (u64, u64);
+
 /// An opened archive.
-pub struct Archive {
+pub struct Mapped {
     path: PathBuf,
     display: String,
     /// Mappings at virtual offsets: one for a tar, one per file for a folder.
@@ -42,12 +45,12 @@ pub struct OpenOptions {
     pub progress: bool,
 }
 
-impl Archive {
+impl Mapped {
     /// Opens and indexes `path`.
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Archive> {
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Mapped> {
         let display = path.display().to_string();
         if path.is_dir() {
-            return Archive::open_dir(path);
+            return Mapped::open_dir(path);
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -81,7 +84,7 @@ impl Archive {
                 });
             }
         }
-        Ok(Archive {
+        Ok(Mapped {
             path: path.to_path_buf(),
             display,
             maps: vec![(0, map)],
@@ -95,7 +98,7 @@ impl Archive {
     }
 
     /// Opens a folder: every regular file below it becomes a member.
-    fn open_dir(root: &Path) -> Result<Archive> {
+    fn open_dir(root: &Path) -> Result<Mapped> {
         let mut files = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
@@ -137,7 +140,7 @@ impl Archive {
             });
             base += size.div_ceil(4096) * 4096 + 4096;
         }
-        Ok(Archive {
+        Ok(Mapped {
             path: root.to_path_buf(),
             display: root.display().to_string(),
             maps,

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
-use crate::container::mapped::Archive;
+use crate::container::mapped::Mapped;
 use crate::dtype::{contiguous_strides, DType, TensorRef};
+use crate::error::{Error, Result};
 
 /// One zarr array of a distributed checkpoint.
 #[derive(Debug, Clone)]
@@ -74,7 +74,7 @@ fn dot() -> String {
 }
 
 /// Reads `model_weights/` of `archive`. Only the zarr backend is supported.
-pub fn read(archive: &Archive) -> Result<DistCheckpoint> {
+pub fn read(archive: &Mapped) -> Result<DistCheckpoint> {
     let file = archive.display().to_string();
     let err = |msg: String| Error::DistCheckpoint {
         file: file.clone(),
@@ -124,7 +124,7 @@ pub fn read(archive: &Archive) -> Result<DistCheckpoint> {
 }
 
 fn read_array(
-    archive: &Archive,
+    archive: &Mapped,
     key: &str,
     off: u64,
     size: u64,

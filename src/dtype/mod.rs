@@ -2,6 +2,11 @@
 
 use std::fmt;
 
+mod convert;
+pub mod simd;
+
+pub use convert::{bf16_bits, cast_value, convert, f16_round_trip, to_f32};
+
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
@@ -21,6 +26,11 @@ pub enum DType {
 
 impl DType {
     /// Bytes per element.
+    /// f32, f16 or bf16: the types [`convert`] reads and writes.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
     pub fn size(self) -> usize {
         match self {
             DType::F64 | DType::I64 => 8,
@@ -199,60 +209,6 @@ pub fn strided_extent(shape: &[u64], stride: &[u64]) -> Option<u64> {
 pub fn fmt_shape(shape: &[u64]) -> String {
     let parts: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     format!("[{}]", parts.join(", "))
-}
-
-/// Converts little-endian elements of `from` in `src` to `to`, appending to `out`.
-/// Returns how many finite values overflowed to ±inf (casting to fp16 narrows the range).
-pub fn convert(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) -> Result<u64, String> {
-    use half::{bf16, f16};
-    if from == to {
-        out.extend_from_slice(src);
-        return Ok(0);
-    }
-    let n = src.len() / from.size();
-    let mut vals = Vec::with_capacity(n);
-    match from {
-        DType::F32 => vals.extend(
-            src.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        DType::F16 => vals.extend(
-            src.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        DType::BF16 => vals.extend(
-            src.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        d => return Err(format!("cannot convert from {d}")),
-    }
-    let mut overflow = 0u64;
-    out.reserve(n * to.size());
-    match to {
-        DType::F32 => vals
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => {
-            for &v in &vals {
-                let h = f16::from_f32(v);
-                if h.is_infinite() && v.is_finite() {
-                    overflow += 1;
-                }
-                out.extend_from_slice(&h.to_le_bytes());
-            }
-        }
-        DType::BF16 => {
-            for &v in &vals {
-                let h = bf16::from_f32(v);
-                if h.is_infinite() && v.is_finite() {
-                    overflow += 1;
-                }
-                out.extend_from_slice(&h.to_le_bytes());
-            }
-        }
-        d => return Err(format!("cannot convert to {d}")),
-    }
-    Ok(overflow)
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use cudarc::driver::{
 };
 
 use super::nvrtc::Nvrtc;
-use crate::quant::int8::{ErrStats, RowError};
-use crate::pipeline::quantize::{CastBatch, Engine, QBatch, RowSource};
 use crate::dtype::DType;
+use crate::quant::engine::{CastBatch, Engine, QBatch, RowSource};
+use crate::quant::int8::{ErrStats, RowError};
 
 const BLOCK: u32 = 256;
 /// Input bytes per chunk (a batch is split into chunks that alternate between streams).

@@ -91,27 +91,27 @@ impl CudaEngine {
 }
 
 #[cfg(not(feature = "cuda"))]
-impl crate::pipeline::quantize::Engine for CudaEngine {
+impl crate::quant::engine::Engine for CudaEngine {
     fn name(&self) -> String {
         match *self {}
     }
     fn quantize(
         &self,
-        _: &crate::pipeline::quantize::RowSource<'_>,
+        _: &crate::quant::engine::RowSource<'_>,
         _: usize,
         _: usize,
         _: usize,
         _: crate::dtype::DType,
-    ) -> Result<crate::pipeline::quantize::QBatch, (usize, crate::quant::int8::RowError)> {
+    ) -> Result<crate::quant::engine::QBatch, (usize, crate::quant::int8::RowError)> {
         match *self {}
     }
     fn cast(
         &self,
-        _: &crate::pipeline::quantize::RowSource<'_>,
+        _: &crate::quant::engine::RowSource<'_>,
         _: usize,
         _: usize,
         _: crate::dtype::DType,
-    ) -> Result<crate::pipeline::quantize::CastBatch, String> {
+    ) -> Result<crate::quant::engine::CastBatch, String> {
         match *self {}
     }
 }

@@ -2,4 +2,6 @@
 //! tokenizer files.
 
 pub mod config;
+pub mod folder;
+pub mod names;
 pub mod tokenizer;

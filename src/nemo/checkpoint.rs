@@ -3,14 +3,14 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
 use crate::arch::roles::{self, Classified, Schema};
-use crate::container::mapped::{Archive, OpenOptions};
+use crate::container::mapped::{Mapped, OpenOptions};
+use crate::container::zarr::{self, DistCheckpoint};
+use crate::error::{Error, Result};
 use crate::nemo::config::ModelConfig;
 use crate::nemo::layout::{self, LayoutKind, RankGrid};
 use crate::nemo::tokenizer::SpModel;
-use crate::container::zarr::{self, DistCheckpoint};
-use crate::torch::state_dict::StateDict;
+use crate::torch::state_dict::{StateDict, StateEntry};
 
 /// One rank's state dict.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ pub enum Weights {
 
 /// An opened checkpoint.
 pub struct Checkpoint {
-    pub archive: Archive,
+    pub files: Mapped,
     pub config: ModelConfig,
     pub grid: RankGrid,
     pub weights: Weights,
@@ -50,7 +50,7 @@ const CONFIG_MEMBER: &str = "model_config.yaml";
 impl Checkpoint {
     /// Opens `path` and reads everything but tensor data.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
-        let archive = Archive::open(path, opts)?;
+        let archive = Mapped::open(path, opts)?;
         let file = archive.display().to_string();
         let cfg_member = archive.member(CONFIG_MEMBER).ok_or_else(|| Error::Config {
             file: file.clone(),
@@ -86,10 +86,15 @@ impl Checkpoint {
                     .member(member)
                     .expect("grid built from member names");
                 let state = if member.ends_with(".safetensors") {
-                    crate::container::safetensors::read_state_dict(
-                        archive.data(m),
-                        m.offset,
-                        member,
+                    crate::container::safetensors::read(archive.data(m), m.offset, member).map(
+                        |ts| StateDict {
+                            member: member.clone(),
+                            zip_root: String::new(),
+                            entries: ts
+                                .into_iter()
+                                .map(|(k, t)| (k, StateEntry::Tensor(t)))
+                                .collect(),
+                        },
                     )
                 } else {
                     StateDict::read(archive.data(m), m.offset, member)
@@ -110,7 +115,7 @@ impl Checkpoint {
             warnings.push(e.clone());
         }
         let mut ck = Checkpoint {
-            archive,
+            files: archive,
             config,
             grid,
             weights,
@@ -128,7 +133,7 @@ impl Checkpoint {
     /// The tokenizer, or the reason it could not be read.
     pub fn tokenizer(&self) -> Result<&TokenizerArtifact> {
         self.tokenizer.as_ref().map_err(|e| Error::Tokenizer {
-            file: self.archive.display().to_string(),
+            file: self.files.display().to_string(),
             msg: e.clone(),
         })
     }
@@ -253,7 +258,7 @@ fn detect_schema(weights: &Weights, config: &ModelConfig) -> Schema {
 
 /// Finds the SentencePiece artifact the config names (`nemo:<hash>_tokenizer.model`).
 fn resolve_tokenizer(
-    archive: &Archive,
+    archive: &Mapped,
     config: &ModelConfig,
 ) -> std::result::Result<TokenizerArtifact, String> {
     if let Some(lib) = &config.tokenizer.library {

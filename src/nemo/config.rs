@@ -7,23 +7,7 @@ use serde_norway::{Mapping, Value};
 
 use crate::error::{Error, Result};
 
-/// Which naming scheme the state dict uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// gate and up fused in one matrix per rank (`fast-swiglu`, mcore `linear_fc1`).
-    FastSwiglu,
-    /// gate (`dense_h_to_4h`) and up (`dense_h_to_4h_2`) as separate matrices.
-    Swiglu,
-}
-
-impl Activation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Activation::FastSwiglu => "fast-swiglu",
-            Activation::Swiglu => "swiglu",
-        }
-    }
-}
+pub use crate::arch::Activation;
 
 /// The model section of `model_config.yaml`, as far as conversion needs it.
 #[derive(Debug, Clone)]
@@ -153,6 +137,30 @@ fn show(v: &Value) -> String {
 }
 
 impl ModelConfig {
+    /// The typed architecture this config describes.
+    pub fn arch(&self) -> crate::arch::Arch {
+        use crate::arch::{Arch, RopeScaling};
+        Arch {
+            hidden: self.hidden_size,
+            layers: self.num_layers,
+            heads: self.num_attention_heads,
+            groups: self.num_query_groups,
+            head_dim: self.head_dim,
+            ffn: self.ffn_hidden_size,
+            eps: self.layernorm_epsilon,
+            rope_theta: self.rotary_base,
+            rope_scaling: match self.seq_len_interpolation_factor {
+                Some(f) if f != 1.0 => RopeScaling::Linear(f),
+                _ => RopeScaling::None,
+            },
+            rotary_percentage: self.rotary_percentage,
+            max_positions: self.max_position_embeddings,
+            tied: self.share_embeddings_and_output_weights,
+            bias: self.bias,
+            init_std: self.init_method_std,
+        }
+    }
+
     /// Parses the YAML text of `model_config.yaml`; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<ModelConfig> {
         let doc: Value = serde_norway::from_str(text).map_err(|e| Error::Config {

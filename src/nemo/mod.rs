@@ -4,4 +4,5 @@
 pub mod checkpoint;
 pub mod config;
 pub mod layout;
+pub mod logical;
 pub mod tokenizer;

@@ -3,26 +3,11 @@
 
 use rayon::prelude::*;
 
+use crate::arch::tp::{Logical, Piece, Seg};
+use crate::container::mapped::Mapped;
 use crate::container::safetensors_write::Sink;
-use crate::arch::tp::{Logical, Seg};
-use crate::container::mapped::Archive;
-use crate::io::progress::Progress;
 use crate::dtype::{self, DType};
-
-/// A part of an output tensor, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Piece {
-    /// Rows `a..b` of the logical tensor.
-    Rows(u64, u64),
-    /// `n` rows of zeros (vocabulary padding).
-    ZeroRows(u64),
-    /// Columns `c0..c1` of every row (row-parallel splits).
-    Cols(u64, u64),
-    /// Raw bytes of the archive in the logical tensor's dtype (e.g. `inv_freq`).
-    Raw(Seg),
-    /// Values computed here, written in the output dtype.
-    Values(Vec<f32>),
-}
+use crate::io::progress::Progress;
 
 /// The rule every narrowing cast of every command follows: values that overflow the
 /// output dtype to ±inf are refused, naming the tensor and how many, unless the user
@@ -70,7 +55,7 @@ pub fn shape_of(l: &Logical, pieces: &[Piece]) -> Vec<u64> {
 /// Writes `pieces` of a tensor whose source dtype is `from` as `to`; returns how many values
 /// overflowed. `l` is needed for every piece but `Raw`.
 pub fn write_pieces(
-    archive: &Archive,
+    archive: &Mapped,
     l: Option<&Logical>,
     from: DType,
     pieces: &[Piece],

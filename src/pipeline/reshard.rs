@@ -9,18 +9,19 @@ use std::time::Instant;
 
 use serde_norway::Value as Yaml;
 
-use crate::error::{Error, Result};
+use crate::arch::roles::{self, Kind, Layer, Schema};
+use crate::arch::tp::{self, Logical, Piece};
 use crate::container::safetensors_write::{self, FileSink, Plain, TensorSpec};
-use crate::pipeline::emit::{self, Piece};
-use crate::arch::roles::{self, Kind, Layer, Role, Schema};
-use crate::arch::tp::{self, Dims, Logical};
-use crate::nemo::checkpoint::{Checkpoint, Weights};
-use crate::nemo::layout::rank_member;
 use crate::container::tar::MemberKind;
 use crate::container::tar_write::TarWriter;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::io::output::{self, AtomicDir, AtomicFile};
 use crate::io::progress::Progress;
-use crate::dtype::DType;
+use crate::model::{Source, View};
+use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::layout::rank_member;
+use crate::pipeline::emit;
 use crate::torch::save::{SaveEntry, TorchFile};
 
 /// Output container.
@@ -60,7 +61,7 @@ pub struct ReshardReport {
 enum OutEntry<'a> {
     Tensor {
         name: String,
-        logical: Option<&'a Logical<'a>>,
+        logical: Option<&'a Logical>,
         from: DType,
         pieces: Vec<Piece>,
         shape: Vec<u64>,
@@ -150,46 +151,10 @@ fn templates(ck: &Checkpoint) -> Names {
     }
 }
 
-/// The pieces of the logical tensor that rank `r` of `n` holds.
-fn split(l: &Logical, role: Role, r: u64, n: u64, vocab: u64, new_rows: u64) -> Vec<Piece> {
-    match role {
-        Role::Replicated | Role::Skip => vec![Piece::Rows(0, 1)],
-        Role::VocabRows => {
-            let per = new_rows / n;
-            let (a, b) = (r * per, (r + 1) * per);
-            let real_end = b.min(vocab).max(a);
-            let mut p = Vec::new();
-            if real_end > a {
-                p.push(Piece::Rows(a, real_end));
-            }
-            if b > real_end {
-                p.push(Piece::ZeroRows(b - real_end));
-            }
-            p
-        }
-        Role::ColumnRows | Role::QkvGrouped => {
-            let per = l.rows() / n;
-            vec![Piece::Rows(r * per, (r + 1) * per)]
-        }
-        Role::GateUpFused => {
-            let f = l.rows() / 2;
-            let per = f / n;
-            vec![
-                Piece::Rows(r * per, (r + 1) * per),
-                Piece::Rows(f + r * per, f + (r + 1) * per),
-            ]
-        }
-        Role::RowCols => {
-            let per = l.shape[1] / n;
-            vec![Piece::Cols(r * per, (r + 1) * per)]
-        }
-    }
-}
-
 /// Checks that the model can be split `tp` × `pp` ways.
 pub fn check_grid(ck: &Checkpoint, tp: u64, pp: u64) -> Result<()> {
-    let d = Dims::of(ck);
-    let file = ck.archive.display().to_string();
+    let d = ck.config.arch();
+    let file = ck.files.display().to_string();
     if tp == 0 || pp == 0 {
         return Err(Error::Usage("--tp and --pp must be at least 1".into()));
     }
@@ -217,7 +182,7 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
         (Yaml::Mapping(m), false) => m,
         _ => {
             return Err(Error::Config {
-                file: format!("{}:model_config.yaml", ck.archive.display()),
+                file: format!("{}:model_config.yaml", ck.files.display()),
                 msg: "not a mapping".into(),
             })
         }
@@ -240,13 +205,20 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
 }
 
 /// Reshards `ck` into `out`.
-pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<ReshardReport> {
+pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<ReshardReport> {
     let start = Instant::now();
+    let Source::Nemo {
+        checkpoint: ck,
+        logicals,
+    } = &view.source
+    else {
+        return Err(Error::Usage(format!(
+            "{}: not a NeMo model archive (a Hugging Face folder; reshard reads a .nemo or a per-rank folder)",
+            view.display()
+        )));
+    };
     check_grid(ck, opts.tp, opts.pp)?;
-    let tok = ck.tokenizer()?;
-    let vocab = tok.model.vocab_size() as u64;
-    let logicals = tp::logical_tensors(ck)?;
-    tp::check_vocab(ck, &logicals, vocab)?;
+    let vocab = view.vocab()?;
     let new_rows = ck.config.padded_vocab(vocab, opts.tp);
     let names = templates(ck);
     let yaml = updated_yaml(ck, opts.tp, opts.pp, opts.dtype)?;
@@ -266,7 +238,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     Some(i) => t.replace("{L}", &i.to_string()),
                     None => t.clone(),
                 };
-                let pieces = split(l, roles::role_of(kind), r, opts.tp, vocab, new_rows);
+                let pieces = tp::split(l, roles::role_of(kind), r, opts.tp, vocab, new_rows);
                 let shape = emit::shape_of(l, &pieces);
                 entries.push(OutEntry::Tensor {
                     name,
@@ -305,7 +277,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                 let piece = if out_dtype(*d) == *d {
                     Piece::Raw(*seg)
                 } else {
-                    Piece::Values(rope_inv_freq(ck.config.rotary_base, n))
+                    Piece::Values(crate::arch::rope_inv_freq(ck.config.rotary_base, n))
                 };
                 entries.insert(
                     usize::from(p == 0),
@@ -345,7 +317,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
         .sum();
     let bar = Progress::bytes(total, "resharding", opts.progress);
     let artifacts: Vec<(String, &[u8])> = ck
-        .archive
+        .files
         .members()
         .iter()
         .filter(|m| {
@@ -354,7 +326,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                 && m.name != "model_config.yaml"
                 && !crate::nemo::layout::WEIGHT_FILES.contains(&m.name.as_str())
         })
-        .map(|m| (m.name.clone(), ck.archive.data(m)))
+        .map(|m| (m.name.clone(), ck.files.data(m)))
         .collect();
     let mut rank_names = Vec::new();
     let mut tensors = Vec::new();
@@ -427,7 +399,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                     {
                         output::check_interrupted()?;
                         let n = emit::write_pieces(
-                            &ck.archive,
+                            &ck.files,
                             *logical,
                             *from,
                             pieces,
@@ -437,7 +409,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         )
                         .map_err(|e| Error::io(&path, e))?;
                         emit::check_overflow(
-                            ck.archive.display(),
+                            ck.files.display(),
                             name,
                             n,
                             out_dtype(*from),
@@ -511,7 +483,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         unreachable!()
                     };
                     let n = emit::write_pieces(
-                        &ck.archive,
+                        &ck.files,
                         *logical,
                         *from,
                         pieces,
@@ -520,7 +492,7 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
                         &bar,
                     )?;
                     emit::check_overflow(
-                        ck.archive.display(),
+                        ck.files.display(),
                         name,
                         n,
                         out_dtype(*from),
@@ -556,15 +528,6 @@ pub fn reshard(ck: &Checkpoint, out: &Path, opts: &ReshardOptions) -> Result<Res
         bytes: total,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-/// NeMo's rotary frequencies `1 / base^(2i / dim)` for the `n = dim / 2` pairs, computed
-/// in float32 as torch computes them (so the values are the same to the bit).
-pub fn rope_inv_freq(base: f64, n: u64) -> Vec<f32> {
-    let dim = (2 * n) as f32;
-    (0..n)
-        .map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / dim))
-        .collect()
 }
 
 fn check_interrupted_io() -> std::io::Result<()> {

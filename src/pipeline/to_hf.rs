@@ -1,22 +1,23 @@
 //! `nemo-to-safetensors`: merge every rank into a Hugging Face Llama folder, one tensor at a
 //! time, straight from the mapped archive into the output files.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::arch::roles::Role;
+use crate::arch::tp::Piece;
+use crate::container::safetensors_write::{self, TensorSpec};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::hf::config as hf;
-use crate::container::safetensors_write::{self, TensorSpec};
-use crate::pipeline::emit::{self, Piece};
-use crate::arch::roles::{Kind, Role};
-use crate::arch::tp::{self, Logical};
-use crate::nemo::checkpoint::{Checkpoint, Weights};
 use crate::io::output::{self, AtomicDir};
 use crate::io::progress::Progress;
-use crate::dtype::DType;
+use crate::model::{Source, View};
+use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::logical::Logicals;
+use crate::pipeline::emit;
 
 /// What to write.
 #[derive(Debug, Clone)]
@@ -60,36 +61,40 @@ impl Report {
     }
 }
 
-/// Converts `ck` into the HF folder `out`.
-pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -> Result<Report> {
+/// Converts the NeMo input `view` into the HF folder `out`.
+pub fn nemo_to_safetensors(view: &View, out: &Path, opts: &ConvertOptions) -> Result<Report> {
     let start = Instant::now();
-    let tok = ck.tokenizer()?;
-    let sp = &tok.model;
-    let vocab = sp.vocab_size() as u64;
-    let logicals = tp::logical_tensors(ck)?;
-    tp::check_vocab(ck, &logicals, vocab)?;
-    let plan = hf::plan(&logicals, &ck.config, vocab);
-    let out_dtype = |l: &Logical| opts.dtype.unwrap_or(l.dtype);
-    let specs: Vec<TensorSpec> = plan
+    let Source::Nemo {
+        checkpoint: ck,
+        logicals,
+    } = &view.source
+    else {
+        return Err(Error::Usage(format!(
+            "{}: not a NeMo model archive (a Hugging Face folder; nemo-to-safetensors reads a .nemo or a per-rank folder)",
+            view.display()
+        )));
+    };
+    let sp = view.tokenizer()?;
+    let specs: Vec<TensorSpec> = view
+        .tensors
         .iter()
         .map(|t| TensorSpec {
             name: t.name.clone(),
-            dtype: out_dtype(&logicals[&t.key]),
+            dtype: opts.dtype.unwrap_or(t.dtype),
             shape: t.shape.clone(),
         })
         .collect();
     let written_dtype = specs.first().map(|s| s.dtype).unwrap_or(DType::F32);
-    for (t, p) in specs.iter().zip(&plan) {
-        let src = logicals[&p.key].dtype;
-        if !matches!(src, DType::F32 | DType::F16 | DType::BF16) {
+    for t in &view.tensors {
+        if !t.dtype.is_float() {
             return Err(Error::Tensor {
-                member: ck.archive.display().to_string(),
+                member: view.display().to_string(),
                 tensor: t.name.clone(),
-                msg: format!("stored as {src}, not a float dtype"),
+                msg: format!("stored as {}, not a float dtype", t.dtype),
             });
         }
     }
-    check_replicas(ck, &logicals)?;
+    check_replicas(ck, logicals)?;
     let dir = AtomicDir::create(out, opts.force)?;
     let shards = safetensors_write::plan_shards(&specs, opts.max_shard_bytes);
     let names = safetensors_write::shard_names(shards.len());
@@ -100,15 +105,11 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
         let (path, mut w) = safetensors_write::create_shard(dir.path(), name, &specs, shard)?;
         for &i in shard {
             output::check_interrupted()?;
-            let l = &logicals[&plan[i].key];
+            let (l, rows) = view.tensors[i].logical().expect("a NeMo view's tensors");
             let before = w.written;
-            let pieces: Vec<Piece> = plan[i]
-                .rows
-                .iter()
-                .map(|&(a, b)| Piece::Rows(a, b))
-                .collect();
+            let pieces: Vec<Piece> = rows.iter().map(|&(a, b)| Piece::Rows(a, b)).collect();
             let n = emit::write_pieces(
-                &ck.archive,
+                &ck.files,
                 Some(l),
                 l.dtype,
                 &pieces,
@@ -119,7 +120,7 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
             .map_err(|e| Error::io(&path, e))?;
             debug_assert_eq!(w.written - before, specs[i].nbytes());
             emit::check_overflow(
-                ck.archive.display(),
+                ck.files.display(),
                 &specs[i].name,
                 n,
                 specs[i].dtype,
@@ -145,15 +146,15 @@ pub fn nemo_to_safetensors(ck: &Checkpoint, out: &Path, opts: &ConvertOptions) -
     files.extend(write_side_files(
         dir.path(),
         ck,
-        hf::config_json(&ck.config, sp, written_dtype),
+        hf::config_json(&view.arch, sp, written_dtype),
     )?);
     dir.commit()?;
     Ok(Report {
         files,
         tensors: specs
             .iter()
-            .zip(&plan)
-            .map(|(s, p)| (s.clone(), logicals[&p.key].dtype))
+            .zip(&view.tensors)
+            .map(|(s, t)| (s.clone(), t.dtype))
             .collect(),
         dropped: dropped_keys(ck),
         overflow,
@@ -185,10 +186,10 @@ pub fn write_side_files(dir: &Path, ck: &Checkpoint, config: Value) -> Result<Ve
     )?;
     let tm = dir.join("tokenizer.model");
     let member = ck
-        .archive
+        .files
         .member(&tok.member)
         .expect("resolved tokenizer member");
-    std::fs::write(&tm, ck.archive.data(member)).map_err(|e| Error::io(&tm, e))?;
+    std::fs::write(&tm, ck.files.data(member)).map_err(|e| Error::io(&tm, e))?;
     let mut files: Vec<String> = [
         "config.json",
         "generation_config.json",
@@ -232,18 +233,15 @@ fn dropped_keys(ck: &Checkpoint) -> Vec<String> {
 }
 
 /// Replicated tensors must be identical on every rank.
-fn check_replicas(
-    ck: &Checkpoint,
-    logicals: &BTreeMap<(Kind, Option<u64>), Logical<'_>>,
-) -> Result<()> {
+fn check_replicas(ck: &Checkpoint, logicals: &Logicals) -> Result<()> {
     for ((kind, layer), l) in logicals {
         let reps = l.replicas();
         if let Some(&(o0, n0)) = reps.first() {
-            let first = ck.archive.slice(o0, n0);
+            let first = ck.files.slice(o0, n0);
             for (r, &(o, n)) in reps.iter().enumerate().skip(1) {
-                if ck.archive.slice(o, n) != first {
+                if ck.files.slice(o, n) != first {
                     return Err(Error::Layout {
-                        file: ck.archive.display().to_string(),
+                        file: ck.files.display().to_string(),
                         msg: format!("replicated tensor {kind:?} (layer {layer:?}) differs between TP rank 0 and rank {r}"),
                     });
                 }

@@ -11,11 +11,9 @@
 
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
-use crate::container::mapped::Archive;
-use crate::runtime::cpu::WType;
-use crate::runtime::llama::{Band, Linear, Part};
+use crate::container::mapped::Mapped;
 use crate::dtype::{DType, TensorRef};
+use crate::error::{Error, Result};
 
 /// The `quantization_config` block for int8 weight-only with `group` (`None`: per
 /// channel), leaving `ignore` (full names of linear layers kept in float) as given.
@@ -97,15 +95,26 @@ pub fn parse_config(q: &Value) -> std::result::Result<Option<usize>, String> {
     }
 }
 
-/// Lays an int8 linear over its packed weight, converting its scales to f32.
-pub fn linear(
-    ar: &Archive,
+/// An int8 linear as stored: `out × inp` bytes (`q + 128`, row-major) at `offset` of the
+/// mapping, and its scales as f32 (`out × inp/group`, row-major).
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub out: usize,
+    pub inp: usize,
+    pub group: usize,
+    pub offset: u64,
+    pub scales: Vec<f32>,
+}
+
+/// Checks an int8 linear's three stored parts against each other and reads its scales.
+pub fn read_packed(
+    ar: &Mapped,
     base: &str,
     packed: (&TensorRef, &str),
     scale: (&TensorRef, &str),
     shape: (&TensorRef, &str),
     group: Option<usize>,
-) -> Result<Linear> {
+) -> Result<Packed> {
     let err = |member: &str, tensor: String, msg: String| Error::Tensor {
         member: member.to_string(),
         tensor,
@@ -156,26 +165,15 @@ pub fn linear(
     }
     let sb = ar.slice(st.offset, st.nbytes());
     let mut scales = vec![0f32; sb.len() / st.dtype.size()];
-    crate::pipeline::quantize::to_f32(sb, st.dtype, &mut scales);
+    crate::dtype::to_f32(sb, st.dtype, &mut scales);
     if scales.iter().any(|s| !s.is_finite()) {
         return Err(err(sm, sname, "holds a non-finite scale".into()));
     }
-    Ok(Linear {
-        name: base.to_string(),
+    Ok(Packed {
         out,
         inp,
-        wtype: WType::U8Offset,
         group: g,
-        bands: vec![Band {
-            row0: 0,
-            rows: out,
-            parts: vec![Part {
-                col0: 0,
-                cols: inp,
-                offset: pt.offset,
-                stride: inp as u64,
-                scales,
-            }],
-        }],
+        offset: pt.offset,
+        scales,
     })
 }

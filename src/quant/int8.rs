@@ -244,19 +244,7 @@ fn quantize_group(xs: &[f32], s: f32, qs: &mut [u8], stats: &mut ErrStats, wide:
 }
 
 fn wide() -> bool {
-    static W: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *W.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var_os("STEERLM_NO_SIMD").is_none()
-                && std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    crate::dtype::simd::avx2()
 }
 
 /// Quantizes one row `x` in groups of `group` columns: `q` gets `q + 128` per value,

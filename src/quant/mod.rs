@@ -2,4 +2,5 @@
 //! the compressed-tensors `pack-quantized` layout, and error metrics.
 
 pub mod compressed;
+pub mod engine;
 pub mod int8;

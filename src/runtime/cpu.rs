@@ -336,29 +336,12 @@ fn prefetch_distance() -> usize {
 }
 
 fn wide() -> bool {
-    static WIDE: OnceLock<bool> = OnceLock::new();
-    *WIDE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var_os("STEERLM_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    crate::dtype::simd::avx2()
 }
 
 /// Which instruction set the kernels use.
 pub fn isa() -> &'static str {
-    if wide() {
-        "avx2"
-    } else {
-        "generic"
-    }
+    crate::dtype::simd::level().as_str()
 }
 
 /// `Σ w[i]·x[i]` over one stored row (`x.len()` elements); int8 rows are scaled per

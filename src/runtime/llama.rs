@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::container::mapped::Archive;
+use crate::container::mapped::Mapped;
 use crate::runtime::cpu::{self, WType};
 
 /// A strided block of a linear layer's weight: columns `col0..col0 + cols` of the band's
@@ -62,7 +62,7 @@ impl Linear {
         &self.bands[i]
     }
 
-    fn part_row<'a>(&self, ar: &'a Archive, b: &Band, p: &Part, r: usize) -> &'a [u8] {
+    fn part_row<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r: usize) -> &'a [u8] {
         let local = (r - b.row0) as u64;
         ar.slice(
             p.offset + local * p.stride,
@@ -80,7 +80,7 @@ impl Linear {
     }
 
     /// Row `r` as f32.
-    pub fn row(&self, ar: &Archive, r: usize, out: &mut [f32]) {
+    pub fn row(&self, ar: &Mapped, r: usize, out: &mut [f32]) {
         let b = self.band(r);
         for p in &b.parts {
             let w = self.part_row(ar, b, p, r);
@@ -116,7 +116,7 @@ impl Linear {
     /// `bi`, slicing each part's rows from the archive once.
     fn for_rows(
         &self,
-        ar: &Archive,
+        ar: &Mapped,
         bi: usize,
         r0: usize,
         r1: usize,
@@ -145,7 +145,7 @@ impl Linear {
 
     /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
     /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
-    pub fn matmul(&self, ar: &Archive, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
+    pub fn matmul(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.inp);
         debug_assert_eq!(y.len(), t * rows);
         let tasks = self.tasks(rows);
@@ -307,7 +307,7 @@ impl Weights {
 
     fn inv_freq(&self) -> Vec<f32> {
         let d = &self.dims;
-        let mut f = crate::pipeline::reshard::rope_inv_freq(d.rope_theta, (d.head_dim / 2) as u64);
+        let mut f = crate::arch::rope_inv_freq(d.rope_theta, (d.head_dim / 2) as u64);
         if d.rope_factor != 1.0 {
             let factor = d.rope_factor as f32;
             f.iter_mut().for_each(|v| *v /= factor);
@@ -317,7 +317,7 @@ impl Weights {
 
     /// Runs `tokens` (at positions `cache.len..`) through the model and returns the
     /// logits of the last one.
-    pub fn forward(&self, ar: &Archive, cache: &mut Cache, tokens: &[u32]) -> Vec<f32> {
+    pub fn forward(&self, ar: &Mapped, cache: &mut Cache, tokens: &[u32]) -> Vec<f32> {
         let d = &self.dims;
         let t = tokens.len();
         let (h, hd, nh, nkv) = (d.hidden, d.head_dim, d.heads, d.kv_heads);

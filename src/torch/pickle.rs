@@ -15,8 +15,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::error::{Error, Result};
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 
 /// A storage referenced through a persistent id: `('storage', <class>, key, location, numel)`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
-use crate::dtype::{strided_extent, TensorRef};
-use crate::torch::pickle::{self, Entry, PickledTensor};
 use crate::container::zip;
+use crate::dtype::{strided_extent, TensorRef};
+use crate::error::{Error, Result};
+use crate::torch::pickle::{self, Entry, PickledTensor};
 
 /// One entry of a located state dict.
 #[derive(Debug, Clone, PartialEq)]

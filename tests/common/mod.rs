@@ -15,7 +15,7 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Archive entries of `fixtures/manifest.json` and `fixtures/manifest-nemo.json`.
+/// Mapped entries of `fixtures/manifest.json` and `fixtures/manifest-nemo.json`.
 pub fn archives() -> Vec<Value> {
     let mut out = Vec::new();
     for name in ["manifest.json", "manifest-nemo.json"] {

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use steerlm_convert::synth::{self, SynthSpec};
 use steerlm_convert::dtype::DType;
+use steerlm_convert::synth::{self, SynthSpec};
 
 use crate::{best_against_cp, flag, measure, num, release_binary, runs, synth_if_absent};
 

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use steerlm_convert::container::mapped::{Mapped, OpenOptions};
 use steerlm_convert::container::safetensors_write::{header, TensorSpec};
-use steerlm_convert::gpu::CudaEngine;
-use steerlm_convert::container::mapped::{Archive, OpenOptions};
-use steerlm_convert::pipeline::quantize::{CpuEngine, Engine, RowSource};
 use steerlm_convert::dtype::DType;
+use steerlm_convert::gpu::CudaEngine;
+use steerlm_convert::quant::engine::{CpuEngine, Engine, RowSource};
 
 struct Rng(u64);
 
@@ -54,7 +54,7 @@ fn tensor_file(
     dt: DType,
     rows: usize,
     cols: usize,
-) -> Result<(Archive, u64)> {
+) -> Result<(Mapped, u64)> {
     let spec = TensorSpec {
         name: "w".into(),
         dtype: dt,
@@ -66,7 +66,7 @@ fn tensor_file(
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("w.safetensors"), &bytes)?;
-    let ar = Archive::open(dir, &OpenOptions::default())?;
+    let ar = Mapped::open(dir, &OpenOptions::default())?;
     let base = ar.member("w.safetensors").context("member")?.offset;
     Ok((ar, base + off))
 }

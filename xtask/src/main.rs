@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use steerlm_convert::synth::{self, SynthSpec};
 use steerlm_convert::dtype::DType;
+use steerlm_convert::synth::{self, SynthSpec};
 
 mod bench;
 mod gpu_check;
