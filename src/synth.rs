@@ -271,7 +271,7 @@ fn fill_random_halves(buf: &mut [u8], seed: &mut u64) {
 mod tests {
     use super::*;
     use crate::container::mapped::OpenOptions;
-    use crate::nemo::checkpoint::{Checkpoint, Weights};
+    use crate::nemo::checkpoint::{Checkpoint, Storage};
 
     #[test]
     fn small_synthetic_archive_reads_back() {
@@ -298,7 +298,7 @@ mod tests {
             assert!(ck.unknown_keys().is_empty());
             assert_eq!(ck.tokenizer().unwrap().model.vocab_size(), 300);
             assert_eq!(ck.stored_vocab_rows(), Some(spec.padded_vocab()));
-            let Weights::Ranks(r) = &ck.weights else {
+            let Storage::Ranks(r) = &ck.weights else {
                 panic!()
             };
             assert_eq!(r.len() as u64, tp * pp);

@@ -386,7 +386,7 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
     let got = read_output(&out);
     let ck =
         steerlm_convert::nemo::checkpoint::Checkpoint::open(&src, &Default::default()).unwrap();
-    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.weights else {
+    let steerlm_convert::nemo::checkpoint::Storage::Ranks(ranks) = &ck.weights else {
         panic!()
     };
     let t = |name: &str| -> Vec<u8> {

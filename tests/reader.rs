@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
-use steerlm_convert::arch::roles::{Kind, Layer};
+use steerlm_convert::arch::roles::{Kind, KeyLayer};
 use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::dtype::TensorRef;
-use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
+use steerlm_convert::nemo::checkpoint::{Checkpoint, Storage};
 use steerlm_convert::nemo::layout::LayoutKind;
 
 fn open(file: &str) -> Checkpoint {
@@ -68,7 +68,7 @@ fn every_fixture_opens_as_its_manifest_says() {
             ck.unknown_keys()
         );
         assert!(ck.weight_count() >= 9, "{file}");
-        if let Weights::Ranks(ranks) = &ck.weights {
+        if let Storage::Ranks(ranks) = &ck.weights {
             for r in ranks {
                 let root = r
                     .state
@@ -134,7 +134,7 @@ fn replicated_tensors_hold_the_ground_truth_on_every_rank() {
         let per_stage = ck.config.num_layers / ck.grid.pp;
         let mut checked = 0;
         match &ck.weights {
-            Weights::Ranks(ranks) => {
+            Storage::Ranks(ranks) => {
                 for r in ranks {
                     for (name, t) in r.state.tensors() {
                         let c = ck.classify(name).unwrap();
@@ -145,7 +145,7 @@ fn replicated_tensors_hold_the_ground_truth_on_every_rank() {
                             continue;
                         }
                         let g = match c.layer {
-                            Layer::Index(l) => r.pp * per_stage + l,
+                            KeyLayer::Index(l) => r.pp * per_stage + l,
                             _ => 0,
                         };
                         let want = cast(&hf[&hf_norm(c.kind, g)].1, t.dtype);
@@ -159,7 +159,7 @@ fn replicated_tensors_hold_the_ground_truth_on_every_rank() {
                     }
                 }
             }
-            Weights::Distributed(d) => {
+            Storage::Distributed(d) => {
                 for arr in &d.arrays {
                     let c = ck.classify(&arr.key).unwrap();
                     if !matches!(
@@ -169,7 +169,7 @@ fn replicated_tensors_hold_the_ground_truth_on_every_rank() {
                         continue;
                     }
                     for (idx, t) in &arr.chunk_refs {
-                        let g = if c.layer == Layer::Stacked { idx[0] } else { 0 };
+                        let g = if c.layer == KeyLayer::Stacked { idx[0] } else { 0 };
                         let want = cast(&hf[&hf_norm(c.kind, g)].1, t.dtype);
                         assert_eq!(
                             bytes(&ck, t),
@@ -198,14 +198,14 @@ fn tp1_tensors_are_the_hf_tensors_in_megatron_layout() {
     let ck = open("archives/legacy_tp1_fp32.nemo");
     let hf = hf_tensors("mha");
     let (heads, hd, h) = (4usize, 16usize, 64usize);
-    let Weights::Ranks(ranks) = &ck.weights else {
+    let Storage::Ranks(ranks) = &ck.weights else {
         panic!()
     };
     let mut seen = 0;
     for (name, t) in ranks[0].state.tensors() {
         let c = ck.classify(name).unwrap();
         let g = match c.layer {
-            Layer::Index(l) => l,
+            KeyLayer::Index(l) => l,
             _ => 0,
         };
         let l = |s: &str| hf[&format!("model.layers.{g}.{s}")].1.clone();
@@ -247,7 +247,7 @@ fn vocab_rows_are_split_by_rank_and_padding_is_not_zero() {
         let ck = open(file);
         let hf = hf_tensors("mha");
         let emb = &hf["model.embed_tokens.weight"].1;
-        let Weights::Ranks(ranks) = &ck.weights else {
+        let Storage::Ranks(ranks) = &ck.weights else {
             panic!()
         };
         let mut padding_nonzero = false;

@@ -285,7 +285,7 @@ proptest! {
 fn recomputed_rope_frequencies_are_torchs_to_the_bit() {
     // legacy_tp1_fp32 stores the inv_freq transformers computed in float32.
     let ck = open(&fixtures().join("archives/legacy_tp1_fp32.nemo"));
-    let steerlm_convert::nemo::checkpoint::Weights::Ranks(ranks) = &ck.nemo().unwrap().weights
+    let steerlm_convert::nemo::checkpoint::Storage::Ranks(ranks) = &ck.nemo().unwrap().weights
     else {
         panic!()
     };

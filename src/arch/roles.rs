@@ -60,7 +60,7 @@ pub enum Kind {
 
 /// The layer a key belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layer {
+pub enum KeyLayer {
     /// Not a per-layer tensor.
     None,
     /// Stage-local index as written in the key.
@@ -92,7 +92,7 @@ impl Schema {
 pub struct Classified {
     pub schema: Schema,
     pub kind: Kind,
-    pub layer: Layer,
+    pub layer: KeyLayer,
     pub role: Role,
 }
 
@@ -204,10 +204,10 @@ pub fn classify(key: &str, activation: Activation) -> Option<Classified> {
             } else {
                 Schema::Mcore
             };
-            return Some(make(schema, Kind::ExtraState, Layer::None, activation));
+            return Some(make(schema, Kind::ExtraState, KeyLayer::None, activation));
         }
         let &(schema, _, kind) = MODEL_KEYS.iter().find(|(_, k, _)| *k == key)?;
-        return Some(make(schema, kind, Layer::None, activation));
+        return Some(make(schema, kind, KeyLayer::None, activation));
     };
     if rest.ends_with("._extra_state") || rest == "_extra_state" {
         return Some(make(schema, Kind::ExtraState, layer, activation));
@@ -218,19 +218,19 @@ pub fn classify(key: &str, activation: Activation) -> Option<Classified> {
     Some(make(schema, kind, layer, activation))
 }
 
-fn split_layer(rest: &str) -> (Layer, &str) {
+fn split_layer(rest: &str) -> (KeyLayer, &str) {
     match rest.split_once('.') {
         Some((n, tail)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
             match n.parse() {
-                Ok(i) => (Layer::Index(i), tail),
-                Err(_) => (Layer::Stacked, rest),
+                Ok(i) => (KeyLayer::Index(i), tail),
+                Err(_) => (KeyLayer::Stacked, rest),
             }
         }
-        _ => (Layer::Stacked, rest),
+        _ => (KeyLayer::Stacked, rest),
     }
 }
 
-fn make(schema: Schema, kind: Kind, layer: Layer, activation: Activation) -> Classified {
+fn make(schema: Schema, kind: Kind, layer: KeyLayer, activation: Activation) -> Classified {
     let kind = match (schema, kind, activation) {
         (Schema::Legacy, Kind::GateUp, Activation::Swiglu) => Kind::Gate,
         _ => kind,
@@ -292,7 +292,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (c.kind, c.layer, c.role),
-            (Kind::GateUp, Layer::Index(7), Role::GateUpFused)
+            (Kind::GateUp, KeyLayer::Index(7), Role::GateUpFused)
         );
         let c = classify(
             "model.language_model.encoder.layers.7.mlp.dense_h_to_4h.weight",
@@ -314,7 +314,7 @@ mod tests {
             Activation::FastSwiglu,
         )
         .unwrap();
-        assert_eq!((c.kind, c.layer), (Kind::Qkv, Layer::Stacked));
+        assert_eq!((c.kind, c.layer), (Kind::Qkv, KeyLayer::Stacked));
         let c = classify(
             "model.decoder.layers.3.self_attention.core_attention._extra_state",
             Activation::FastSwiglu,

@@ -21,11 +21,11 @@ pub struct Logical {
     pub dtype: DType,
     /// Shape in the TP = 1 layout (vocabulary padded as stored).
     pub shape: Vec<u64>,
-    rows: Rows,
+    rows: Backing,
 }
 
 #[derive(Debug, Clone)]
-enum Rows {
+enum Backing {
     /// One part per TP rank, in rank order, merged by `role`.
     Ranks { role: Role, parts: Vec<TensorRef> },
     /// A zarr array (layers stacked on axis 0 when `layer` is set), already in TP = 1 layout.
@@ -48,7 +48,7 @@ impl Logical {
             layer,
             dtype: parts[0].dtype,
             shape,
-            rows: Rows::Ranks {
+            rows: Backing::Ranks {
                 role: crate::arch::roles::role_of(kind),
                 parts,
             },
@@ -68,7 +68,7 @@ impl Logical {
             layer,
             dtype: array.dtype,
             shape,
-            rows: Rows::Zarr {
+            rows: Backing::Zarr {
                 array,
                 layer: if stacked { layer } else { None },
             },
@@ -99,7 +99,7 @@ impl Logical {
     pub fn row_segments(&self, i: u64, out: &mut Vec<Seg>) {
         let esz = self.dtype.size() as u64;
         match &self.rows {
-            Rows::Ranks { role, parts } => {
+            Backing::Ranks { role, parts } => {
                 let t = parts.len() as u64;
                 match role {
                     Role::Replicated => push(out, parts[0].offset, parts[0].nbytes()),
@@ -126,7 +126,7 @@ impl Logical {
                     Role::Skip => {}
                 }
             }
-            Rows::Zarr { array, layer } => {
+            Backing::Zarr { array, layer } => {
                 let chunks = &array.chunks;
                 let (lead, dims) = match layer {
                     Some(l) => (vec![*l / chunks[0]], &array.shape[1..]),
@@ -162,12 +162,12 @@ impl Logical {
     /// Byte ranges of everything this tensor reads (whole rank parts or chunks).
     pub fn source_ranges(&self) -> Vec<Seg> {
         match &self.rows {
-            Rows::Ranks {
+            Backing::Ranks {
                 role: Role::Replicated,
                 parts,
             } => vec![(parts[0].offset, parts[0].nbytes())],
-            Rows::Ranks { parts, .. } => parts.iter().map(|p| (p.offset, p.nbytes())).collect(),
-            Rows::Zarr { array, layer } => array
+            Backing::Ranks { parts, .. } => parts.iter().map(|p| (p.offset, p.nbytes())).collect(),
+            Backing::Zarr { array, layer } => array
                 .chunk_refs
                 .iter()
                 .filter(|(idx, _)| layer.is_none_or(|l| idx.first() == Some(&l)))
@@ -179,7 +179,7 @@ impl Logical {
     /// For replicated tensors: the copies on the other ranks (to check they are equal).
     pub fn replicas(&self) -> Vec<Seg> {
         match &self.rows {
-            Rows::Ranks {
+            Backing::Ranks {
                 role: Role::Replicated,
                 parts,
             } => parts.iter().map(|p| (p.offset, p.nbytes())).collect(),
@@ -200,7 +200,7 @@ fn push(out: &mut Vec<Seg>, off: u64, len: u64) {
 
 /// A part of an output tensor, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Piece {
+pub enum Slice {
     /// Rows `a..b` of the logical tensor.
     Rows(u64, u64),
     /// `n` rows of zeros (vocabulary padding).
@@ -216,37 +216,37 @@ pub enum Piece {
 /// Split: the pieces of the logical tensor that rank `r` of `n` holds, the inverse of
 /// [`Logical::row_segments`]. Vocabulary tensors get `new_rows` rows in all (`vocab`
 /// real ones, then zero padding).
-pub fn split(l: &Logical, role: Role, r: u64, n: u64, vocab: u64, new_rows: u64) -> Vec<Piece> {
+pub fn split(l: &Logical, role: Role, r: u64, n: u64, vocab: u64, new_rows: u64) -> Vec<Slice> {
     match role {
-        Role::Replicated | Role::Skip => vec![Piece::Rows(0, 1)],
+        Role::Replicated | Role::Skip => vec![Slice::Rows(0, 1)],
         Role::VocabRows => {
             let per = new_rows / n;
             let (a, b) = (r * per, (r + 1) * per);
             let real_end = b.min(vocab).max(a);
             let mut p = Vec::new();
             if real_end > a {
-                p.push(Piece::Rows(a, real_end));
+                p.push(Slice::Rows(a, real_end));
             }
             if b > real_end {
-                p.push(Piece::ZeroRows(b - real_end));
+                p.push(Slice::ZeroRows(b - real_end));
             }
             p
         }
         Role::ColumnRows | Role::QkvGrouped => {
             let per = l.rows() / n;
-            vec![Piece::Rows(r * per, (r + 1) * per)]
+            vec![Slice::Rows(r * per, (r + 1) * per)]
         }
         Role::GateUpFused => {
             let f = l.rows() / 2;
             let per = f / n;
             vec![
-                Piece::Rows(r * per, (r + 1) * per),
-                Piece::Rows(f + r * per, f + (r + 1) * per),
+                Slice::Rows(r * per, (r + 1) * per),
+                Slice::Rows(f + r * per, f + (r + 1) * per),
             ]
         }
         Role::RowCols => {
             let per = l.shape[1] / n;
-            vec![Piece::Cols(r * per, (r + 1) * per)]
+            vec![Slice::Cols(r * per, (r + 1) * per)]
         }
     }
 }

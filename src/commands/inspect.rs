@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value};
 use steerlm_convert::arch::roles::Role;
 use steerlm_convert::dtype::fmt_shape;
-use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
+use steerlm_convert::nemo::checkpoint::{Checkpoint, Storage};
 use steerlm_convert::torch::state_dict::StateEntry;
 
 use crate::cli::InspectArgs;
@@ -57,7 +57,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     let mut non_tensors = Vec::new();
     let mut non_weights = 0usize;
     match &ck.weights {
-        Weights::Ranks(ranks) => {
+        Storage::Ranks(ranks) => {
             for r in ranks {
                 let rank = r
                     .state
@@ -98,7 +98,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
                 }
             }
         }
-        Weights::Distributed(d) => {
+        Storage::Distributed(d) => {
             for a in &d.arrays {
                 if with_tensors {
                     let role = ck

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::dtype::DType;
 use steerlm_convert::io::output;
-use steerlm_convert::pipeline::quantize::{self, QuantizeOptions, Report, Scheme};
+use steerlm_convert::pipeline::quantize::{self, QuantizeOptions, QuantizeReport, Scheme};
 use steerlm_convert::quant::engine::{CpuEngine, Engine};
 use steerlm_convert::Error;
 
@@ -117,7 +117,7 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(r: &Report, worst: usize) {
+fn print_table(r: &QuantizeReport, worst: usize) {
     let mut changed: Vec<_> = r
         .tensors
         .iter()

@@ -29,7 +29,7 @@ pub struct TokenizerArtifact {
 
 /// Where the weights are.
 #[derive(Debug, Clone)]
-pub enum Weights {
+pub enum Storage {
     Ranks(Vec<Rank>),
     Distributed(DistCheckpoint),
 }
@@ -39,7 +39,7 @@ pub struct Checkpoint {
     pub files: Mapped,
     pub config: ModelConfig,
     pub grid: RankGrid,
-    pub weights: Weights,
+    pub weights: Storage,
     pub schema: Schema,
     pub tokenizer: std::result::Result<TokenizerArtifact, String>,
     pub warnings: Vec<String>,
@@ -78,7 +78,7 @@ impl Checkpoint {
             });
         }
         let weights = if grid.kind == LayoutKind::Distributed {
-            Weights::Distributed(zarr::read(&archive)?)
+            Storage::Distributed(zarr::read(&archive)?)
         } else {
             let mut ranks = Vec::new();
             for (&(tp, pp), member) in &grid.files {
@@ -102,7 +102,7 @@ impl Checkpoint {
                 .map_err(|e| e.in_file(&file))?;
                 ranks.push(Rank { tp, pp, state });
             }
-            Weights::Ranks(ranks)
+            Storage::Ranks(ranks)
         };
         let schema = detect_schema(&weights, &config);
         if schema == Schema::Mcore && !config.mcore_gpt {
@@ -147,7 +147,7 @@ impl Checkpoint {
     pub fn unknown_keys(&self) -> Vec<String> {
         let mut out = Vec::new();
         match &self.weights {
-            Weights::Ranks(ranks) => {
+            Storage::Ranks(ranks) => {
                 for r in ranks {
                     for (k, _) in &r.state.entries {
                         if self.classify(k).is_none() && !out.contains(k) {
@@ -156,7 +156,7 @@ impl Checkpoint {
                     }
                 }
             }
-            Weights::Distributed(d) => {
+            Storage::Distributed(d) => {
                 for a in &d.arrays {
                     if self.classify(&a.key).is_none() {
                         out.push(a.key.clone());
@@ -171,13 +171,13 @@ impl Checkpoint {
     fn weight_tensors(&self) -> Vec<(crate::dtype::DType, u64)> {
         let is_weight = |k: &str| self.classify(k).is_none_or(|c| c.role != roles::Role::Skip);
         match &self.weights {
-            Weights::Ranks(ranks) => ranks
+            Storage::Ranks(ranks) => ranks
                 .iter()
                 .flat_map(|r| r.state.tensors())
                 .filter(|(k, _)| is_weight(k))
                 .map(|(_, t)| (t.dtype, t.nbytes()))
                 .collect(),
-            Weights::Distributed(d) => d
+            Storage::Distributed(d) => d
                 .arrays
                 .iter()
                 .filter(|a| is_weight(&a.key))
@@ -207,7 +207,7 @@ impl Checkpoint {
     /// The padded vocabulary as stored (rows of the embedding, summed over TP ranks).
     pub fn stored_vocab_rows(&self) -> Option<u64> {
         match &self.weights {
-            Weights::Ranks(ranks) => {
+            Storage::Ranks(ranks) => {
                 let rows: u64 = ranks
                     .iter()
                     .filter(|r| r.pp == 0)
@@ -220,7 +220,7 @@ impl Checkpoint {
                     .sum();
                 (rows > 0).then_some(rows)
             }
-            Weights::Distributed(d) => d
+            Storage::Distributed(d) => d
                 .arrays
                 .iter()
                 .find(|a| {
@@ -232,13 +232,13 @@ impl Checkpoint {
     }
 }
 
-fn detect_schema(weights: &Weights, config: &ModelConfig) -> Schema {
+fn detect_schema(weights: &Storage, config: &ModelConfig) -> Schema {
     let keys: Vec<&str> = match weights {
-        Weights::Ranks(r) => r
+        Storage::Ranks(r) => r
             .iter()
             .flat_map(|r| r.state.entries.iter().map(|(k, _)| k.as_str()))
             .collect(),
-        Weights::Distributed(d) => d.arrays.iter().map(|a| a.key.as_str()).collect(),
+        Storage::Distributed(d) => d.arrays.iter().map(|a| a.key.as_str()).collect(),
     };
     let mut legacy = 0;
     let mut mcore = 0;

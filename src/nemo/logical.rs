@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::arch::roles::{Kind, Layer, Role};
+use crate::arch::roles::{Kind, KeyLayer, Role};
 use crate::arch::tp::Logical;
 use crate::dtype::TensorRef;
 use crate::error::{Error, Result};
-use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::checkpoint::{Checkpoint, Storage};
 use crate::nemo::config::ModelConfig;
 
 /// Logical tensors keyed by (kind, global layer).
@@ -33,7 +33,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
     })?;
     let mut out: Logicals = BTreeMap::new();
     match &ck.weights {
-        Weights::Ranks(ranks) => {
+        Storage::Ranks(ranks) => {
             let per_stage = d.layers / pp;
             let mut parts: BTreeMap<(Kind, Option<u64>), Vec<Option<Located>>> = BTreeMap::new();
             for r in ranks {
@@ -49,16 +49,16 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
                         continue;
                     }
                     let layer = match c.layer {
-                        Layer::Index(l) if l < per_stage => Some(r.pp * per_stage + l),
-                        Layer::Index(l) => {
+                        KeyLayer::Index(l) if l < per_stage => Some(r.pp * per_stage + l),
+                        KeyLayer::Index(l) => {
                             return Err(Error::Tensor {
                                 member: format!("{file}:{}", r.state.member),
                                 tensor: name.to_string(),
                                 msg: format!("layer {l} but a stage holds {per_stage} layers"),
                             })
                         }
-                        Layer::None => None,
-                        Layer::Stacked => {
+                        KeyLayer::None => None,
+                        KeyLayer::Stacked => {
                             return Err(lerr(format!(
                                 "stacked key `{name}` in a per-rank checkpoint"
                             )))
@@ -133,7 +133,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
                 );
             }
         }
-        Weights::Distributed(dist) => {
+        Storage::Distributed(dist) => {
             for a in &dist.arrays {
                 let Some(c) = ck.classify(&a.key) else {
                     return Err(lerr(format!(
@@ -145,7 +145,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
                     continue;
                 }
                 let array = Arc::new(a.clone());
-                let vocab_rows = if c.layer == Layer::Stacked {
+                let vocab_rows = if c.layer == KeyLayer::Stacked {
                     0
                 } else {
                     a.shape[0]
@@ -156,7 +156,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
                     msg: format!("array `{}`: {msg}", a.key),
                 };
                 match c.layer {
-                    Layer::Stacked => {
+                    KeyLayer::Stacked => {
                         let mut full = vec![d.layers];
                         full.extend_from_slice(&want);
                         if a.shape != full || a.chunks[0] != 1 {

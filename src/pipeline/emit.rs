@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::arch::tp::{Logical, Piece, Seg};
+use crate::arch::tp::{Logical, Seg, Slice};
 use crate::container::mapped::Mapped;
 use crate::container::safetensors_write::Sink;
 use crate::dtype::{self, DType};
@@ -32,7 +32,7 @@ pub fn check_overflow(
 }
 
 /// Output shape of `pieces` of `l`.
-pub fn shape_of(l: &Logical, pieces: &[Piece]) -> Vec<u64> {
+pub fn shape_of(l: &Logical, pieces: &[Slice]) -> Vec<u64> {
     if l.shape.len() == 1 {
         return l.shape.clone();
     }
@@ -40,13 +40,13 @@ pub fn shape_of(l: &Logical, pieces: &[Piece]) -> Vec<u64> {
     let mut cols = l.shape[1];
     for p in pieces {
         match p {
-            Piece::Rows(a, b) => rows += b - a,
-            Piece::ZeroRows(n) => rows += n,
-            Piece::Cols(c0, c1) => {
+            Slice::Rows(a, b) => rows += b - a,
+            Slice::ZeroRows(n) => rows += n,
+            Slice::Cols(c0, c1) => {
                 rows = l.shape[0];
                 cols = c1 - c0;
             }
-            Piece::Raw(_) | Piece::Values(_) => {}
+            Slice::Raw(_) | Slice::Values(_) => {}
         }
     }
     vec![rows, cols]
@@ -58,7 +58,7 @@ pub fn write_pieces(
     archive: &Mapped,
     l: Option<&Logical>,
     from: DType,
-    pieces: &[Piece],
+    pieces: &[Slice],
     to: DType,
     w: &mut dyn Sink,
     bar: &Progress,
@@ -102,8 +102,8 @@ pub fn write_pieces(
     };
     for p in pieces {
         match (p, l) {
-            (Piece::Raw(seg), _) => emit(std::slice::from_ref(seg), w)?,
-            (Piece::Values(v), _) => {
+            (Slice::Raw(seg), _) => emit(std::slice::from_ref(seg), w)?,
+            (Slice::Values(v), _) => {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 let mut out = Vec::new();
                 // Frequencies are below 1: no cast of them overflows.
@@ -111,7 +111,7 @@ pub fn write_pieces(
                 w.write_all(&out)?;
                 bar.inc(out.len() as u64);
             }
-            (Piece::Rows(a, b), Some(l)) => {
+            (Slice::Rows(a, b), Some(l)) => {
                 // Batches of about 8 MiB of source rows.
                 let batch = (8u64 << 20).div_ceil(l.row_bytes()).max(1);
                 let mut r = *a;
@@ -125,7 +125,7 @@ pub fn write_pieces(
                     r = stop;
                 }
             }
-            (Piece::ZeroRows(n), Some(l)) => {
+            (Slice::ZeroRows(n), Some(l)) => {
                 let bytes = n * l.row_bytes() / from.size() as u64 * to.size() as u64;
                 let zeros = vec![0u8; bytes.min(8 << 20) as usize];
                 let mut left = bytes;
@@ -136,7 +136,7 @@ pub fn write_pieces(
                     left -= k as u64;
                 }
             }
-            (Piece::Cols(c0, c1), Some(l)) => {
+            (Slice::Cols(c0, c1), Some(l)) => {
                 let esz = from.size() as u64;
                 let (lo, hi) = (c0 * esz, c1 * esz);
                 let mut row = Vec::new();
@@ -163,7 +163,7 @@ pub fn write_pieces(
             .into_iter()
             .for_each(|(o, n)| archive.release(o, n)),
         None => pieces.iter().for_each(|p| {
-            if let Piece::Raw((o, n)) = p {
+            if let Slice::Raw((o, n)) = p {
                 archive.release(*o, *n)
             }
         }),

@@ -60,7 +60,7 @@ pub struct TensorReport {
 
 /// What was written.
 #[derive(Debug, Clone)]
-pub struct Report {
+pub struct QuantizeReport {
     pub files: Vec<String>,
     pub tensors: Vec<TensorReport>,
     pub bytes_in: u64,
@@ -69,7 +69,7 @@ pub struct Report {
     pub engine: String,
 }
 
-impl Report {
+impl QuantizeReport {
     pub fn to_json(&self, out: &Path) -> Value {
         let num = |v: f64| {
             if v.is_finite() {
@@ -117,7 +117,7 @@ enum Job {
 }
 
 /// Runs a quantization from `input` into `out`.
-pub fn quantize(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Report> {
+pub fn quantize(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
     check_keep(&opts.keep)?;
     let view = View::open(input, &opts.open)?;
     let file = view.display().to_string();
@@ -262,7 +262,7 @@ fn run(
     out: &Path,
     opts: &QuantizeOptions,
     mut side: impl FnMut(&Path, Option<DType>, Option<Value>) -> Result<Vec<String>>,
-) -> Result<Report> {
+) -> Result<QuantizeReport> {
     let start = Instant::now();
     let jobs: Vec<Job> = sources
         .iter()
@@ -426,7 +426,7 @@ fn run(
     };
     files.extend(side(dir.path(), dtype, qc)?);
     dir.commit()?;
-    Ok(Report {
+    Ok(QuantizeReport {
         files,
         tensors: reports,
         bytes_in,

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use serde_norway::Value as Yaml;
 
-use crate::arch::roles::{self, Kind, Layer, Schema};
-use crate::arch::tp::{self, Logical, Piece};
+use crate::arch::roles::{self, Kind, KeyLayer, Schema};
+use crate::arch::tp::{self, Logical, Slice};
 use crate::container::safetensors_write::{self, FileSink, Plain, TensorSpec};
 use crate::container::tar::MemberKind;
 use crate::container::tar_write::TarWriter;
@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::output::{self, AtomicDir, AtomicFile};
 use crate::io::progress::Progress;
 use crate::model::{Source, View};
-use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::checkpoint::{Checkpoint, Storage};
 use crate::nemo::layout::rank_member;
 use crate::pipeline::emit;
 use crate::torch::save::{SaveEntry, TorchFile};
@@ -63,7 +63,7 @@ enum OutEntry<'a> {
         name: String,
         logical: Option<&'a Logical>,
         from: DType,
-        pieces: Vec<Piece>,
+        pieces: Vec<Slice>,
         shape: Vec<u64>,
     },
     None(String),
@@ -87,20 +87,20 @@ fn templates(ck: &Checkpoint) -> Names {
         let key = roles::normalise_key(key);
         let Some(c) = ck.classify(&key) else { return };
         let template = match c.layer {
-            Layer::Index(_) | Layer::Stacked => {
+            KeyLayer::Index(_) | KeyLayer::Stacked => {
                 let (head, tail) = key
                     .split_once("layers.")
                     .expect("per-layer keys contain layers.");
                 let tail = match c.layer {
-                    Layer::Index(_) => tail.split_once('.').map(|t| t.1).unwrap_or(tail),
+                    KeyLayer::Index(_) => tail.split_once('.').map(|t| t.1).unwrap_or(tail),
                     _ => tail,
                 };
                 format!("{head}layers.{{L}}.{tail}")
             }
-            Layer::None => key.clone(),
+            KeyLayer::None => key.clone(),
         };
         match c.kind {
-            Kind::ExtraState if c.layer == Layer::None => {
+            Kind::ExtraState if c.layer == KeyLayer::None => {
                 if !extra_model.contains(&template) {
                     extra_model.push(template)
                 }
@@ -121,7 +121,7 @@ fn templates(ck: &Checkpoint) -> Names {
         }
     };
     match &ck.weights {
-        Weights::Ranks(ranks) => {
+        Storage::Ranks(ranks) => {
             for r in ranks {
                 for (k, e) in &r.state.entries {
                     let inv = match e {
@@ -134,7 +134,7 @@ fn templates(ck: &Checkpoint) -> Names {
                 }
             }
         }
-        Weights::Distributed(d) => {
+        Storage::Distributed(d) => {
             for a in &d.arrays {
                 note(&a.key, None);
             }
@@ -275,9 +275,9 @@ pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<Reshard
                 // The source's bytes when the dtype is kept (as NeMo re-saves them); a widened
                 // dtype gets the frequencies recomputed, not the rounded ones widened.
                 let piece = if out_dtype(*d) == *d {
-                    Piece::Raw(*seg)
+                    Slice::Raw(*seg)
                 } else {
-                    Piece::Values(crate::arch::rope_inv_freq(ck.config.rotary_base, n))
+                    Slice::Values(crate::arch::rope_inv_freq(ck.config.rotary_base, n))
                 };
                 entries.insert(
                     usize::from(p == 0),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::arch::roles::Role;
-use crate::arch::tp::Piece;
+use crate::arch::tp::Slice;
 use crate::container::safetensors_write::{self, TensorSpec};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -15,7 +15,7 @@ use crate::hf::config as hf;
 use crate::io::output::{self, AtomicDir};
 use crate::io::progress::Progress;
 use crate::model::{Source, View};
-use crate::nemo::checkpoint::{Checkpoint, Weights};
+use crate::nemo::checkpoint::{Checkpoint, Storage};
 use crate::nemo::logical::Logicals;
 use crate::pipeline::emit;
 
@@ -32,7 +32,7 @@ pub struct ConvertOptions {
 
 /// What was written.
 #[derive(Debug, Clone)]
-pub struct Report {
+pub struct ConvertReport {
     pub files: Vec<String>,
     pub tensors: Vec<(TensorSpec, DType)>,
     pub dropped: Vec<String>,
@@ -41,7 +41,7 @@ pub struct Report {
     pub seconds: f64,
 }
 
-impl Report {
+impl ConvertReport {
     pub fn to_json(&self, out: &Path) -> Value {
         json!({
             "schema_version": 1,
@@ -62,7 +62,7 @@ impl Report {
 }
 
 /// Converts the NeMo input `view` into the HF folder `out`.
-pub fn nemo_to_safetensors(view: &View, out: &Path, opts: &ConvertOptions) -> Result<Report> {
+pub fn nemo_to_safetensors(view: &View, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     let start = Instant::now();
     let Source::Nemo {
         checkpoint: ck,
@@ -107,7 +107,7 @@ pub fn nemo_to_safetensors(view: &View, out: &Path, opts: &ConvertOptions) -> Re
             output::check_interrupted()?;
             let (l, rows) = view.tensors[i].logical().expect("a NeMo view's tensors");
             let before = w.written;
-            let pieces: Vec<Piece> = rows.iter().map(|&(a, b)| Piece::Rows(a, b)).collect();
+            let pieces: Vec<Slice> = rows.iter().map(|&(a, b)| Slice::Rows(a, b)).collect();
             let n = emit::write_pieces(
                 &ck.files,
                 Some(l),
@@ -149,7 +149,7 @@ pub fn nemo_to_safetensors(view: &View, out: &Path, opts: &ConvertOptions) -> Re
         hf::config_json(&view.arch, sp, written_dtype),
     )?);
     dir.commit()?;
-    Ok(Report {
+    Ok(ConvertReport {
         files,
         tensors: specs
             .iter()
@@ -219,13 +219,13 @@ pub fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
 /// Keys that are not weights and are not exported.
 fn dropped_keys(ck: &Checkpoint) -> Vec<String> {
     let mut v: Vec<String> = match &ck.weights {
-        Weights::Ranks(ranks) => ranks
+        Storage::Ranks(ranks) => ranks
             .iter()
             .flat_map(|r| r.state.entries.iter().map(|(k, _)| k))
             .filter(|k| ck.classify(k).is_some_and(|c| c.role == Role::Skip))
             .cloned()
             .collect(),
-        Weights::Distributed(d) => d.objects.iter().map(|(k, _)| k.clone()).collect(),
+        Storage::Distributed(d) => d.objects.iter().map(|(k, _)| k.clone()).collect(),
     };
     v.sort();
     v.dedup();

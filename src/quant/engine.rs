@@ -57,7 +57,7 @@ pub struct RowSource<'a> {
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
-    kind: Rows<'a>,
+    kind: SegSource<'a>,
 }
 
 /// Where the rows of a tensor are (implemented by the model view's tensors).
@@ -66,7 +66,7 @@ pub trait RowSegs: Sync {
     fn row_segs(&self, i: usize, out: &mut Vec<Seg>);
 }
 
-enum Rows<'a> {
+enum SegSource<'a> {
     /// Rows located by their tensor.
     Located(&'a dyn RowSegs),
     /// A contiguous tensor at this offset.
@@ -89,7 +89,7 @@ impl<'a> RowSource<'a> {
             dtype,
             rows,
             cols,
-            kind: Rows::Plain(offset),
+            kind: SegSource::Plain(offset),
         }
     }
 
@@ -108,18 +108,18 @@ impl<'a> RowSource<'a> {
             dtype,
             rows,
             cols,
-            kind: Rows::Located(segs),
+            kind: SegSource::Located(segs),
         }
     }
 
     /// Byte ranges of row `i`, in column order.
     pub fn row_segs(&self, i: usize, out: &mut Vec<Seg>) {
         match &self.kind {
-            Rows::Plain(off) => {
+            SegSource::Plain(off) => {
                 let rb = (self.cols * self.dtype.size()) as u64;
                 out.push((off + i as u64 * rb, rb));
             }
-            Rows::Located(t) => t.row_segs(i, out),
+            SegSource::Located(t) => t.row_segs(i, out),
         }
     }
 

@@ -251,12 +251,12 @@ pub fn assert_no_leftovers(out: &Path) {
 /// A copy of `legacy_tp2_bf16.nemo` in `dir` whose rank-0 o_proj of layer 0 holds bf16
 /// 3.0e38 (0x7f62) in its first element: it overflows fp16.
 pub fn overflowing_archive(dir: &Path) -> PathBuf {
-    use steerlm_convert::nemo::checkpoint::{Checkpoint, Weights};
+    use steerlm_convert::nemo::checkpoint::{Checkpoint, Storage};
     let fixture = fixtures().join("archives/legacy_tp2_bf16.nemo");
     let src = dir.join("big.nemo");
     let bytes = std::fs::read(&fixture).unwrap();
     let ck = Checkpoint::open(&fixture, &Default::default()).unwrap();
-    let Weights::Ranks(ranks) = &ck.weights else {
+    let Storage::Ranks(ranks) = &ck.weights else {
         panic!("rank archive")
     };
     let (_, t) = ranks[0]
