@@ -17,6 +17,7 @@ pub mod nemo;
 pub mod pipeline;
 pub mod quant;
 pub mod runtime;
+#[cfg(feature = "dev-tools")]
 pub mod synth;
 pub mod torch;
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use steerlm_convert::arch::roles::{Kind, KeyLayer};
+use steerlm_convert::arch::roles::{KeyLayer, Kind};
 use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::dtype::TensorRef;
 use steerlm_convert::nemo::checkpoint::{Checkpoint, Storage};
@@ -169,7 +169,11 @@ fn replicated_tensors_hold_the_ground_truth_on_every_rank() {
                         continue;
                     }
                     for (idx, t) in &arr.chunk_refs {
-                        let g = if c.layer == KeyLayer::Stacked { idx[0] } else { 0 };
+                        let g = if c.layer == KeyLayer::Stacked {
+                            idx[0]
+                        } else {
+                            0
+                        };
                         let want = cast(&hf[&hf_norm(c.kind, g)].1, t.dtype);
                         assert_eq!(
                             bytes(&ck, t),

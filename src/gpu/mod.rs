@@ -9,6 +9,10 @@ pub mod nvrtc;
 mod engine;
 #[cfg(feature = "cuda")]
 pub use engine::CudaEngine;
+#[cfg(all(feature = "cuda", feature = "dev-tools"))]
+mod timing;
+#[cfg(all(feature = "cuda", feature = "dev-tools"))]
+pub use timing::KernelTimes;
 
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::arch::roles::{Kind, KeyLayer, Role};
+use crate::arch::roles::{KeyLayer, Kind, Role};
 use crate::arch::tp::Logical;
 use crate::dtype::TensorRef;
 use crate::error::{Error, Result};

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_norway::Value as Yaml;
 
-use crate::arch::roles::{self, Kind, KeyLayer, Schema};
+use crate::arch::roles::{self, KeyLayer, Kind, Schema};
 use crate::arch::tp::{self, Logical, Slice};
 use crate::container::safetensors_write::{self, FileSink, Plain, TensorSpec};
 use crate::container::tar::MemberKind;

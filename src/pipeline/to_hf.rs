@@ -62,7 +62,11 @@ impl ConvertReport {
 }
 
 /// Converts the NeMo input `view` into the HF folder `out`.
-pub fn nemo_to_safetensors(view: &View, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+pub fn nemo_to_safetensors(
+    view: &View,
+    out: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
     let start = Instant::now();
     let Source::Nemo {
         checkpoint: ck,
