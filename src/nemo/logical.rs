@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use crate::arch::roles::{KeyLayer, Kind, Role};
 use crate::arch::tp::Logical;
+use crate::container::zarr::DistCheckpoint;
 use crate::dtype::TensorRef;
 use crate::error::{Error, Result};
-use crate::nemo::checkpoint::{Checkpoint, Storage};
+use crate::nemo::checkpoint::{Checkpoint, Rank, Storage};
 use crate::nemo::config::ModelConfig;
 
 /// Logical tensors keyed by (kind, global layer).
@@ -18,7 +19,24 @@ pub type Logicals = BTreeMap<(Kind, Option<u64>), Arc<Logical>>;
 type Located<'a> = (&'a TensorRef, &'a str, &'a str);
 
 /// Every logical tensor of a checkpoint, keyed by (kind, global layer), shape-checked.
+/// Every logical tensor of a checkpoint, keyed by (kind, global layer), shape-checked.
 pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
+    let tp = ck.grid.tp;
+    ck.config.arch().check_tp(tp).map_err(|m| Error::Layout {
+        file: ck.files.display().to_string(),
+        msg: format!("the archive cannot have been written at this TP: {m}"),
+    })?;
+    let mut out: Logicals = BTreeMap::new();
+    match &ck.weights {
+        Storage::Ranks(ranks) => from_ranks(ck, ranks, &mut out)?,
+        Storage::Distributed(dist) => from_zarr(ck, dist, &mut out)?,
+    }
+    check_complete(ck, &out)?;
+    Ok(out)
+}
+
+/// Merge rule inputs from per-rank state dicts: one part per TP rank of every tensor.
+fn from_ranks(ck: &Checkpoint, ranks: &[Rank], out: &mut Logicals) -> Result<()> {
     let d = ck.config.arch();
     let (tp, pp) = (ck.grid.tp, ck.grid.pp);
     let file = ck.files.display().to_string();
@@ -26,177 +44,183 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
         file: file.clone(),
         msg,
     };
-    d.check_tp(tp).map_err(|m| {
-        lerr(format!(
-            "the archive cannot have been written at this TP: {m}"
-        ))
-    })?;
-    let mut out: Logicals = BTreeMap::new();
-    match &ck.weights {
-        Storage::Ranks(ranks) => {
-            let per_stage = d.layers / pp;
-            let mut parts: BTreeMap<(Kind, Option<u64>), Vec<Option<Located>>> = BTreeMap::new();
-            for r in ranks {
-                for (name, t) in r.state.tensors() {
-                    let Some(c) = ck.classify(name) else {
-                        return Err(Error::Tensor {
-                            member: format!("{file}:{}", r.state.member),
-                            tensor: name.to_string(),
-                            msg: "unknown tensor key (not part of a Llama model)".into(),
-                        });
-                    };
-                    if c.role == Role::Skip {
-                        continue;
-                    }
-                    let layer = match c.layer {
-                        KeyLayer::Index(l) if l < per_stage => Some(r.pp * per_stage + l),
-                        KeyLayer::Index(l) => {
-                            return Err(Error::Tensor {
-                                member: format!("{file}:{}", r.state.member),
-                                tensor: name.to_string(),
-                                msg: format!("layer {l} but a stage holds {per_stage} layers"),
-                            })
-                        }
-                        KeyLayer::None => None,
-                        KeyLayer::Stacked => {
-                            return Err(lerr(format!(
-                                "stacked key `{name}` in a per-rank checkpoint"
-                            )))
-                        }
-                    };
-                    let slot = parts
-                        .entry((c.kind, layer))
-                        .or_insert_with(|| vec![None; tp as usize]);
-                    if slot[r.tp as usize]
-                        .replace((t, name, &r.state.member))
-                        .is_some()
-                    {
-                        return Err(Error::Tensor {
-                            member: format!("{file}:{}", r.state.member),
-                            tensor: name.to_string(),
-                            msg: "appears twice for the same layer".into(),
-                        });
-                    }
-                }
+    let per_stage = d.layers / pp;
+    let mut parts: BTreeMap<(Kind, Option<u64>), Vec<Option<Located>>> = BTreeMap::new();
+    for r in ranks {
+        for (name, t) in r.state.tensors() {
+            let Some(c) = ck.classify(name) else {
+                return Err(Error::Tensor {
+                    member: format!("{file}:{}", r.state.member),
+                    tensor: name.to_string(),
+                    msg: "unknown tensor key (not part of a Llama model)".into(),
+                });
+            };
+            if c.role == Role::Skip {
+                continue;
             }
-            for ((kind, layer), slot) in parts {
-                let mut refs = Vec::new();
-                for (tp, s) in slot.iter().enumerate() {
-                    match s {
-                        Some(s) => refs.push(*s),
-                        None => {
-                            let (_, name, _) =
-                                slot.iter().flatten().next().expect("at least one rank");
-                            return Err(lerr(format!(
-                                "tensor `{name}` is missing on TP rank {tp}"
-                            )));
-                        }
-                    }
-                }
-                let (first, _, _) = refs[0];
-                let vocab_rows = first.shape.first().copied().unwrap_or(0) * tp;
-                let want = d.rank_shape(kind, vocab_rows, tp);
-                for (t, name, member) in &refs {
-                    let terr = |msg: String| Error::Tensor {
-                        member: format!("{file}:{member}"),
+            let layer = match c.layer {
+                KeyLayer::Index(l) if l < per_stage => Some(r.pp * per_stage + l),
+                KeyLayer::Index(l) => {
+                    return Err(Error::Tensor {
+                        member: format!("{file}:{}", r.state.member),
                         tensor: name.to_string(),
-                        msg,
-                    };
-                    if t.shape != want {
-                        return Err(terr(format!(
-                            "shape {} contradicts the config (expected {} at TP {})",
-                            crate::dtype::fmt_shape(&t.shape),
-                            crate::dtype::fmt_shape(&want),
-                            tp
-                        )));
-                    }
-                    if !t.is_contiguous() {
-                        return Err(terr(
-                            "is not contiguous (a strided view); not supported".into(),
-                        ));
-                    }
-                    if t.dtype != first.dtype {
-                        return Err(terr(format!(
-                            "dtype {} differs from rank 0's {}",
-                            t.dtype, first.dtype
-                        )));
-                    }
+                        msg: format!("layer {l} but a stage holds {per_stage} layers"),
+                    })
                 }
-                out.insert(
-                    (kind, layer),
-                    Arc::new(Logical::from_ranks(
-                        kind,
-                        layer,
-                        d.shape(kind, vocab_rows),
-                        refs.iter().map(|r| r.0.clone()).collect(),
-                    )),
-                );
-            }
-        }
-        Storage::Distributed(dist) => {
-            for a in &dist.arrays {
-                let Some(c) = ck.classify(&a.key) else {
+                KeyLayer::None => None,
+                KeyLayer::Stacked => {
                     return Err(lerr(format!(
-                        "unknown array `{}` (not part of a Llama model)",
-                        a.key
-                    )));
-                };
-                if c.role == Role::Skip {
-                    continue;
+                        "stacked key `{name}` in a per-rank checkpoint"
+                    )))
                 }
-                let array = Arc::new(a.clone());
-                let vocab_rows = if c.layer == KeyLayer::Stacked {
-                    0
-                } else {
-                    a.shape[0]
-                };
-                let want = d.shape(c.kind, vocab_rows);
-                let aerr = |msg: String| Error::DistCheckpoint {
-                    file: file.clone(),
-                    msg: format!("array `{}`: {msg}", a.key),
-                };
-                match c.layer {
-                    KeyLayer::Stacked => {
-                        let mut full = vec![d.layers];
-                        full.extend_from_slice(&want);
-                        if a.shape != full || a.chunks[0] != 1 {
-                            return Err(aerr(format!(
-                                "shape {} contradicts the config (expected {} with one layer per chunk)",
-                                crate::dtype::fmt_shape(&a.shape),
-                                crate::dtype::fmt_shape(&full)
-                            )));
-                        }
-                        for l in 0..d.layers {
-                            out.insert(
-                                (c.kind, Some(l)),
-                                Arc::new(Logical::from_zarr(
-                                    c.kind,
-                                    Some(l),
-                                    want.clone(),
-                                    array.clone(),
-                                    true,
-                                )),
-                            );
-                        }
-                    }
-                    _ => {
-                        if a.shape != want {
-                            return Err(aerr(format!(
-                                "shape {} contradicts the config (expected {})",
-                                crate::dtype::fmt_shape(&a.shape),
-                                crate::dtype::fmt_shape(&want)
-                            )));
-                        }
-                        out.insert(
-                            (c.kind, None),
-                            Arc::new(Logical::from_zarr(c.kind, None, want, array, false)),
-                        );
-                    }
-                }
+            };
+            let slot = parts
+                .entry((c.kind, layer))
+                .or_insert_with(|| vec![None; tp as usize]);
+            if slot[r.tp as usize]
+                .replace((t, name, &r.state.member))
+                .is_some()
+            {
+                return Err(Error::Tensor {
+                    member: format!("{file}:{}", r.state.member),
+                    tensor: name.to_string(),
+                    msg: "appears twice for the same layer".into(),
+                });
             }
         }
     }
-    // Every layer and the model-level tensors must be present.
+    for ((kind, layer), slot) in parts {
+        let mut refs = Vec::new();
+        for (tp, s) in slot.iter().enumerate() {
+            match s {
+                Some(s) => refs.push(*s),
+                None => {
+                    let (_, name, _) = slot.iter().flatten().next().expect("at least one rank");
+                    return Err(lerr(format!("tensor `{name}` is missing on TP rank {tp}")));
+                }
+            }
+        }
+        let (first, _, _) = refs[0];
+        let vocab_rows = first.shape.first().copied().unwrap_or(0) * tp;
+        let want = d.rank_shape(kind, vocab_rows, tp);
+        for (t, name, member) in &refs {
+            let terr = |msg: String| Error::Tensor {
+                member: format!("{file}:{member}"),
+                tensor: name.to_string(),
+                msg,
+            };
+            if t.shape != want {
+                return Err(terr(format!(
+                    "shape {} contradicts the config (expected {} at TP {})",
+                    crate::dtype::fmt_shape(&t.shape),
+                    crate::dtype::fmt_shape(&want),
+                    tp
+                )));
+            }
+            if !t.is_contiguous() {
+                return Err(terr(
+                    "is not contiguous (a strided view); not supported".into(),
+                ));
+            }
+            if t.dtype != first.dtype {
+                return Err(terr(format!(
+                    "dtype {} differs from rank 0's {}",
+                    t.dtype, first.dtype
+                )));
+            }
+        }
+        out.insert(
+            (kind, layer),
+            Arc::new(Logical::from_ranks(
+                kind,
+                layer,
+                d.shape(kind, vocab_rows),
+                refs.iter().map(|r| r.0.clone()).collect(),
+            )),
+        );
+    }
+    Ok(())
+}
+
+/// Logical tensors from a zarr checkpoint, already in the TP = 1 layout.
+fn from_zarr(ck: &Checkpoint, dist: &DistCheckpoint, out: &mut Logicals) -> Result<()> {
+    let d = ck.config.arch();
+    let file = ck.files.display().to_string();
+    let lerr = |msg: String| Error::Layout {
+        file: file.clone(),
+        msg,
+    };
+    for a in &dist.arrays {
+        let Some(c) = ck.classify(&a.key) else {
+            return Err(lerr(format!(
+                "unknown array `{}` (not part of a Llama model)",
+                a.key
+            )));
+        };
+        if c.role == Role::Skip {
+            continue;
+        }
+        let array = Arc::new(a.clone());
+        let vocab_rows = if c.layer == KeyLayer::Stacked {
+            0
+        } else {
+            a.shape[0]
+        };
+        let want = d.shape(c.kind, vocab_rows);
+        let aerr = |msg: String| Error::DistCheckpoint {
+            file: file.clone(),
+            msg: format!("array `{}`: {msg}", a.key),
+        };
+        match c.layer {
+            KeyLayer::Stacked => {
+                let mut full = vec![d.layers];
+                full.extend_from_slice(&want);
+                if a.shape != full || a.chunks[0] != 1 {
+                    return Err(aerr(format!(
+                        "shape {} contradicts the config (expected {} with one layer per chunk)",
+                        crate::dtype::fmt_shape(&a.shape),
+                        crate::dtype::fmt_shape(&full)
+                    )));
+                }
+                for l in 0..d.layers {
+                    out.insert(
+                        (c.kind, Some(l)),
+                        Arc::new(Logical::from_zarr(
+                            c.kind,
+                            Some(l),
+                            want.clone(),
+                            array.clone(),
+                            true,
+                        )),
+                    );
+                }
+            }
+            _ => {
+                if a.shape != want {
+                    return Err(aerr(format!(
+                        "shape {} contradicts the config (expected {})",
+                        crate::dtype::fmt_shape(&a.shape),
+                        crate::dtype::fmt_shape(&want)
+                    )));
+                }
+                out.insert(
+                    (c.kind, None),
+                    Arc::new(Logical::from_zarr(c.kind, None, want, array, false)),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every layer and the model-level tensors must be present.
+fn check_complete(ck: &Checkpoint, out: &Logicals) -> Result<()> {
+    let d = ck.config.arch();
+    let file = ck.files.display().to_string();
+    let lerr = |msg: String| Error::Layout {
+        file: file.clone(),
+        msg,
+    };
     let gate_up: &[Kind] = if ck.config.activation == crate::arch::Activation::FastSwiglu
         || ck.schema == crate::arch::roles::Schema::Mcore
     {
@@ -231,7 +255,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
             return Err(lerr(format!("the archive has no {what} tensor")));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The tokenizer's pieces must all have embedding rows.

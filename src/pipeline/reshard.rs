@@ -21,6 +21,7 @@ use crate::io::progress::Progress;
 use crate::model::{Source, View};
 use crate::nemo::checkpoint::{Checkpoint, Storage};
 use crate::nemo::layout::rank_member;
+use crate::nemo::logical::Logicals;
 use crate::pipeline::emit;
 use crate::torch::save::{SaveEntry, TorchFile};
 
@@ -219,12 +220,91 @@ pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<Reshard
     };
     check_grid(ck, opts.tp, opts.pp)?;
     let vocab = view.vocab()?;
-    let new_rows = ck.config.padded_vocab(vocab, opts.tp);
     let names = templates(ck);
     let yaml = updated_yaml(ck, opts.tp, opts.pp, opts.dtype)?;
+    let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
+    let ranks = plan_ranks(ck, logicals, &names, opts, vocab);
+    let total: u64 = ranks
+        .iter()
+        .flat_map(|(_, _, e)| e)
+        .filter_map(|e| match e {
+            OutEntry::Tensor { from, shape, .. } => {
+                Some(shape.iter().product::<u64>() * out_dtype(*from).size() as u64)
+            }
+            OutEntry::None(_) => None,
+        })
+        .sum();
+    let bar = Progress::bytes(total, "resharding", opts.progress);
+    let artifacts: Vec<(String, &[u8])> = ck
+        .files
+        .members()
+        .iter()
+        .filter(|m| {
+            m.kind == MemberKind::File
+                && !m.name.contains('/')
+                && m.name != "model_config.yaml"
+                && !crate::nemo::layout::WEIGHT_FILES.contains(&m.name.as_str())
+        })
+        .map(|m| (m.name.clone(), ck.files.data(m)))
+        .collect();
+    let mut tensors = Vec::new();
+    for (r, p, entries) in &ranks {
+        let member = rank_member(*r, *p, opts.tp, opts.pp);
+        let member = match opts.format {
+            Format::Safetensors => member.replace("model_weights.ckpt", "model.safetensors"),
+            Format::Nemo => member,
+        };
+        for e in entries {
+            if let OutEntry::Tensor {
+                name,
+                logical: Some(_),
+                from,
+                shape,
+                ..
+            } = e
+            {
+                tensors.push((
+                    member.clone(),
+                    name.clone(),
+                    shape.clone(),
+                    out_dtype(*from),
+                ));
+            }
+        }
+    }
+    let w = Writing {
+        ck,
+        opts,
+        ranks: &ranks,
+        yaml: &yaml,
+        artifacts: &artifacts,
+        bar: &bar,
+    };
+    let rank_names = match opts.format {
+        Format::Safetensors => write_safetensors(&w, out)?,
+        Format::Nemo => write_nemo(&w, out)?,
+    };
+    bar.finish();
+    Ok(ReshardReport {
+        ranks: rank_names,
+        tensors,
+        bytes: total,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Every output rank's entries: `(tp, pp, entries)`, each tensor as the slices of its
+/// logical tensor that rank holds.
+fn plan_ranks<'a>(
+    ck: &Checkpoint,
+    logicals: &'a Logicals,
+    names: &Names,
+    opts: &ReshardOptions,
+    vocab: u64,
+) -> Vec<(u64, u64, Vec<OutEntry<'a>>)> {
+    let new_rows = ck.config.padded_vocab(vocab, opts.tp);
     let per_stage = ck.config.num_layers / opts.pp;
     let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
-    // Every rank's entries.
     let mut ranks: Vec<(u64, u64, Vec<OutEntry>)> = Vec::new();
     for p in 0..opts.pp {
         for r in 0..opts.tp {
@@ -305,229 +385,202 @@ pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<Reshard
             ranks.push((r, p, entries));
         }
     }
-    let total: u64 = ranks
-        .iter()
-        .flat_map(|(_, _, e)| e)
-        .filter_map(|e| match e {
-            OutEntry::Tensor { from, shape, .. } => {
-                Some(shape.iter().product::<u64>() * out_dtype(*from).size() as u64)
-            }
-            OutEntry::None(_) => None,
-        })
-        .sum();
-    let bar = Progress::bytes(total, "resharding", opts.progress);
-    let artifacts: Vec<(String, &[u8])> = ck
-        .files
-        .members()
-        .iter()
-        .filter(|m| {
-            m.kind == MemberKind::File
-                && !m.name.contains('/')
-                && m.name != "model_config.yaml"
-                && !crate::nemo::layout::WEIGHT_FILES.contains(&m.name.as_str())
-        })
-        .map(|m| (m.name.clone(), ck.files.data(m)))
-        .collect();
+    ranks
+}
+
+/// What both writers need.
+struct Writing<'a> {
+    ck: &'a Checkpoint,
+    opts: &'a ReshardOptions,
+    ranks: &'a [(u64, u64, Vec<OutEntry<'a>>)],
+    yaml: &'a str,
+    artifacts: &'a [(String, &'a [u8])],
+    bar: &'a Progress,
+}
+
+impl Writing<'_> {
+    fn out_dtype(&self, from: DType) -> DType {
+        self.opts.dtype.unwrap_or(from)
+    }
+}
+
+/// Writes a per-rank safetensors folder; returns the rank files.
+fn write_safetensors(w: &Writing, out: &Path) -> Result<Vec<String>> {
+    let (ck, opts, ranks, yaml, artifacts, bar) =
+        (w.ck, w.opts, w.ranks, w.yaml, w.artifacts, w.bar);
+    let out_dtype = |from: DType| w.out_dtype(from);
     let mut rank_names = Vec::new();
-    let mut tensors = Vec::new();
-    for (r, p, entries) in &ranks {
-        let member = rank_member(*r, *p, opts.tp, opts.pp);
-        let member = match opts.format {
-            Format::Safetensors => member.replace("model_weights.ckpt", "model.safetensors"),
-            Format::Nemo => member,
-        };
+    let dir = AtomicDir::create(out, opts.force)?;
+    write_file(&dir.path().join("model_config.yaml"), yaml.as_bytes())?;
+    for (name, data) in artifacts {
+        write_file(&dir.path().join(name), data)?;
+    }
+    // Each finished rank file is synced in the background while the next is written.
+    let mut syncs = Vec::new();
+    for (r, p, entries) in ranks {
+        let member = rank_member(*r, *p, opts.tp, opts.pp)
+            .replace("model_weights.ckpt", "model.safetensors");
+        let path = dir.path().join(&member);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let specs: Vec<TensorSpec> = entries
+            .iter()
+            .filter_map(|e| match e {
+                OutEntry::Tensor {
+                    name, from, shape, ..
+                } => Some(TensorSpec {
+                    name: name.clone(),
+                    dtype: out_dtype(*from),
+                    shape: shape.clone(),
+                }),
+                OutEntry::None(_) => None,
+            })
+            .collect();
+        let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = FileSink::new(f);
+        let refs: Vec<&TensorSpec> = specs.iter().collect();
+        w.write_all(&safetensors_write::header(&refs))
+            .map_err(|e| Error::io(&path, e))?;
         for e in entries {
             if let OutEntry::Tensor {
                 name,
-                logical: Some(_),
+                logical,
                 from,
-                shape,
+                pieces,
                 ..
             } = e
             {
-                tensors.push((
-                    member.clone(),
-                    name.clone(),
-                    shape.clone(),
+                output::check_interrupted()?;
+                let n = emit::write_pieces(
+                    &ck.files,
+                    *logical,
+                    *from,
+                    pieces,
                     out_dtype(*from),
-                ));
+                    &mut w,
+                    bar,
+                )
+                .map_err(|e| Error::io(&path, e))?;
+                emit::check_overflow(
+                    ck.files.display(),
+                    name,
+                    n,
+                    out_dtype(*from),
+                    opts.allow_overflow,
+                )?;
             }
         }
+        let f = w.into_file().map_err(|e| Error::io(&path, e))?;
+        syncs.push((path.clone(), std::thread::spawn(move || f.sync_all())));
+        rank_names.push(member);
     }
-    match opts.format {
-        Format::Safetensors => {
-            let dir = AtomicDir::create(out, opts.force)?;
-            write_file(&dir.path().join("model_config.yaml"), yaml.as_bytes())?;
-            for (name, data) in &artifacts {
-                write_file(&dir.path().join(name), data)?;
-            }
-            // Each finished rank file is synced in the background while the next is written.
-            let mut syncs = Vec::new();
-            for (r, p, entries) in &ranks {
-                let member = rank_member(*r, *p, opts.tp, opts.pp)
-                    .replace("model_weights.ckpt", "model.safetensors");
-                let path = dir.path().join(&member);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                }
-                let specs: Vec<TensorSpec> = entries
-                    .iter()
-                    .filter_map(|e| match e {
-                        OutEntry::Tensor {
-                            name, from, shape, ..
-                        } => Some(TensorSpec {
-                            name: name.clone(),
-                            dtype: out_dtype(*from),
-                            shape: shape.clone(),
-                        }),
-                        OutEntry::None(_) => None,
-                    })
-                    .collect();
-                let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-                let mut w = FileSink::new(f);
-                let refs: Vec<&TensorSpec> = specs.iter().collect();
-                w.write_all(&safetensors_write::header(&refs))
-                    .map_err(|e| Error::io(&path, e))?;
-                for e in entries {
-                    if let OutEntry::Tensor {
-                        name,
-                        logical,
-                        from,
-                        pieces,
-                        ..
-                    } = e
-                    {
-                        output::check_interrupted()?;
-                        let n = emit::write_pieces(
-                            &ck.files,
-                            *logical,
-                            *from,
-                            pieces,
-                            out_dtype(*from),
-                            &mut w,
-                            &bar,
-                        )
-                        .map_err(|e| Error::io(&path, e))?;
-                        emit::check_overflow(
-                            ck.files.display(),
-                            name,
-                            n,
-                            out_dtype(*from),
-                            opts.allow_overflow,
-                        )?;
-                    }
-                }
-                let f = w.into_file().map_err(|e| Error::io(&path, e))?;
-                syncs.push((path.clone(), std::thread::spawn(move || f.sync_all())));
-                rank_names.push(member);
-            }
-            for (path, h) in syncs {
-                h.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
-                    .map_err(|e| Error::io(&path, e))?;
-            }
-            dir.commit()?;
-        }
-        Format::Nemo => {
-            let file = AtomicFile::create(out, opts.force)?;
-            let io = |e: std::io::Error| Error::io(file.path(), e);
-            let f = File::create(file.path()).map_err(io)?;
-            let mut t = TarWriter::new(BufWriter::with_capacity(16 << 20, f));
-            t.dir(".").map_err(io)?;
-            t.file("./model_config.yaml", yaml.as_bytes()).map_err(io)?;
-            for (name, data) in &artifacts {
-                t.file(&format!("./{name}"), data).map_err(io)?;
-            }
-            for (r, p, entries) in &ranks {
-                let member = rank_member(*r, *p, opts.tp, opts.pp);
-                let root = match member.rsplit_once('/') {
-                    Some((folder, _)) => {
-                        t.dir(&format!("./{folder}")).map_err(io)?;
-                        format!("{folder}_model_weights")
-                    }
-                    None => "model_weights".to_string(),
-                };
-                let save: Vec<(String, SaveEntry)> = entries
-                    .iter()
-                    .map(|e| match e {
-                        OutEntry::Tensor {
-                            name, from, shape, ..
-                        } => (
-                            name.clone(),
-                            SaveEntry::Tensor {
-                                dtype: out_dtype(*from),
-                                shape: shape.clone(),
-                            },
-                        ),
-                        OutEntry::None(name) => (name.clone(), SaveEntry::None),
-                    })
-                    .collect();
-                let tensor_entries: Vec<&OutEntry> = entries
-                    .iter()
-                    .filter(|e| matches!(e, OutEntry::Tensor { .. }))
-                    .collect();
-                let tf = TorchFile::new(&root, &save);
-                t.begin_file(&format!("./{member}"), tf.size())
-                    .map_err(io)?;
-                let mut refused: Option<Error> = None;
-                tf.write(t.inner(), |i, w| {
-                    check_interrupted_io()?;
-                    let OutEntry::Tensor {
-                        name,
-                        logical,
-                        from,
-                        pieces,
-                        ..
-                    } = tensor_entries[i]
-                    else {
-                        unreachable!()
-                    };
-                    let n = emit::write_pieces(
-                        &ck.files,
-                        *logical,
-                        *from,
-                        pieces,
-                        out_dtype(*from),
-                        &mut Plain(w),
-                        &bar,
-                    )?;
-                    emit::check_overflow(
-                        ck.files.display(),
-                        name,
-                        n,
-                        out_dtype(*from),
-                        opts.allow_overflow,
-                    )
-                    .map_err(|e| {
-                        refused = Some(e);
-                        std::io::Error::other("overflow")
-                    })
-                })
-                .map_err(|e| {
-                    if let Some(r) = refused.take() {
-                        r
-                    } else if e.kind() == std::io::ErrorKind::Interrupted {
-                        Error::Interrupted
-                    } else {
-                        io(e)
-                    }
-                })?;
-                t.end_file().map_err(io)?;
-                rank_names.push(member);
-            }
-            let w = t.finish().map_err(io)?;
-            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-            f.sync_all().map_err(io)?;
-            file.commit()?;
-        }
+    for (path, h) in syncs {
+        h.join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
+            .map_err(|e| Error::io(&path, e))?;
     }
-    bar.finish();
-    Ok(ReshardReport {
-        ranks: rank_names,
-        tensors,
-        bytes: total,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    dir.commit()?;
+    Ok(rank_names)
+}
+
+/// Writes a `.nemo` archive; returns the rank members.
+fn write_nemo(w: &Writing, out: &Path) -> Result<Vec<String>> {
+    let (ck, opts, ranks, yaml, artifacts, bar) =
+        (w.ck, w.opts, w.ranks, w.yaml, w.artifacts, w.bar);
+    let out_dtype = |from: DType| w.out_dtype(from);
+    let mut rank_names = Vec::new();
+    let file = AtomicFile::create(out, opts.force)?;
+    let io = |e: std::io::Error| Error::io(file.path(), e);
+    let f = File::create(file.path()).map_err(io)?;
+    let mut t = TarWriter::new(BufWriter::with_capacity(16 << 20, f));
+    t.dir(".").map_err(io)?;
+    t.file("./model_config.yaml", yaml.as_bytes()).map_err(io)?;
+    for (name, data) in artifacts {
+        t.file(&format!("./{name}"), data).map_err(io)?;
+    }
+    for (r, p, entries) in ranks {
+        let member = rank_member(*r, *p, opts.tp, opts.pp);
+        let root = match member.rsplit_once('/') {
+            Some((folder, _)) => {
+                t.dir(&format!("./{folder}")).map_err(io)?;
+                format!("{folder}_model_weights")
+            }
+            None => "model_weights".to_string(),
+        };
+        let save: Vec<(String, SaveEntry)> = entries
+            .iter()
+            .map(|e| match e {
+                OutEntry::Tensor {
+                    name, from, shape, ..
+                } => (
+                    name.clone(),
+                    SaveEntry::Tensor {
+                        dtype: out_dtype(*from),
+                        shape: shape.clone(),
+                    },
+                ),
+                OutEntry::None(name) => (name.clone(), SaveEntry::None),
+            })
+            .collect();
+        let tensor_entries: Vec<&OutEntry> = entries
+            .iter()
+            .filter(|e| matches!(e, OutEntry::Tensor { .. }))
+            .collect();
+        let tf = TorchFile::new(&root, &save);
+        t.begin_file(&format!("./{member}"), tf.size())
+            .map_err(io)?;
+        let mut refused: Option<Error> = None;
+        tf.write(t.inner(), |i, w| {
+            check_interrupted_io()?;
+            let OutEntry::Tensor {
+                name,
+                logical,
+                from,
+                pieces,
+                ..
+            } = tensor_entries[i]
+            else {
+                unreachable!()
+            };
+            let n = emit::write_pieces(
+                &ck.files,
+                *logical,
+                *from,
+                pieces,
+                out_dtype(*from),
+                &mut Plain(w),
+                bar,
+            )?;
+            emit::check_overflow(
+                ck.files.display(),
+                name,
+                n,
+                out_dtype(*from),
+                opts.allow_overflow,
+            )
+            .map_err(|e| {
+                refused = Some(e);
+                std::io::Error::other("overflow")
+            })
+        })
+        .map_err(|e| {
+            if let Some(r) = refused.take() {
+                r
+            } else if e.kind() == std::io::ErrorKind::Interrupted {
+                Error::Interrupted
+            } else {
+                io(e)
+            }
+        })?;
+        t.end_file().map_err(io)?;
+        rank_names.push(member);
+    }
+    let w = t.finish().map_err(io)?;
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    file.commit()?;
+    Ok(rank_names)
 }
 
 fn check_interrupted_io() -> std::io::Result<()> {
