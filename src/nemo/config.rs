@@ -207,16 +207,7 @@ impl ModelConfig {
                 hidden_size / num_attention_heads
             }
         };
-        let activation = match r.string("activation").as_deref() {
-            Some("fast-swiglu") => Activation::FastSwiglu,
-            Some("swiglu") => Activation::Swiglu,
-            Some(other) => {
-                return Err(r.err(format!(
-                "activation `{other}` is not a Llama activation (expected fast-swiglu or swiglu)"
-            )))
-            }
-            None => return Err(r.err("missing required key `activation`".into())),
-        };
+        let activation = activation(&mut r)?;
         let normalization = r
             .string("normalization")
             .unwrap_or_else(|| "layernorm".into());
@@ -242,42 +233,14 @@ impl ModelConfig {
         {
             return Err(r.err("virtual (interleaved) pipeline parallelism is not supported".into()));
         }
-        let encoder_seq_length = r.uint("encoder_seq_length")?;
-        let max_position_embeddings = match (r.uint("max_position_embeddings")?, encoder_seq_length)
-        {
-            (Some(m), _) => m,
-            (None, Some(e)) => e,
-            (None, None) => {
-                return Err(
-                    r.err("neither max_position_embeddings nor encoder_seq_length is set".into())
-                )
-            }
-        };
+        let max_position_embeddings = max_positions(&mut r)?;
         let init_method_std = r.float("init_method_std")?.unwrap_or(0.02);
         let precision = r.string("precision");
         let megatron_amp_o2 = r.boolean("megatron_amp_O2")?.unwrap_or(false);
         let mcore_gpt = r.boolean("mcore_gpt")?.unwrap_or(false);
         let transformer_engine = r.boolean("transformer_engine")?.unwrap_or(false);
         let megatron_legacy = r.boolean("megatron_legacy")?.unwrap_or(false);
-        let tokenizer = match map.get("tokenizer") {
-            Some(Value::Mapping(t)) => {
-                let mut tr = Reader {
-                    map: t,
-                    file,
-                    warnings: Vec::new(),
-                };
-                let cfg = TokenizerConfig {
-                    library: tr.string("library"),
-                    model: tr.string("model"),
-                    kind: tr.string("type"),
-                    sentencepiece_legacy: tr.boolean("sentencepiece_legacy")?.unwrap_or(false),
-                };
-                r.warnings
-                    .extend(tr.warnings.into_iter().map(|w| format!("tokenizer: {w}")));
-                cfg
-            }
-            _ => TokenizerConfig::default(),
-        };
+        let tokenizer = tokenizer_section(map, file, &mut r.warnings)?;
         if megatron_legacy {
             return Err(r.err(
                 "megatron_legacy: true (old Megatron-LM QKV order) is not a Llama layout".into(),
@@ -348,6 +311,54 @@ impl ModelConfig {
             };
         emb + self.num_layers * per_layer + h
     }
+}
+
+/// `activation`, which must be one of Llama's.
+fn activation(r: &mut Reader) -> Result<Activation> {
+    match r.string("activation").as_deref() {
+        Some("fast-swiglu") => Ok(Activation::FastSwiglu),
+        Some("swiglu") => Ok(Activation::Swiglu),
+        Some(other) => Err(r.err(format!(
+            "activation `{other}` is not a Llama activation (expected fast-swiglu or swiglu)"
+        ))),
+        None => Err(r.err("missing required key `activation`".into())),
+    }
+}
+
+/// `max_position_embeddings`, else `encoder_seq_length`.
+fn max_positions(r: &mut Reader) -> Result<u64> {
+    let encoder_seq_length = r.uint("encoder_seq_length")?;
+    match (r.uint("max_position_embeddings")?, encoder_seq_length) {
+        (Some(m), _) => Ok(m),
+        (None, Some(e)) => Ok(e),
+        (None, None) => {
+            Err(r.err("neither max_position_embeddings nor encoder_seq_length is set".into()))
+        }
+    }
+}
+
+/// The `tokenizer:` section; its warnings are added to `warnings`.
+fn tokenizer_section(
+    map: &Mapping,
+    file: &str,
+    warnings: &mut Vec<String>,
+) -> Result<TokenizerConfig> {
+    let Some(Value::Mapping(t)) = map.get("tokenizer") else {
+        return Ok(TokenizerConfig::default());
+    };
+    let mut tr = Reader {
+        map: t,
+        file,
+        warnings: Vec::new(),
+    };
+    let cfg = TokenizerConfig {
+        library: tr.string("library"),
+        model: tr.string("model"),
+        kind: tr.string("type"),
+        sentencepiece_legacy: tr.boolean("sentencepiece_legacy")?.unwrap_or(false),
+    };
+    warnings.extend(tr.warnings.into_iter().map(|w| format!("tokenizer: {w}")));
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use crate::pipeline::to_hf;
 use crate::quant::compressed;
 use crate::quant::engine::{Engine, RowSource};
 use crate::quant::int8::{ErrStats, RowError};
+pub use crate::quant::report::{QuantizeReport, TensorReport};
 
 /// What to produce.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,67 +46,6 @@ pub struct QuantizeOptions<'e> {
     pub allow_overflow: bool,
     pub engine: &'e dyn Engine,
     pub open: OpenOptions,
-}
-
-/// One output tensor's report.
-#[derive(Debug, Clone)]
-pub struct TensorReport {
-    pub name: String,
-    pub shape: Vec<u64>,
-    pub source_dtype: DType,
-    /// `int8/channel`, `int8/group128`, `bf16`, `copy`, …
-    pub written_as: String,
-    pub stats: ErrStats,
-}
-
-/// What was written.
-#[derive(Debug, Clone)]
-pub struct QuantizeReport {
-    pub files: Vec<String>,
-    pub tensors: Vec<TensorReport>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub seconds: f64,
-    pub engine: String,
-}
-
-impl QuantizeReport {
-    pub fn to_json(&self, out: &Path) -> Value {
-        let num = |v: f64| {
-            if v.is_finite() {
-                json!(v)
-            } else if v.is_nan() {
-                json!(null)
-            } else if v > 0.0 {
-                json!("inf")
-            } else {
-                json!("-inf")
-            }
-        };
-        json!({
-            "schema_version": 1,
-            "command": "quantize",
-            "output": out.display().to_string(),
-            "engine": self.engine,
-            "tensor_count": self.tensors.len(),
-            "files": self.files,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "seconds": self.seconds,
-            "input_gb_per_s": self.bytes_in as f64 / self.seconds.max(1e-9) / 1e9,
-            "peak_rss_bytes": output::peak_rss(),
-            "tensors": self.tensors.iter().map(|t| json!({
-                "name": t.name,
-                "shape": t.shape,
-                "source_dtype": t.source_dtype.short_name(),
-                "written_as": t.written_as,
-                "max_abs_error": num(t.stats.max_abs),
-                "rel_rms_error": num(t.stats.rel_rms()),
-                "snr_db": num(t.stats.snr_db()),
-                "overflowed_values": t.stats.overflow,
-            })).collect::<Vec<_>>(),
-        })
-    }
 }
 
 /// What to do with one input tensor.
@@ -269,87 +209,8 @@ fn run(
         .zip(shapes)
         .map(|(s, sh)| job_for(&s.name, sh, s.dtype, opts))
         .collect();
-    // Check everything that can be checked before writing.
-    let mut ignore = Vec::new();
-    for ((s, sh), j) in sources.iter().zip(shapes).zip(&jobs) {
-        match j {
-            Job::Int8 { group } => {
-                if s.cols % 4 != 0 {
-                    return Err(Error::Tensor {
-                        member: file.to_string(),
-                        tensor: s.name.clone(),
-                        msg: format!(
-                            "input dimension {} is not a multiple of 4 (pack-quantized packs four int8 per int32)",
-                            s.cols
-                        ),
-                    });
-                }
-                if s.cols % group != 0 {
-                    return Err(Error::Usage(format!(
-                        "{file}: tensor `{}`: --group-size {group} does not divide its input dimension {}",
-                        s.name, s.cols
-                    )));
-                }
-            }
-            Job::Copy
-                if matches!(opts.scheme, Scheme::Int8 { .. })
-                    && is_linear(&s.name, sh).is_some() =>
-            {
-                let m = s.name.strip_suffix(".weight").unwrap_or(&s.name);
-                ignore.push(m.to_string());
-            }
-            _ => {}
-        }
-    }
-    // Output tensors.
-    let mut outs: Vec<(TensorSpec, Out)> = Vec::new();
-    for (i, ((s, sh), j)) in sources.iter().zip(shapes).zip(&jobs).enumerate() {
-        match *j {
-            Job::Copy => outs.push((
-                TensorSpec {
-                    name: s.name.clone(),
-                    dtype: s.dtype,
-                    shape: sh.clone(),
-                },
-                Out::Main(i),
-            )),
-            Job::Cast(to) => outs.push((
-                TensorSpec {
-                    name: s.name.clone(),
-                    dtype: to,
-                    shape: sh.clone(),
-                },
-                Out::Main(i),
-            )),
-            Job::Int8 { group } => {
-                let base = s.name.strip_suffix(".weight").expect("linear weight");
-                outs.push((
-                    TensorSpec {
-                        name: format!("{base}.weight_packed"),
-                        dtype: DType::I32,
-                        shape: vec![s.rows as u64, (s.cols / 4) as u64],
-                    },
-                    Out::Main(i),
-                ));
-                outs.push((
-                    TensorSpec {
-                        name: format!("{base}.weight_scale"),
-                        dtype: s.dtype,
-                        shape: vec![s.rows as u64, (s.cols / group) as u64],
-                    },
-                    Out::Scale(i),
-                ));
-                outs.push((
-                    TensorSpec {
-                        name: format!("{base}.weight_shape"),
-                        dtype: DType::I64,
-                        shape: vec![2],
-                    },
-                    Out::Shape(i),
-                ));
-            }
-        }
-    }
+    let ignore = check_jobs(sources, shapes, &jobs, file, opts)?;
+    let outs = output_tensors(sources, shapes, &jobs);
     let specs: Vec<TensorSpec> = outs.iter().map(|o| o.0.clone()).collect();
     let dir = AtomicDir::create(out, opts.force)?;
     let shards = safetensors_write::plan_shards(&specs, opts.max_shard_bytes);
@@ -434,6 +295,107 @@ fn run(
         seconds: start.elapsed().as_secs_f64(),
         engine: opts.engine.name(),
     })
+}
+
+/// Checks everything that can be checked before writing; returns the linear layers kept
+/// in float (the `ignore` list of the quantization config).
+fn check_jobs(
+    sources: &[RowSource<'_>],
+    shapes: &[Vec<u64>],
+    jobs: &[Job],
+    file: &str,
+    opts: &QuantizeOptions,
+) -> Result<Vec<String>> {
+    let mut ignore = Vec::new();
+    for ((s, sh), j) in sources.iter().zip(shapes).zip(jobs) {
+        match j {
+            Job::Int8 { group } => {
+                if s.cols % 4 != 0 {
+                    return Err(Error::Tensor {
+                        member: file.to_string(),
+                        tensor: s.name.clone(),
+                        msg: format!(
+                            "input dimension {} is not a multiple of 4 (pack-quantized packs four int8 per int32)",
+                            s.cols
+                        ),
+                    });
+                }
+                if s.cols % group != 0 {
+                    return Err(Error::Usage(format!(
+                        "{file}: tensor `{}`: --group-size {group} does not divide its input dimension {}",
+                        s.name, s.cols
+                    )));
+                }
+            }
+            Job::Copy
+                if matches!(opts.scheme, Scheme::Int8 { .. })
+                    && is_linear(&s.name, sh).is_some() =>
+            {
+                let m = s.name.strip_suffix(".weight").unwrap_or(&s.name);
+                ignore.push(m.to_string());
+            }
+            _ => {}
+        }
+    }
+    Ok(ignore)
+}
+
+/// The output tensors, in order: each source copied, cast or packed (with its scales and
+/// shape).
+fn output_tensors(
+    sources: &[RowSource<'_>],
+    shapes: &[Vec<u64>],
+    jobs: &[Job],
+) -> Vec<(TensorSpec, Out)> {
+    let mut outs: Vec<(TensorSpec, Out)> = Vec::new();
+    for (i, ((s, sh), j)) in sources.iter().zip(shapes).zip(jobs).enumerate() {
+        match *j {
+            Job::Copy => outs.push((
+                TensorSpec {
+                    name: s.name.clone(),
+                    dtype: s.dtype,
+                    shape: sh.clone(),
+                },
+                Out::Main(i),
+            )),
+            Job::Cast(to) => outs.push((
+                TensorSpec {
+                    name: s.name.clone(),
+                    dtype: to,
+                    shape: sh.clone(),
+                },
+                Out::Main(i),
+            )),
+            Job::Int8 { group } => {
+                let base = s.name.strip_suffix(".weight").expect("linear weight");
+                outs.push((
+                    TensorSpec {
+                        name: format!("{base}.weight_packed"),
+                        dtype: DType::I32,
+                        shape: vec![s.rows as u64, (s.cols / 4) as u64],
+                    },
+                    Out::Main(i),
+                ));
+                outs.push((
+                    TensorSpec {
+                        name: format!("{base}.weight_scale"),
+                        dtype: s.dtype,
+                        shape: vec![s.rows as u64, (s.cols / group) as u64],
+                    },
+                    Out::Scale(i),
+                ));
+                outs.push((
+                    TensorSpec {
+                        name: format!("{base}.weight_shape"),
+                        dtype: DType::I64,
+                        shape: vec![2],
+                    },
+                    Out::Shape(i),
+                ));
+            }
+        }
+    }
+    outs
 }
 
 /// A computed batch: bytes to write, int8 scales, errors, input ranges to release.

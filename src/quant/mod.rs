@@ -4,3 +4,4 @@
 pub mod compressed;
 pub mod engine;
 pub mod int8;
+pub mod report;
