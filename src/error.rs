@@ -56,7 +56,12 @@ pub enum Error {
     /// A distributed (zarr) checkpoint is malformed or unsupported.
     #[error("{file}: dist checkpoint: {msg}")]
     DistCheckpoint { file: String, msg: String },
-    /// The user asked for something that cannot be done.
+    /// The output cannot be written there: it exists (without `--force`), is being
+    /// written by another process, is the input or lies inside it, or its folder is missing.
+    #[error("{0}")]
+    Output(String),
+    /// The user asked for something that cannot be done (flags, values, the wrong input
+    /// for a command).
     #[error("{0}")]
     Usage(String),
     /// Ctrl-C was pressed; partial output was removed.

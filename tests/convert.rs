@@ -381,8 +381,13 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
     };
     steerlm_convert::synth::write(&spec, &src, |_| {}).unwrap();
     let out = dir.path().join("hf");
-    let (code, _, err) = convert(&src, &out, &[]);
+    let (code, json, err) = convert(&src, &out, &["--json"]);
     assert_eq!(code, 0, "{err}");
+    // The kernel-side path ran: the embedding and output layer (2000 x 512 f32, 4 MB each)
+    // and every MLP matrix (2 MiB and more) are ranges it copies.
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let copied = report["kernel_copied_bytes"].as_u64().unwrap();
+    assert!(copied >= 2 * 2000 * 512 * 4, "kernel-copied bytes: {copied}");
     let got = read_output(&out);
     let ck =
         steerlm_convert::nemo::checkpoint::Checkpoint::open(&src, &Default::default()).unwrap();

@@ -73,7 +73,7 @@ pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
         } else {
             continue;
         };
-        return Err(Error::Usage(format!(
+        return Err(Error::Output(format!(
             "{}: the output {what} {}; write it somewhere else",
             out.display(),
             input.display()
@@ -86,7 +86,7 @@ pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
 fn split_target(target: &Path) -> Result<(PathBuf, String)> {
     let name = target
         .file_name()
-        .ok_or_else(|| Error::Usage(format!("{} is not a usable output path", target.display())))?
+        .ok_or_else(|| Error::Output(format!("{} is not a usable output path", target.display())))?
         .to_string_lossy()
         .into_owned();
     let parent = match target.parent() {
@@ -94,7 +94,7 @@ fn split_target(target: &Path) -> Result<(PathBuf, String)> {
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        return Err(Error::Usage(format!(
+        return Err(Error::Output(format!(
             "{}: the output's folder does not exist",
             parent.display()
         )));
@@ -125,7 +125,7 @@ impl OutputLock {
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
                 let holder = holder.trim();
-                return Err(Error::Usage(format!(
+                return Err(Error::Output(format!(
                     "{} is being written by process {}; wait for it or write elsewhere",
                     target.display(),
                     if holder.is_empty() { "?" } else { holder }
@@ -210,7 +210,7 @@ impl Pending {
         let (parent, name) = split_target(target)?;
         let lock = OutputLock::take(&parent, &name, target)?;
         if target.symlink_metadata().is_ok() && !force {
-            return Err(Error::Usage(format!(
+            return Err(Error::Output(format!(
                 "{} already exists; pass --force to replace it",
                 target.display()
             )));

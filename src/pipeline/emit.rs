@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::arch::tp::{Logical, Seg, Slice};
 use crate::container::mapped::Mapped;
-use crate::container::safetensors_write::Sink;
+use crate::io::sink::Sink;
 use crate::dtype::{self, DType};
 use crate::io::progress::Progress;
 

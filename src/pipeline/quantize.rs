@@ -11,7 +11,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::container::mapped::{OpenOptions, Seg};
-use crate::container::safetensors_write::{self, FileSink, TensorSpec};
+use crate::container::safetensors_write::{self, TensorSpec};
+use crate::io::sink::{FileSink, Sink};
 use crate::dtype::{cast_value, DType};
 use crate::error::{Error, Result};
 use crate::hf::config as hf;
@@ -442,7 +443,7 @@ fn write_main(
             for &(o, len) in &segs {
                 let copied = match s.ar.file_at(o) {
                     Some((f, fo)) if len >= 1 << 20 => {
-                        safetensors_write::Sink::copy_from(w, f, fo, len)?
+                        Sink::copy_from(w, f, fo, len)?
                     }
                     _ => false,
                 };

@@ -11,7 +11,8 @@ use serde_norway::Value as Yaml;
 
 use crate::arch::roles::{self, KeyLayer, Kind, Schema};
 use crate::arch::tp::{self, Logical, Slice};
-use crate::container::safetensors_write::{self, FileSink, Plain, TensorSpec};
+use crate::container::safetensors_write::{self, TensorSpec};
+use crate::io::sink::{FileSink, Plain};
 use crate::container::tar::MemberKind;
 use crate::container::tar_write::TarWriter;
 use crate::dtype::DType;
@@ -213,10 +214,10 @@ pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<Reshard
         logicals,
     } = &view.source
     else {
-        return Err(Error::Usage(format!(
-            "{}: not a NeMo model archive (a Hugging Face folder; reshard reads a .nemo or a per-rank folder)",
-            view.display()
-        )));
+        return Err(Error::Layout {
+            file: view.display().to_string(),
+            msg: "not a NeMo model archive (a Hugging Face folder; reshard reads a .nemo or a per-rank folder)".into(),
+        });
     };
     check_grid(ck, opts.tp, opts.pp)?;
     let vocab = view.vocab()?;

@@ -38,6 +38,8 @@ pub struct ConvertReport {
     pub dropped: Vec<String>,
     pub overflow: Vec<(String, u64)>,
     pub bytes: u64,
+    /// Bytes the kernel copied (`copy_file_range`) rather than this process.
+    pub kernel_copied: u64,
     pub seconds: f64,
 }
 
@@ -55,6 +57,7 @@ impl ConvertReport {
             "dropped": self.dropped,
             "overflow": self.overflow.iter().map(|(n, c)| json!({"tensor": n, "count": c})).collect::<Vec<_>>(),
             "bytes": self.bytes,
+            "kernel_copied_bytes": self.kernel_copied,
             "seconds": self.seconds,
             "peak_rss_bytes": output::peak_rss(),
         })
@@ -73,10 +76,10 @@ pub fn nemo_to_safetensors(
         logicals,
     } = &view.source
     else {
-        return Err(Error::Usage(format!(
-            "{}: not a NeMo model archive (a Hugging Face folder; nemo-to-safetensors reads a .nemo or a per-rank folder)",
-            view.display()
-        )));
+        return Err(Error::Layout {
+            file: view.display().to_string(),
+            msg: "not a NeMo model archive (a Hugging Face folder; nemo-to-safetensors reads a .nemo or a per-rank folder)".into(),
+        });
     };
     let sp = view.tokenizer()?;
     let specs: Vec<TensorSpec> = view
@@ -105,6 +108,7 @@ pub fn nemo_to_safetensors(
     let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
     let bar = Progress::bytes(total, "converting", opts.progress);
     let mut overflow = Vec::new();
+    let mut kernel_copied = 0;
     for (shard, name) in shards.iter().zip(&names) {
         let (path, mut w) = safetensors_write::create_shard(dir.path(), name, &specs, shard)?;
         for &i in shard {
@@ -134,6 +138,7 @@ pub fn nemo_to_safetensors(
                 overflow.push((specs[i].name.clone(), n));
             }
         }
+        kernel_copied += w.copied;
         let f = w.into_file().map_err(|e| Error::io(&path, e))?;
         f.sync_all().map_err(|e| Error::io(&path, e))?;
     }
@@ -163,6 +168,7 @@ pub fn nemo_to_safetensors(
         dropped: dropped_keys(ck),
         overflow,
         bytes: total,
+        kernel_copied,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
