@@ -387,7 +387,10 @@ fn large_ranges_copied_by_the_kernel_are_exact() {
     // and every MLP matrix (2 MiB and more) are ranges it copies.
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     let copied = report["kernel_copied_bytes"].as_u64().unwrap();
-    assert!(copied >= 2 * 2000 * 512 * 4, "kernel-copied bytes: {copied}");
+    assert!(
+        copied >= 2 * 2000 * 512 * 4,
+        "kernel-copied bytes: {copied}"
+    );
     let got = read_output(&out);
     let ck =
         steerlm_convert::nemo::checkpoint::Checkpoint::open(&src, &Default::default()).unwrap();

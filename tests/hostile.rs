@@ -6,29 +6,14 @@ mod common;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use common::*;
 use steerlm_convert::torch::save::{ZipPlan, ZipWriter};
 
 const TP2: &str = "archives/legacy_tp2_bf16.nemo";
 
-fn inspect(path: &Path) -> (i32, String, String) {
-    let out = Command::cargo_bin("steerlm-convert")
-        .unwrap()
-        .arg("inspect")
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Runs inspect and checks: exit 2, nothing on stdout, exactly one error line containing `want`.
-fn refused(path: &Path, want: &str) -> String {
-    let (code, stdout, stderr) = inspect(path);
+fn inspect_refuses(path: &Path, want: &str) -> String {
+    let (code, stdout, stderr) = run(&["inspect", path.to_str().unwrap()]);
     assert_eq!(code, 2, "exit code for {want}: stderr {stderr}");
     assert!(stdout.is_empty(), "no output on error: {stdout}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
@@ -106,7 +91,7 @@ fn a_sane_rebuild_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "same.nemo");
     rebuild(&fixtures().join(TP2), &p, keep);
-    let (code, stdout, stderr) = inspect(&p);
+    let (code, stdout, stderr) = run(&["inspect", p.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("TP 2 x PP 1"));
     let z = torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 12)]);
@@ -120,7 +105,7 @@ fn truncated_tar() {
     let p = tmp(&dir, "cut.nemo");
     let b = std::fs::read(fixtures().join(TP2)).unwrap();
     std::fs::write(&p, &b[..b.len() / 2 + 100]).unwrap();
-    refused(&p, "truncated");
+    inspect_refuses(&p, "truncated");
 }
 
 #[test]
@@ -128,10 +113,10 @@ fn not_an_archive_and_empty_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "junk.nemo");
     std::fs::write(&p, vec![b'x'; 4096]).unwrap();
-    refused(&p, "not a tar archive, or a corrupt one");
+    inspect_refuses(&p, "not a tar archive, or a corrupt one");
     std::fs::write(&p, b"").unwrap();
-    refused(&p, "the file is empty");
-    refused(&tmp(&dir, "absent.nemo"), "absent.nemo");
+    inspect_refuses(&p, "the file is empty");
+    inspect_refuses(&tmp(&dir, "absent.nemo"), "absent.nemo");
 }
 
 #[test]
@@ -140,7 +125,7 @@ fn truncated_gzip() {
     let p = tmp(&dir, "cut.nemo");
     let b = std::fs::read(fixtures().join("archives/legacy_tp2_gzip.nemo")).unwrap();
     std::fs::write(&p, &b[..b.len() / 3]).unwrap();
-    refused(&p, "gzip stream is corrupt or truncated");
+    inspect_refuses(&p, "gzip stream is corrupt or truncated");
 }
 
 #[test]
@@ -154,7 +139,7 @@ fn truncated_zip_member() {
         .unwrap();
     let data = &ckpt[m.offset as usize..(m.offset + m.size) as usize];
     let p = with_rank1(&dir, "cutzip.nemo", data[..data.len() / 2].to_vec());
-    refused(
+    inspect_refuses(
         &p,
         "mp_rank_01/model_weights.ckpt: zip: no end-of-central-directory record",
     );
@@ -170,14 +155,14 @@ fn corrupt_central_directory() {
         .unwrap();
     z[cd] = 0x51;
     let p = with_rank1(&dir, "cd.nemo", z);
-    refused(&p, "corrupt central directory");
+    inspect_refuses(&p, "corrupt central directory");
 }
 
 #[test]
 fn unknown_pickle_opcode() {
     let dir = tempfile::tempdir().unwrap();
     let p = with_rank1(&dir, "op.nemo", torch_zip(b"\x80\x02}q\x00\xfe.", &[]));
-    refused(
+    inspect_refuses(
         &p,
         "mp_rank_01/model_weights.ckpt: pickle: unknown opcode 0xfe (at byte 5 of data.pkl)",
     );
@@ -193,19 +178,19 @@ fn pickles_that_would_run_code_are_refused_not_run() {
     p.extend_from_slice(cmd.as_bytes());
     p.extend_from_slice(b"\x85R.");
     let a = with_rank1(&dir, "os.nemo", torch_zip(&p, &[]));
-    refused(&a, "refused global `os.system`");
+    inspect_refuses(&a, "refused global `os.system`");
     let b = with_rank1(
         &dir,
         "eval.nemo",
         torch_zip(b"\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.", &[]),
     );
-    refused(&b, "refused global `builtins.eval`");
+    inspect_refuses(&b, "refused global `builtins.eval`");
     let c = with_rank1(
         &dir,
         "posix.nemo",
         torch_zip(b"\x80\x02\x8c\x05posix\x8c\x06system\x93.", &[]),
     );
-    refused(&c, "refused global `posix.system`");
+    inspect_refuses(&c, "refused global `posix.system`");
     assert!(!marker.exists(), "nothing was executed");
 }
 
@@ -217,7 +202,7 @@ fn storage_key_without_a_record() {
         "key.nemo",
         torch_zip(&tensor_pickle("7", 6, &[2, 3]), &[("0", 12)]),
     );
-    refused(
+    inspect_refuses(
         &p,
         "tensor `w`: its storage `7` has no `data/7` record in the zip",
     );
@@ -232,7 +217,7 @@ fn tensor_running_past_its_record() {
         "short.nemo",
         torch_zip(&tensor_pickle("0", 6, &[2, 3]), &[("0", 8)]),
     );
-    refused(
+    inspect_refuses(
         &p,
         "its storage claims 12 bytes but record `data/0` holds 8",
     );
@@ -242,7 +227,7 @@ fn tensor_running_past_its_record() {
         "view.nemo",
         torch_zip(&tensor_pickle("0", 6, &[3, 3]), &[("0", 12)]),
     );
-    refused(&p, "run past the end of its storage record `data/0`");
+    inspect_refuses(&p, "run past the end of its storage record `data/0`");
 }
 
 #[test]
@@ -256,7 +241,7 @@ fn missing_rank_folder() {
             keep(n, d)
         }
     });
-    refused(&p, "missing rank folder mp_rank_01");
+    inspect_refuses(&p, "missing rank folder mp_rank_01");
 }
 
 #[test]
@@ -286,7 +271,7 @@ fn tp_count_contradicting_the_config() {
                 keep(n, d)
             }
         });
-        refused(&p, want);
+        inspect_refuses(&p, want);
     }
 }
 
@@ -307,7 +292,7 @@ fn member_names_that_escape() {
                 keep(n, d)
             }
         });
-        refused(&p, want);
+        inspect_refuses(&p, want);
     }
 }
 
@@ -322,7 +307,7 @@ fn config_problems() {
             keep(n, d)
         }
     });
-    refused(&p, "no model_config.yaml member");
+    inspect_refuses(&p, "no model_config.yaml member");
     let p = tmp(&dir, "badcfg.nemo");
     rebuild(&fixtures().join(TP2), &p, |n, d| {
         if n == "model_config.yaml" {
@@ -331,7 +316,7 @@ fn config_problems() {
             keep(n, d)
         }
     });
-    refused(&p, "model_config.yaml: not valid YAML");
+    inspect_refuses(&p, "model_config.yaml: not valid YAML");
 }
 
 #[test]
@@ -345,7 +330,7 @@ fn a_tokenizer_that_is_not_sentencepiece_is_reported() {
             keep(n, d)
         }
     });
-    let (code, stdout, _) = inspect(&p);
+    let (code, stdout, _) = run(&["inspect", p.to_str().unwrap()]);
     assert_eq!(code, 0, "inspect still describes the weights");
     assert!(
         stdout.contains("warning:") && stdout.contains("not a SentencePiece model"),
@@ -368,7 +353,7 @@ fn dist_checkpoints_that_are_not_plain_zarr_are_refused() {
             keep(n, d)
         }
     });
-    refused(&p, "sharded backend `torch_dist` is not supported yet");
+    inspect_refuses(&p, "sharded backend `torch_dist` is not supported yet");
     let p = tmp(&dir, "blosc.nemo");
     rebuild(&zarr, &p, |n, d| {
         if n == "model_weights/model.output_layer.weight/.zarray" {
@@ -381,7 +366,7 @@ fn dist_checkpoints_that_are_not_plain_zarr_are_refused() {
             keep(n, d)
         }
     });
-    refused(
+    inspect_refuses(
         &p,
         "array `model.output_layer.weight`: compressed or filtered chunks are not supported",
     );
@@ -393,7 +378,7 @@ fn dist_checkpoints_that_are_not_plain_zarr_are_refused() {
             keep(n, d)
         }
     });
-    refused(
+    inspect_refuses(
         &p,
         "array `model.output_layer.weight`: 1 of 2 chunks present",
     );

@@ -135,7 +135,6 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,7 +149,10 @@ mod tests {
         let out = dir.path().join("out");
         let mut w = FileSink::new(std::fs::File::create(&out).unwrap());
         w.write_all(b"head").unwrap();
-        assert!(w.copy_from(&src, 5, 2 << 20).unwrap(), "copy_file_range was not used");
+        assert!(
+            w.copy_from(&src, 5, 2 << 20).unwrap(),
+            "copy_file_range was not used"
+        );
         w.write_all(b"tail").unwrap();
         assert_eq!((w.written, w.copied), (8 + (2 << 20), 2 << 20));
         w.into_file().unwrap();

@@ -5,9 +5,9 @@ use rayon::prelude::*;
 
 use crate::arch::tp::{Logical, Seg, Slice};
 use crate::container::mapped::Mapped;
-use crate::io::sink::Sink;
 use crate::dtype::{self, DType};
 use crate::io::progress::Progress;
+use crate::io::sink::Sink;
 
 /// The rule every narrowing cast of every command follows: values that overflow the
 /// output dtype to ±inf are refused, naming the tensor and how many, unless the user

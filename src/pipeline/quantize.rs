@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 
 use crate::container::mapped::{OpenOptions, Seg};
 use crate::container::safetensors_write::{self, TensorSpec};
-use crate::io::sink::{FileSink, Sink};
 use crate::dtype::{cast_value, DType};
 use crate::error::{Error, Result};
 use crate::hf::config as hf;
@@ -20,6 +19,7 @@ use crate::hf::folder::HfFolder;
 use crate::hf::names;
 use crate::io::output::{self, AtomicDir};
 use crate::io::progress::Progress;
+use crate::io::sink::{FileSink, Sink};
 use crate::model::{Source, Tensor, View};
 use crate::pipeline::to_hf;
 use crate::quant::compressed;
@@ -442,9 +442,7 @@ fn write_main(
             }
             for &(o, len) in &segs {
                 let copied = match s.ar.file_at(o) {
-                    Some((f, fo)) if len >= 1 << 20 => {
-                        Sink::copy_from(w, f, fo, len)?
-                    }
+                    Some((f, fo)) if len >= 1 << 20 => Sink::copy_from(w, f, fo, len)?,
                     _ => false,
                 };
                 if !copied {
