@@ -1,9 +1,12 @@
 //! steerlm-convert: read NeMo `.nemo` checkpoints of Megatron-GPT / Llama-2 models and turn
 //! them into what people deploy, proving each conversion right.
 //!
-//! The data path: [`nemo::archive`] maps the file and indexes the tar; [`nemo::checkpoint`]
-//! reads the config, tokenizer and rank grid; [`torch`] locates every tensor of every rank
-//! through a safe pickle VM; [`model::roles`] says what each tensor is and how it is split.
+//! The data path: [`container::mapped`] maps the input and indexes it in place;
+//! [`nemo::checkpoint`] and [`hf::folder`] read configs, tokenizers and located tensors;
+//! [`model::View`] gives every input the same canonical tensors over the mapped bytes,
+//! through the role table and merge rules of [`arch`]; [`pipeline`] and [`runtime`]
+//! consume the view. The README's Architecture section lists the modules bottom up; each
+//! uses only those below it (checked by `tests/architecture.rs`).
 
 pub mod arch;
 pub mod container;
