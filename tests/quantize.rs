@@ -204,17 +204,9 @@ fn check_int8(dir: &Path, model: &str, dtype: DType, group: Option<usize>) {
     let mut n_quant = 0;
     for (name, (shape, vals)) in &truth {
         let m = name.strip_suffix(".weight").unwrap();
-        let linear = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .iter()
-        .any(|p| m.ends_with(p));
+        let linear = steerlm_convert::hf::names::linear_modules()
+            .iter()
+            .any(|p| p != "lm_head" && m.ends_with(p.as_str()));
         if !linear {
             let t = st.tensor(name).unwrap();
             assert_eq!(floats(&t), *vals, "{name} kept in float");

@@ -285,6 +285,22 @@ impl View {
         }
     }
 
+    /// The checkpoint and its logical tensors, for commands that read only NeMo inputs.
+    pub fn nemo_parts(&self, command: &str) -> Result<(&Checkpoint, &Logicals)> {
+        match &self.source {
+            Source::Nemo {
+                checkpoint,
+                logicals,
+            } => Ok((checkpoint, logicals)),
+            Source::Hf(_) => Err(Error::Layout {
+                file: self.display().to_string(),
+                msg: format!(
+                    "not a NeMo model archive (a Hugging Face folder; {command} reads a .nemo or a per-rank folder)"
+                ),
+            }),
+        }
+    }
+
     /// The Hugging Face folder, for such inputs.
     pub fn hf(&self) -> Option<&HfFolder> {
         match &self.source {

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::output::{self, AtomicDir, AtomicFile};
 use crate::io::progress::Progress;
 use crate::io::sink::{FileSink, Plain};
-use crate::model::{Source, View};
+use crate::model::View;
 use crate::nemo::checkpoint::{Checkpoint, Storage};
 use crate::nemo::layout::rank_member;
 use crate::nemo::logical::Logicals;
@@ -209,16 +209,7 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
 /// Reshards `ck` into `out`.
 pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<ReshardReport> {
     let start = Instant::now();
-    let Source::Nemo {
-        checkpoint: ck,
-        logicals,
-    } = &view.source
-    else {
-        return Err(Error::Layout {
-            file: view.display().to_string(),
-            msg: "not a NeMo model archive (a Hugging Face folder; reshard reads a .nemo or a per-rank folder)".into(),
-        });
-    };
+    let (ck, logicals) = view.nemo_parts("reshard")?;
     check_grid(ck, opts.tp, opts.pp)?;
     let vocab = view.vocab()?;
     let names = templates(ck);

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::hf::config as hf;
 use crate::io::output::{self, AtomicDir};
 use crate::io::progress::Progress;
-use crate::model::{Source, View};
+use crate::model::View;
 use crate::nemo::checkpoint::{Checkpoint, Storage};
 use crate::nemo::logical::Logicals;
 use crate::pipeline::emit;
@@ -71,16 +71,7 @@ pub fn nemo_to_safetensors(
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
     let start = Instant::now();
-    let Source::Nemo {
-        checkpoint: ck,
-        logicals,
-    } = &view.source
-    else {
-        return Err(Error::Layout {
-            file: view.display().to_string(),
-            msg: "not a NeMo model archive (a Hugging Face folder; nemo-to-safetensors reads a .nemo or a per-rank folder)".into(),
-        });
-    };
+    let (ck, logicals) = view.nemo_parts("nemo-to-safetensors")?;
     let sp = view.tokenizer()?;
     let specs: Vec<TensorSpec> = view
         .tensors
