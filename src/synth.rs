@@ -126,23 +126,7 @@ impl SynthSpec {
     }
 
     fn tokenizer(&self) -> Vec<u8> {
-        let mut pieces = vec![
-            Piece {
-                piece: "<unk>".into(),
-                score: 0.0,
-                kind: PieceType::Unknown,
-            },
-            Piece {
-                piece: "<s>".into(),
-                score: 0.0,
-                kind: PieceType::Control,
-            },
-            Piece {
-                piece: "</s>".into(),
-                score: 0.0,
-                kind: PieceType::Control,
-            },
-        ];
+        let mut pieces = Piece::llama_specials();
         for b in 0..256 {
             pieces.push(Piece {
                 piece: format!("<0x{b:02X}>"),

@@ -29,14 +29,16 @@ pub fn open_options(
     }
 }
 
-/// Opens the input of a command through the model view.
+/// Opens the input of a command that writes `output`, through the model view.
 pub fn open_input(
     input: &Path,
-    output: Option<&Path>,
-    scratch_dir: &Option<std::path::PathBuf>,
-    quiet: bool,
+    output: &Path,
+    io: &crate::cli::IoArgs,
 ) -> steerlm_convert::Result<View> {
-    View::open(input, &open_options(output, scratch_dir, quiet))
+    View::open(
+        input,
+        &open_options(Some(output), &io.scratch_dir, io.quiet),
+    )
 }
 
 /// Opens a NeMo input without assembling its tensors (`inspect`).

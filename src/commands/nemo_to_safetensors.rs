@@ -10,12 +10,7 @@ use crate::cli::NemoToSafetensorsArgs;
 pub fn run(args: &NemoToSafetensorsArgs) -> anyhow::Result<ExitCode> {
     output::install_interrupt_handler();
     output::check_not_input(&args.output, &[&args.input])?;
-    let ck = super::open_input(
-        &args.input,
-        Some(&args.output),
-        &args.io.scratch_dir,
-        args.io.quiet,
-    )?;
+    let ck = super::open_input(&args.input, &args.output, &args.io)?;
     let opts = ConvertOptions {
         dtype: args.dtype.dtype(),
         max_shard_bytes: args.max_shard_size,

@@ -37,12 +37,7 @@ pub fn run(args: &ReshardArgs) -> anyhow::Result<ExitCode> {
     if !in_place_archive {
         output::check_not_input(&args.output, &[&args.input])?;
     }
-    let ck = super::open_input(
-        &args.input,
-        Some(&args.output),
-        &args.io.scratch_dir,
-        args.io.quiet,
-    )?;
+    let ck = super::open_input(&args.input, &args.output, &args.io)?;
     let opts = ReshardOptions {
         tp: args.tp,
         pp: args.pp,

@@ -103,26 +103,28 @@ impl CudaEngine {
     fn ensure(&self, lane: &mut Lane, inb: usize, outb: usize) -> Result<(), String> {
         let grow = |have: Option<usize>, need: usize| have.is_none_or(|h| h < need);
         if grow(lane.h_in.as_ref().map(|b| b.len()), inb) {
-            // SAFETY: pinned memory is only read after being fully written by `gather`.
-            lane.h_in =
-                Some(unsafe { self.ctx.alloc_pinned::<u8>(inb) }.map_err(derr("pinned alloc"))?);
-            lane.d_in = Some(
-                lane.stream
-                    .alloc_zeros::<u8>(inb)
-                    .map_err(derr("device alloc"))?,
-            );
+            let (h, d) = self.buffers(&lane.stream, inb)?;
+            (lane.h_in, lane.d_in) = (Some(h), Some(d));
         }
         if grow(lane.h_out.as_ref().map(|b| b.len()), outb) {
-            // SAFETY: as above; written by device copies before it is read.
-            lane.h_out =
-                Some(unsafe { self.ctx.alloc_pinned::<u8>(outb) }.map_err(derr("pinned alloc"))?);
-            lane.d_out = Some(
-                lane.stream
-                    .alloc_zeros::<u8>(outb)
-                    .map_err(derr("device alloc"))?,
-            );
+            let (h, d) = self.buffers(&lane.stream, outb)?;
+            (lane.h_out, lane.d_out) = (Some(h), Some(d));
         }
         Ok(())
+    }
+
+    /// A pinned host buffer and a device buffer of `n` bytes, both allocated before either
+    /// replaces a lane's, so that a failed allocation leaves the lane as it was.
+    fn buffers(
+        &self,
+        stream: &Arc<CudaStream>,
+        n: usize,
+    ) -> Result<(PinnedHostSlice<u8>, CudaSlice<u8>), String> {
+        // SAFETY: pinned memory is only read after being fully written (by `gather`, or by
+        // device copies).
+        let h = unsafe { self.ctx.alloc_pinned::<u8>(n) }.map_err(derr("pinned alloc"))?;
+        let d = stream.alloc_zeros::<u8>(n).map_err(derr("device alloc"))?;
+        Ok((h, d))
     }
 }
 

@@ -35,6 +35,25 @@ pub struct Piece {
     pub kind: PieceType,
 }
 
+impl Piece {
+    pub fn new(piece: &str, score: f32, kind: PieceType) -> Piece {
+        Piece {
+            piece: piece.to_string(),
+            score,
+            kind,
+        }
+    }
+
+    /// Llama's first three pieces: `<unk>`, `<s>`, `</s>`.
+    pub fn llama_specials() -> Vec<Piece> {
+        vec![
+            Piece::new("<unk>", 0.0, PieceType::Unknown),
+            Piece::new("<s>", 0.0, PieceType::Control),
+            Piece::new("</s>", 0.0, PieceType::Control),
+        ]
+    }
+}
+
 /// The parts of a SentencePiece model that conversion and the runtime use.
 #[derive(Debug, Clone)]
 pub struct SpModel {
@@ -336,33 +355,9 @@ mod tests {
 
     #[test]
     fn round_trip_and_garbage() {
-        let pieces = vec![
-            Piece {
-                piece: "<unk>".into(),
-                score: 0.0,
-                kind: PieceType::Unknown,
-            },
-            Piece {
-                piece: "<s>".into(),
-                score: 0.0,
-                kind: PieceType::Control,
-            },
-            Piece {
-                piece: "</s>".into(),
-                score: 0.0,
-                kind: PieceType::Control,
-            },
-            Piece {
-                piece: "<extra_id_1>".into(),
-                score: 0.0,
-                kind: PieceType::UserDefined,
-            },
-            Piece {
-                piece: "▁a".into(),
-                score: -1.5,
-                kind: PieceType::Normal,
-            },
-        ];
+        let mut pieces = Piece::llama_specials();
+        pieces.push(Piece::new("<extra_id_1>", 0.0, PieceType::UserDefined));
+        pieces.push(Piece::new("▁a", -1.5, PieceType::Normal));
         let m = SpModel::parse(&write_bpe_model(&pieces, true), "t").unwrap();
         assert_eq!(m.pieces, pieces);
         assert!(m.byte_fallback && m.add_dummy_prefix && !m.remove_extra_whitespaces);
