@@ -2,6 +2,7 @@
 //! tokenizer files.
 
 pub mod config;
+pub mod files;
 pub mod folder;
 pub mod names;
 pub mod tokenizer;

@@ -15,13 +15,13 @@ use crate::container::safetensors_write::{self, TensorSpec};
 use crate::dtype::{cast_value, DType};
 use crate::error::{Error, Result};
 use crate::hf::config as hf;
+use crate::hf::files;
 use crate::hf::folder::HfFolder;
 use crate::hf::names;
 use crate::io::output::{self, AtomicDir};
 use crate::io::progress::Progress;
 use crate::io::sink::{FileSink, Sink};
 use crate::model::{Source, Tensor, View};
-use crate::pipeline::to_hf;
 use crate::quant::compressed;
 use crate::quant::engine::{Engine, RowSource};
 use crate::quant::int8::{ErrStats, RowError};
@@ -85,7 +85,7 @@ pub fn quantize(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
                 if let Some(q) = qc {
                     cfg["quantization_config"] = q;
                 }
-                to_hf::write_side_files(dir, checkpoint, cfg)
+                files::nemo_side_files(dir, checkpoint, cfg)
             })
         }
         Source::Hf(f) => run(&sources, &shapes, &file, out, opts, |dir, dtype, qc| {
@@ -139,7 +139,7 @@ fn hf_side_files(
     if let Some(q) = qc {
         cfg["quantization_config"] = q;
     }
-    to_hf::write_json(dir, "config.json", &cfg)?;
+    files::write_json(dir, "config.json", &cfg)?;
     let mut files = vec!["config.json".to_string()];
     let side = f.files.file_names().filter(|n| {
         !n.contains('/')
@@ -275,7 +275,7 @@ fn run(
     bar.finish();
     let mut files = names.clone();
     if shards.len() > 1 {
-        to_hf::write_json(
+        files::write_json(
             dir.path(),
             "model.safetensors.index.json",
             &safetensors_write::index_json(&specs, &shards, &names),

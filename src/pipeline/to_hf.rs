@@ -12,6 +12,7 @@ use crate::container::safetensors_write::{self, TensorSpec};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::hf::config as hf;
+use crate::hf::files::{nemo_side_files, write_json};
 use crate::io::output::{self, AtomicDir};
 use crate::io::progress::Progress;
 use crate::model::View;
@@ -143,7 +144,7 @@ pub fn nemo_to_safetensors(
         )?;
         files.push("model.safetensors.index.json".into());
     }
-    files.extend(write_side_files(
+    files.extend(nemo_side_files(
         dir.path(),
         ck,
         hf::config_json(&view.arch, sp, written_dtype),
@@ -162,59 +163,6 @@ pub fn nemo_to_safetensors(
         kernel_copied,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-/// Writes `config` as config.json and the generation and tokenizer files of `ck` into
-/// `dir`; returns their names.
-pub fn write_side_files(dir: &Path, ck: &Checkpoint, config: Value) -> Result<Vec<String>> {
-    let tok = ck.tokenizer()?;
-    let sp = &tok.model;
-    write_json(dir, "config.json", &config)?;
-    write_json(
-        dir,
-        "generation_config.json",
-        &hf::generation_config_json(sp),
-    )?;
-    write_json(
-        dir,
-        "tokenizer_config.json",
-        &hf::tokenizer_config_json(sp, ck.config.max_position_embeddings),
-    )?;
-    write_json(
-        dir,
-        "special_tokens_map.json",
-        &hf::special_tokens_map_json(sp),
-    )?;
-    let tm = dir.join("tokenizer.model");
-    let member = ck
-        .files
-        .member(&tok.member)
-        .expect("resolved tokenizer member");
-    std::fs::write(&tm, ck.files.data(member)).map_err(|e| Error::io(&tm, e))?;
-    let mut files: Vec<String> = [
-        "config.json",
-        "generation_config.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-    ]
-    .map(String::from)
-    .to_vec();
-    // Without tokenizer.json, transformers converts the slow tokenizer itself, and that
-    // conversion drifts from SentencePiece; a model it cannot express is left to it.
-    if let Ok(tj) = crate::hf::tokenizer::tokenizer_json(sp) {
-        write_json(dir, "tokenizer.json", &tj)?;
-        files.push("tokenizer.json".into());
-    }
-    Ok(files)
-}
-
-/// Writes `v` as pretty JSON to `dir/name`.
-pub fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
-    let p = dir.join(name);
-    let mut text = serde_json::to_string_pretty(v).expect("JSON of plain values");
-    text.push('\n');
-    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
 }
 
 /// Keys that are not weights and are not exported.

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::arch::roles::{self, Kind};
 use crate::arch::RopeScaling;
 use crate::container::mapped::{Mapped, OpenOptions};
 use crate::dtype::DType;
@@ -146,33 +147,34 @@ impl Model {
             }
             Ok(to_f32(&bytes, t.dtype))
         };
+        let one = |kind: Kind, g: u64| roles::hf_names(kind, g).remove(0);
         let mut layers = Vec::new();
         for i in 0..a.layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-            let stacked = |name: &str, parts: &[&str]| -> Result<Linear> {
-                let ls = parts
+            // Stacked under a label named after the layer's first part (`….q_proj+k+v`).
+            let stacked = |names: Vec<String>, label: &str| -> Result<Linear> {
+                let ls = names
                     .iter()
-                    .map(|s| linear(&p(s)))
+                    .map(|n| linear(n))
                     .collect::<Result<Vec<_>>>()?;
-                stack(&format!("model.layers.{i}.{name}"), ls, &file)
+                let first = names[0].trim_end_matches(".weight");
+                let prefix = first.rsplit_once('.').map_or(first, |p| p.0);
+                stack(&format!("{prefix}.{label}"), ls, &file)
             };
             layers.push(Layer {
-                attn_norm: vector(&p("input_layernorm"))?,
-                qkv: stacked(
-                    "self_attn.qkv",
-                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                )?,
-                o: linear(&p("self_attn.o_proj"))?,
-                mlp_norm: vector(&p("post_attention_layernorm"))?,
-                gate_up: stacked("mlp.gate_up", &["mlp.gate_proj", "mlp.up_proj"])?,
-                down: linear(&p("mlp.down_proj"))?,
+                attn_norm: vector(&one(Kind::InputNorm, i))?,
+                qkv: stacked(roles::hf_names(Kind::Qkv, i), "qkv")?,
+                o: linear(&one(Kind::AttnOut, i))?,
+                mlp_norm: vector(&one(Kind::PostAttnNorm, i))?,
+                gate_up: stacked(vec![one(Kind::Gate, i), one(Kind::Up, i)], "gate_up")?,
+                down: linear(&one(Kind::Down, i))?,
             });
         }
-        let embed = linear("model.embed_tokens.weight")?;
-        let lm_head = if a.tied && view.get("lm_head.weight").is_none() {
+        let embed = linear(&one(Kind::Embedding, 0))?;
+        let output = one(Kind::Output, 0);
+        let lm_head = if a.tied && view.get(&output).is_none() {
             embed.clone()
         } else {
-            linear("lm_head.weight")?
+            linear(&output)?
         };
         let dims = Dims {
             hidden: a.hidden as usize,
@@ -191,7 +193,7 @@ impl Model {
             dims,
             embed,
             layers,
-            norm: vector("model.norm.weight")?,
+            norm: vector(&one(Kind::FinalNorm, 0))?,
             lm_head,
             qkv_order: QkvOrder::Separate,
         };
