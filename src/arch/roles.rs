@@ -177,6 +177,37 @@ const MODEL_KEYS: &[(Schema, &str, Kind)] = &[
 const LEGACY_LAYERS: &str = "model.language_model.encoder.layers.";
 const MCORE_LAYERS: &str = "model.decoder.layers.";
 
+/// The NeMo key of a weight kind in `schema`, from the table, with `{L}` for the
+/// stage-local layer of per-layer kinds. `fused_norms` picks megatron-core's
+/// TransformerEngine names for the norms (`linear_qkv.layer_norm_weight`) over the separate
+/// ones (`input_layernorm.weight`); legacy `swiglu` gate is `dense_h_to_4h`.
+pub fn key_template(schema: Schema, kind: Kind, fused_norms: bool) -> Option<String> {
+    if let Some((_, key, _)) = MODEL_KEYS
+        .iter()
+        .find(|(s, _, k)| *s == schema && *k == kind)
+    {
+        return Some(key.to_string());
+    }
+    let stored = match (schema, kind) {
+        (Schema::Legacy, Kind::Gate) => Kind::GateUp,
+        _ => kind,
+    };
+    let mut found = LAYER_KEYS
+        .iter()
+        .filter(|(s, _, k)| *s == schema && *k == stored)
+        .map(|(_, suffix, _)| *suffix);
+    let first = found.next()?;
+    let suffix = match found.next() {
+        Some(second) if first.contains("layer_norm_weight") != fused_norms => second,
+        _ => first,
+    };
+    let prefix = match schema {
+        Schema::Legacy => LEGACY_LAYERS,
+        Schema::Mcore => MCORE_LAYERS,
+    };
+    Some(format!("{prefix}{{L}}.{suffix}"))
+}
+
 /// Removes wrappers that do not change what a key means: a leading `model.module.`
 /// (`megatron_amp_O2`) and `._orig_mod` (`torch.compile`).
 pub fn normalise_key(key: &str) -> String {
@@ -331,6 +362,22 @@ mod tests {
             Activation::FastSwiglu
         )
         .is_none());
+        assert_eq!(
+            key_template(Schema::Mcore, Kind::InputNorm, true).unwrap(),
+            "model.decoder.layers.{L}.self_attention.linear_qkv.layer_norm_weight"
+        );
+        assert_eq!(
+            key_template(Schema::Mcore, Kind::PostAttnNorm, false).unwrap(),
+            "model.decoder.layers.{L}.pre_mlp_layernorm.weight"
+        );
+        assert_eq!(
+            key_template(Schema::Legacy, Kind::Gate, false).unwrap(),
+            "model.language_model.encoder.layers.{L}.mlp.dense_h_to_4h.weight"
+        );
+        assert_eq!(
+            key_template(Schema::Legacy, Kind::Output, false).unwrap(),
+            "model.language_model.output_layer.weight"
+        );
         assert_eq!(
             hf_names(Kind::Qkv, 3)[1],
             "model.layers.3.self_attn.k_proj.weight"

@@ -71,7 +71,8 @@ enum OutEntry<'a> {
     None(String),
 }
 
-/// Key templates (`{L}` for the stage-local layer) by kind, as the source names them.
+/// Key templates (`{L}` for the stage-local layer): weights from the role table in the
+/// source's schema (and norm naming), the non-weight entries as the source names them.
 struct Names {
     weights: BTreeMap<Kind, String>,
     /// `_extra_state` keys: per-layer templates and model-level keys.
@@ -118,7 +119,10 @@ fn templates(ck: &Checkpoint) -> Names {
                 }
             }
             k => {
-                weights.entry(k).or_insert(template);
+                let fused = template.ends_with("layer_norm_weight");
+                if let Some(t) = roles::key_template(c.schema, k, fused) {
+                    weights.entry(k).or_insert(t);
+                }
             }
         }
     };
