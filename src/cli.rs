@@ -324,6 +324,10 @@ pub struct IoArgs {
     /// Hide progress bars and notes on stderr (errors and the summary line stay).
     #[arg(long, short)]
     pub quiet: bool,
+    /// Do not check the CRC-32 that torch checkpoints store for every record (it catches
+    /// a corrupt or truncated file; it costs a hash of each record as it is read).
+    #[arg(long)]
+    pub no_crc: bool,
 }
 
 /// Options of the commands that only read a model.
@@ -336,6 +340,10 @@ pub struct ReadArgs {
     /// Hide progress bars and notes on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Do not check the CRC-32 that torch checkpoints store for every record (it catches
+    /// a corrupt or truncated file; it costs a hash of each record as it is read).
+    #[arg(long)]
+    pub no_crc: bool,
 }
 
 impl DTypeArg {

@@ -8,9 +8,10 @@
 use std::sync::Arc;
 
 use crate::arch::roles::{Kind, Role};
+use crate::container::mapped::Mapped;
 pub use crate::container::mapped::Seg;
 use crate::container::zarr::ZarrArray;
-use crate::dtype::{DType, TensorRef};
+use crate::dtype::{Checksummed, DType, TensorRef};
 
 /// A logical tensor: a kind at a global layer, merged over TP ranks.
 #[derive(Debug, Clone)]
@@ -174,6 +175,31 @@ impl Logical {
                 .map(|(_, c)| (c.offset, c.span))
                 .collect(),
         }
+    }
+
+    /// The checksummed container records this tensor is read from (torch zip records).
+    pub fn records(&self) -> Vec<&Checksummed> {
+        match &self.rows {
+            Backing::Ranks { parts, .. } => {
+                parts.iter().filter_map(|p| p.record.as_ref()).collect()
+            }
+            Backing::Zarr { .. } => Vec::new(),
+        }
+    }
+
+    /// Checks the CRC-32 of every record this tensor is read from (once per record; a
+    /// no-op under `--no-crc`), naming the member, record and `tensor` when one fails.
+    pub fn check_records(&self, files: &Mapped, tensor: &str) -> crate::Result<()> {
+        for rec in self.records() {
+            files
+                .check_record(rec)
+                .map_err(|msg| crate::Error::Tensor {
+                    member: format!("{}:{}", files.display(), rec.member),
+                    tensor: tensor.to_string(),
+                    msg,
+                })?;
+        }
+        Ok(())
     }
 
     /// For replicated tensors: the copies on the other ranks (to check they are equal).

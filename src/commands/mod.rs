@@ -18,6 +18,7 @@ pub fn open_options(
     output: Option<&Path>,
     scratch_dir: &Option<std::path::PathBuf>,
     quiet: bool,
+    no_crc: bool,
 ) -> OpenOptions {
     let beside = output
         .and_then(|o| o.parent())
@@ -26,6 +27,7 @@ pub fn open_options(
     OpenOptions {
         scratch_dir: scratch_dir.clone().or(beside),
         progress: !quiet,
+        no_crc,
     }
 }
 
@@ -37,7 +39,7 @@ pub fn open_input(
 ) -> steerlm_convert::Result<View> {
     View::open(
         input,
-        &open_options(Some(output), &io.scratch_dir, io.quiet),
+        &open_options(Some(output), &io.scratch_dir, io.quiet, io.no_crc),
     )
 }
 
@@ -47,7 +49,7 @@ pub fn open_checkpoint(
     scratch_dir: &Option<std::path::PathBuf>,
     quiet: bool,
 ) -> steerlm_convert::Result<Checkpoint> {
-    View::open_checkpoint(input, &open_options(None, scratch_dir, quiet))
+    View::open_checkpoint(input, &open_options(None, scratch_dir, quiet, false))
 }
 
 /// The GPU engine `--device` asks for: `None` for the CPU. `auto` falls back to the CPU

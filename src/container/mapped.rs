@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use crate::container::tar::{self, Member, MemberKind};
+use crate::dtype::Checksummed;
 use crate::error::{Error, Result};
 use crate::io::progress::Progress;
 
@@ -32,6 +33,10 @@ pub struct Mapped {
     is_dir: bool,
     by_name: HashMap<String, usize>,
     compressed: bool,
+    /// Whether stored CRC-32s are checked (`--no-crc` turns it off).
+    crc: bool,
+    /// Records whose CRC-32 has been checked (by offset).
+    checked: std::sync::Mutex<std::collections::HashSet<u64>>,
     // Keeps the decompressed copy alive (and deletes it on drop).
     _scratch: Option<tempfile::NamedTempFile>,
 }
@@ -43,6 +48,8 @@ pub struct OpenOptions {
     pub scratch_dir: Option<PathBuf>,
     /// Show a progress bar while decompressing.
     pub progress: bool,
+    /// Do not check the CRC-32 of the records tensors are read from.
+    pub no_crc: bool,
 }
 
 impl Mapped {
@@ -50,7 +57,7 @@ impl Mapped {
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Mapped> {
         let display = path.display().to_string();
         if path.is_dir() {
-            return Mapped::open_dir(path);
+            return Mapped::open_dir(path, !opts.no_crc);
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -93,12 +100,14 @@ impl Mapped {
             is_dir: false,
             by_name,
             compressed,
+            crc: !opts.no_crc,
+            checked: Default::default(),
             _scratch: scratch,
         })
     }
 
     /// Opens a folder: every regular file below it becomes a member.
-    fn open_dir(root: &Path) -> Result<Mapped> {
+    fn open_dir(root: &Path, crc: bool) -> Result<Mapped> {
         let mut files = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
@@ -149,6 +158,8 @@ impl Mapped {
             is_dir: true,
             by_name,
             compressed: false,
+            crc,
+            checked: Default::default(),
             _scratch: None,
         })
     }
@@ -223,6 +234,42 @@ impl Mapped {
         let page = start & !4095;
         let end = (start + len as usize).min(map.len());
         Some((map, page, end - page))
+    }
+
+    /// Checks a record's stored CRC-32 against its bytes, once per record (never under
+    /// `no_crc`). The bytes are hashed 8 MiB at a time and left in the page cache, so the
+    /// copy that follows reads them from memory and resident memory stays bounded.
+    pub fn check_record(&self, rec: &Checksummed) -> std::result::Result<(), String> {
+        if !self.crc
+            || self
+                .checked
+                .lock()
+                .expect("not poisoned")
+                .contains(&rec.offset)
+        {
+            return Ok(());
+        }
+        let mut h = crc32fast::Hasher::new();
+        let mut at = 0;
+        while at < rec.len {
+            let n = (rec.len - at).min(8 << 20);
+            self.populate(rec.offset + at, n);
+            h.update(self.slice(rec.offset + at, n));
+            self.release(rec.offset + at, n);
+            at += n;
+        }
+        let got = h.finalize();
+        if got != rec.crc32 {
+            return Err(format!(
+                "record `{}` fails its CRC-32 check (stored {:08x}, computed {got:08x}): the file is corrupt",
+                rec.name, rec.crc32
+            ));
+        }
+        self.checked
+            .lock()
+            .expect("not poisoned")
+            .insert(rec.offset);
+        Ok(())
     }
 
     /// Maps the pages of `offset..offset + len` in one call (instead of one page fault per

@@ -52,6 +52,7 @@ pub fn read(bytes: &[u8], offset: u64, member: &str) -> Result<Vec<(String, Tens
                 shape,
                 offset: data_start + a as u64,
                 span: (b - a) as u64,
+                record: None,
             },
         ));
     }

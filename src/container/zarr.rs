@@ -190,6 +190,7 @@ fn read_array(
                 stride: contiguous_strides(&za.chunks),
                 offset: coff,
                 span: csize,
+                record: None,
             },
         );
     }

@@ -20,6 +20,8 @@ pub struct Record {
     /// Offset of the data relative to the start of the zip.
     pub offset: u64,
     pub size: u64,
+    /// The CRC-32 the central directory stores for the record's bytes.
+    pub crc32: u32,
 }
 
 /// The records of a zip held in `data`; `member` names the zip in errors.
@@ -66,6 +68,7 @@ pub fn read_records(data: &[u8], member: &str) -> Result<Vec<Record>> {
             ));
         }
         let size = f.compressed_size();
+        let crc32 = f.crc32();
         let offset = f
             .data_start()
             .ok_or_else(|| err(0, format!("no local header for `{name}`")))?;
@@ -77,7 +80,12 @@ pub fn read_records(data: &[u8], member: &str) -> Result<Vec<Record>> {
                 ),
             ));
         }
-        records.push(Record { name, offset, size });
+        records.push(Record {
+            name,
+            offset,
+            size,
+            crc32,
+        });
     }
     Ok(records)
 }

@@ -164,6 +164,21 @@ pub struct TensorRef {
     pub offset: u64,
     /// Bytes from `offset` to one past the last element the tensor can address.
     pub span: u64,
+    /// The container record holding the tensor, when the container stores its CRC-32.
+    pub record: Option<Checksummed>,
+}
+
+/// A record of the mapping whose CRC-32 its container stores (a torch zip record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksummed {
+    /// The member the record is in (`mp_rank_00/model_weights.ckpt`).
+    pub member: String,
+    /// The record's name in its zip (`model_weights/data/3`).
+    pub name: String,
+    /// Where the record's bytes are in the mapping.
+    pub offset: u64,
+    pub len: u64,
+    pub crc32: u32,
 }
 
 impl TensorRef {

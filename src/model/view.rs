@@ -101,6 +101,15 @@ impl Tensor {
         }
     }
 
+    /// Checks the CRC-32 of every record this tensor is read from (once per record; a
+    /// no-op under `--no-crc`), naming the member, record and tensor when one fails.
+    pub fn check_records(&self, files: &Mapped) -> Result<()> {
+        match self.logical() {
+            Some((l, _)) => l.check_records(files, &self.name),
+            None => Ok(()),
+        }
+    }
+
     /// The logical tensor and the row ranges of it this tensor is (NeMo inputs).
     pub fn logical(&self) -> Option<(&Logical, &[(u64, u64)])> {
         match &self.rows {
@@ -341,5 +350,9 @@ impl View {
 impl crate::quant::engine::RowSegs for Tensor {
     fn row_segs(&self, i: usize, out: &mut Vec<Seg>) {
         Tensor::row_segs(self, i, out)
+    }
+
+    fn check(&self, files: &Mapped) -> Result<()> {
+        self.check_records(files)
     }
 }

@@ -429,6 +429,7 @@ fn write_main(
     si: usize,
     file: &str,
 ) -> std::result::Result<ErrStats, WriteError> {
+    s.check().map_err(WriteError::Other)?;
     let mut stats = ErrStats::default();
     let step = batch_rows(s);
     let mut scales = Vec::new();

@@ -106,6 +106,7 @@ pub fn nemo_to_safetensors(
         for &i in shard {
             output::check_interrupted()?;
             let (l, rows) = view.tensors[i].logical().expect("a NeMo view's tensors");
+            l.check_records(&ck.files, &specs[i].name)?;
             let before = w.written;
             let pieces: Vec<Slice> = rows.iter().map(|&(a, b)| Slice::Rows(a, b)).collect();
             let n = emit::write_pieces(

@@ -64,6 +64,10 @@ pub struct RowSource<'a> {
 pub trait RowSegs: Sync {
     /// Appends the byte ranges of row `i`, in column order.
     fn row_segs(&self, i: usize, out: &mut Vec<Seg>);
+    /// Checks the stored checksums of the bytes the rows are read from.
+    fn check(&self, _files: &Mapped) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 enum SegSource<'a> {
@@ -109,6 +113,15 @@ impl<'a> RowSource<'a> {
             rows,
             cols,
             kind: SegSource::Located(segs),
+        }
+    }
+
+    /// Checks the stored checksums of what the rows are read from (where the container
+    /// stores them).
+    pub fn check(&self) -> crate::Result<()> {
+        match &self.kind {
+            SegSource::Located(t) => t.check(self.ar),
+            SegSource::Plain(_) => Ok(()),
         }
     }
 

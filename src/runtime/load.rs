@@ -120,6 +120,9 @@ impl Model {
                 "rope_scaling type `{t}` is not supported (linear is)"
             )));
         }
+        for t in &view.tensors {
+            t.check_records(view.files())?;
+        }
         let sp = view.tokenizer()?.clone();
         let vocab = view.vocab()?;
         if sp.vocab_size() as u64 > vocab {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::container::zip;
-use crate::dtype::{strided_extent, TensorRef};
+use crate::dtype::{strided_extent, Checksummed, TensorRef};
 use crate::error::{Error, Result};
 use crate::torch::pickle::{self, Entry, PickledTensor};
 
@@ -152,5 +152,12 @@ fn locate(
         stride: t.stride.clone(),
         offset: member_offset + rec.offset + first,
         span,
+        record: Some(Checksummed {
+            member: member.to_string(),
+            name: rec.name.clone(),
+            offset: member_offset + rec.offset,
+            len: rec.size,
+            crc32: rec.crc32,
+        }),
     })
 }

@@ -249,35 +249,69 @@ pub fn assert_no_leftovers(out: &Path) {
 }
 
 /// A copy of `legacy_tp2_bf16.nemo` in `dir` whose rank-0 o_proj of layer 0 holds bf16
-/// 3.0e38 (0x7f62) in its first element: it overflows fp16.
+/// 3.0e38 (0x7f62) in its first element: it overflows fp16. The record's CRC-32 is
+/// updated, as torch would have written it.
 pub fn overflowing_archive(dir: &Path) -> PathBuf {
+    patched_archive(dir, "mp_rank_00/model_weights.ckpt", &[0x62, 0x7f], true)
+}
+
+/// A copy of `legacy_tp2_bf16.nemo` in `dir` whose o_proj of layer 0 in `member` (a rank's
+/// checkpoint) starts with `bytes`; with `fix_crc` the record's stored CRC-32 (local header
+/// and central directory) is recomputed, without it the file is corrupt.
+pub fn patched_archive(dir: &Path, member: &str, bytes: &[u8], fix_crc: bool) -> PathBuf {
     use steerlm_convert::nemo::checkpoint::{Checkpoint, Storage};
     let fixture = fixtures().join("archives/legacy_tp2_bf16.nemo");
-    let src = dir.join("big.nemo");
-    let bytes = std::fs::read(&fixture).unwrap();
+    let src = dir.join("patched.nemo");
+    let archive = std::fs::read(&fixture).unwrap();
     let ck = Checkpoint::open(&fixture, &Default::default()).unwrap();
     let Storage::Ranks(ranks) = &ck.weights else {
         panic!("rank archive")
     };
-    let (_, t) = ranks[0]
+    let rank = ranks.iter().find(|r| r.state.member == member).unwrap();
+    let (_, t) = rank
         .state
         .tensors()
         .find(|(n, _)| n.ends_with("layers.0.self_attention.dense.weight"))
         .unwrap();
-    let members = tar::index(&bytes, "f").unwrap();
-    let m = members
-        .iter()
-        .find(|m| m.name == "mp_rank_00/model_weights.ckpt")
-        .unwrap();
+    let members = tar::index(&archive, "f").unwrap();
+    let m = members.iter().find(|m| m.name == member).unwrap();
     let at = (t.offset - m.offset) as usize;
+    let record = t.record.clone().unwrap();
+    let rec_at = (record.offset - m.offset) as usize;
+    let member = member.to_string();
     rebuild(&fixture, &src, |n, d| {
         let mut d = d.to_vec();
-        if n == "mp_rank_00/model_weights.ckpt" {
-            d[at..at + 2].copy_from_slice(&[0x62, 0x7f]);
+        if n == member {
+            d[at..at + bytes.len()].copy_from_slice(bytes);
+            if fix_crc {
+                let crc = crc32fast::hash(&d[rec_at..rec_at + record.len as usize]);
+                set_zip_crc(&mut d, &record.name, crc);
+            }
         }
         Some((format!("./{n}"), d))
     });
     src
+}
+
+/// Sets the CRC-32 of record `name` in a (non-ZIP64) zip, in its central-directory entry
+/// and its local header.
+fn set_zip_crc(zip: &mut [u8], name: &str, crc: u32) {
+    let u16_at = |z: &[u8], i: usize| u16::from_le_bytes([z[i], z[i + 1]]) as usize;
+    let mut found = false;
+    let mut p = 0;
+    while p + 46 <= zip.len() {
+        if zip[p..p + 4] == [0x50, 0x4b, 0x01, 0x02] {
+            let n = u16_at(zip, p + 28);
+            if &zip[p + 46..p + 46 + n] == name.as_bytes() {
+                let lho = u32::from_le_bytes(zip[p + 42..p + 46].try_into().unwrap()) as usize;
+                zip[p + 16..p + 20].copy_from_slice(&crc.to_le_bytes());
+                zip[lho + 14..lho + 18].copy_from_slice(&crc.to_le_bytes());
+                found = true;
+            }
+        }
+        p += 1;
+    }
+    assert!(found, "no central-directory entry for {name}");
 }
 
 /// A synthetic archive big enough (about 300 MB) that a command on it can be caught and

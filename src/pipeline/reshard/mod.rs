@@ -1,7 +1,6 @@
 //! `reshard`: split the logical tensors again for another TP × PP grid, with the inverse
 //! of every merge rule, and write per-rank safetensors folders or a `.nemo` NeMo loads.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -9,8 +8,7 @@ use std::time::Instant;
 
 use serde_norway::Value as Yaml;
 
-use crate::arch::roles::{self, KeyLayer, Kind, Schema};
-use crate::arch::tp::{self, Logical, Slice};
+use crate::arch::roles::Schema;
 use crate::container::safetensors_write::{self, TensorSpec};
 use crate::container::tar::MemberKind;
 use crate::container::tar_write::TarWriter;
@@ -20,11 +18,14 @@ use crate::io::output::{self, AtomicDir, AtomicFile};
 use crate::io::progress::Progress;
 use crate::io::sink::{FileSink, Plain};
 use crate::model::View;
-use crate::nemo::checkpoint::{Checkpoint, Storage};
+use crate::nemo::checkpoint::Checkpoint;
 use crate::nemo::layout::rank_member;
-use crate::nemo::logical::Logicals;
 use crate::pipeline::emit;
 use crate::torch::save::{SaveEntry, TorchFile};
+
+mod plan;
+
+use plan::{plan_ranks, templates, OutEntry};
 
 /// Output container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,104 +58,6 @@ pub struct ReshardReport {
     pub tensors: Vec<(String, String, Vec<u64>, DType)>,
     pub bytes: u64,
     pub seconds: f64,
-}
-
-/// One entry of an output rank's state dict.
-enum OutEntry<'a> {
-    Tensor {
-        name: String,
-        logical: Option<&'a Logical>,
-        from: DType,
-        pieces: Vec<Slice>,
-        shape: Vec<u64>,
-    },
-    None(String),
-}
-
-/// Key templates (`{L}` for the stage-local layer): weights from the role table in the
-/// source's schema (and norm naming), the non-weight entries as the source names them.
-struct Names {
-    weights: BTreeMap<Kind, String>,
-    /// `_extra_state` keys: per-layer templates and model-level keys.
-    extra_layer: Vec<String>,
-    extra_model: Vec<String>,
-    inv_freq: Option<(String, (u64, u64), DType)>,
-}
-
-fn templates(ck: &Checkpoint) -> Names {
-    let mut weights = BTreeMap::new();
-    let mut extra_layer = Vec::new();
-    let mut extra_model = Vec::new();
-    let mut inv_freq = None;
-    let mut note = |key: &str, inv: Option<(u64, u64, DType)>| {
-        let key = roles::normalise_key(key);
-        let Some(c) = ck.classify(&key) else { return };
-        let template = match c.layer {
-            KeyLayer::Index(_) | KeyLayer::Stacked => {
-                let (head, tail) = key
-                    .split_once("layers.")
-                    .expect("per-layer keys contain layers.");
-                let tail = match c.layer {
-                    KeyLayer::Index(_) => tail.split_once('.').map(|t| t.1).unwrap_or(tail),
-                    _ => tail,
-                };
-                format!("{head}layers.{{L}}.{tail}")
-            }
-            KeyLayer::None => key.clone(),
-        };
-        match c.kind {
-            Kind::ExtraState if c.layer == KeyLayer::None => {
-                if !extra_model.contains(&template) {
-                    extra_model.push(template)
-                }
-            }
-            Kind::ExtraState => {
-                if !extra_layer.contains(&template) {
-                    extra_layer.push(template)
-                }
-            }
-            Kind::InvFreq => {
-                if let (None, Some((o, n, d))) = (&inv_freq, inv) {
-                    inv_freq = Some((template, (o, n), d));
-                }
-            }
-            k => {
-                let fused = template.ends_with("layer_norm_weight");
-                if let Some(t) = roles::key_template(c.schema, k, fused) {
-                    weights.entry(k).or_insert(t);
-                }
-            }
-        }
-    };
-    match &ck.weights {
-        Storage::Ranks(ranks) => {
-            for r in ranks {
-                for (k, e) in &r.state.entries {
-                    let inv = match e {
-                        crate::torch::state_dict::StateEntry::Tensor(t) => {
-                            Some((t.offset, t.nbytes(), t.dtype))
-                        }
-                        _ => None,
-                    };
-                    note(k, inv);
-                }
-            }
-        }
-        Storage::Distributed(d) => {
-            for a in &d.arrays {
-                note(&a.key, None);
-            }
-            for (k, _) in &d.objects {
-                note(k, None);
-            }
-        }
-    }
-    Names {
-        weights,
-        extra_layer,
-        extra_model,
-        inv_freq,
-    }
 }
 
 /// Checks that the model can be split `tp` × `pp` ways.
@@ -289,101 +192,6 @@ pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<Reshard
     })
 }
 
-/// Every output rank's entries: `(tp, pp, entries)`, each tensor as the slices of its
-/// logical tensor that rank holds.
-fn plan_ranks<'a>(
-    ck: &Checkpoint,
-    logicals: &'a Logicals,
-    names: &Names,
-    opts: &ReshardOptions,
-    vocab: u64,
-) -> Vec<(u64, u64, Vec<OutEntry<'a>>)> {
-    let new_rows = ck.config.padded_vocab(vocab, opts.tp);
-    let per_stage = ck.config.num_layers / opts.pp;
-    let out_dtype = |from: DType| opts.dtype.unwrap_or(from);
-    let mut ranks: Vec<(u64, u64, Vec<OutEntry>)> = Vec::new();
-    for p in 0..opts.pp {
-        for r in 0..opts.tp {
-            let mut entries = Vec::new();
-            let mut add = |kind: Kind, layer: Option<u64>, local: Option<u64>| {
-                let Some(l) = logicals.get(&(kind, layer)) else {
-                    return;
-                };
-                let t = &names.weights[&kind];
-                let name = match local {
-                    Some(i) => t.replace("{L}", &i.to_string()),
-                    None => t.clone(),
-                };
-                let pieces = tp::split(l, roles::role_of(kind), r, opts.tp, vocab, new_rows);
-                let shape = emit::shape_of(l, &pieces);
-                entries.push(OutEntry::Tensor {
-                    name,
-                    logical: Some(l),
-                    from: l.dtype,
-                    pieces,
-                    shape,
-                });
-            };
-            if p == 0 {
-                add(Kind::Embedding, None, None);
-            }
-            for i in 0..per_stage {
-                let g = Some(p * per_stage + i);
-                for k in [
-                    Kind::InputNorm,
-                    Kind::Qkv,
-                    Kind::AttnOut,
-                    Kind::PostAttnNorm,
-                    Kind::GateUp,
-                    Kind::Gate,
-                    Kind::Up,
-                    Kind::Down,
-                ] {
-                    add(k, g, Some(i));
-                }
-            }
-            if p == opts.pp - 1 {
-                add(Kind::FinalNorm, None, None);
-                add(Kind::Output, None, None);
-            }
-            if let Some((name, seg, d)) = &names.inv_freq {
-                let n = seg.1 / d.size() as u64;
-                // The source's bytes when the dtype is kept (as NeMo re-saves them); a widened
-                // dtype gets the frequencies recomputed, not the rounded ones widened.
-                let piece = if out_dtype(*d) == *d {
-                    Slice::Raw(*seg)
-                } else {
-                    Slice::Values(crate::arch::rope_inv_freq(ck.config.rotary_base, n))
-                };
-                entries.insert(
-                    usize::from(p == 0),
-                    OutEntry::Tensor {
-                        name: name.clone(),
-                        logical: None,
-                        from: *d,
-                        pieces: vec![piece],
-                        shape: vec![n],
-                    },
-                );
-            }
-            if opts.format == Format::Nemo {
-                for i in 0..per_stage {
-                    for t in &names.extra_layer {
-                        entries.push(OutEntry::None(t.replace("{L}", &i.to_string())));
-                    }
-                }
-                if p == opts.pp - 1 {
-                    for k in &names.extra_model {
-                        entries.push(OutEntry::None(k.clone()));
-                    }
-                }
-            }
-            ranks.push((r, p, entries));
-        }
-    }
-    ranks
-}
-
 /// What both writers need.
 struct Writing<'a> {
     ck: &'a Checkpoint,
@@ -414,6 +222,7 @@ fn write_safetensors(w: &Writing, out: &Path) -> Result<Vec<String>> {
     // Each finished rank file is synced in the background while the next is written.
     let mut syncs = Vec::new();
     for (r, p, entries) in ranks {
+        check_rank_records(ck, entries)?;
         let member = rank_member(*r, *p, opts.tp, opts.pp)
             .replace("model_weights.ckpt", "model.safetensors");
         let path = dir.path().join(&member);
@@ -496,6 +305,7 @@ fn write_nemo(w: &Writing, out: &Path) -> Result<Vec<String>> {
         t.file(&format!("./{name}"), data).map_err(io)?;
     }
     for (r, p, entries) in ranks {
+        check_rank_records(ck, entries)?;
         let member = rank_member(*r, *p, opts.tp, opts.pp);
         let root = match member.rsplit_once('/') {
             Some((folder, _)) => {
@@ -577,6 +387,21 @@ fn write_nemo(w: &Writing, out: &Path) -> Result<Vec<String>> {
     f.sync_all().map_err(io)?;
     file.commit()?;
     Ok(rank_names)
+}
+
+/// The CRC-32 of every record a rank's tensors are read from (each record once).
+fn check_rank_records(ck: &Checkpoint, entries: &[OutEntry]) -> Result<()> {
+    for e in entries {
+        if let OutEntry::Tensor {
+            name,
+            logical: Some(l),
+            ..
+        } = e
+        {
+            l.check_records(&ck.files, name)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_interrupted_io() -> std::io::Result<()> {
