@@ -47,6 +47,45 @@ pub fn convert(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) -> Result<
     Ok(overflow)
 }
 
+/// The first element of `candidate` (stored as `to`) that is not `reference` (stored as
+/// `from`) converted by the one rule: the same bits for the same dtype, an exact cast when
+/// widening, the nearest-even rounding when narrowing. `None` when every element matches.
+pub fn cast_mismatch(
+    reference: &[u8],
+    from: DType,
+    candidate: &[u8],
+    to: DType,
+) -> Result<Option<usize>, String> {
+    let n = reference.len() / from.size();
+    if candidate.len() != n * to.size() {
+        return Err(format!(
+            "{} bytes of {to} cannot hold {n} values",
+            candidate.len()
+        ));
+    }
+    const CHUNK: usize = 1 << 16;
+    let mut want = Vec::with_capacity(CHUNK * to.size());
+    for c in 0..n.div_ceil(CHUNK) {
+        let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+        want.clear();
+        convert(
+            &reference[a * from.size()..b * from.size()],
+            from,
+            to,
+            &mut want,
+        )?;
+        let got = &candidate[a * to.size()..b * to.size()];
+        if let Some(i) = got
+            .chunks_exact(to.size())
+            .zip(want.chunks_exact(to.size()))
+            .position(|(g, w)| g != w)
+        {
+            return Ok(Some(a + i));
+        }
+    }
+    Ok(None)
+}
+
 /// Converts stored values to f32.
 pub fn to_f32(b: &[u8], dt: DType, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -153,4 +192,45 @@ pub fn f16_round_trip(x: &[f32], h: &mut [u16], back: &mut [f32]) -> bool {
     }
     let _ = (x, h, back);
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_f32(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn cast_mismatch_is_the_one_rounding_rule() {
+        let x = [1.0f32, 1.0 + 1.0 / 256.0, -3.3e38, 0.1, 65520.0];
+        let src = bytes_f32(&x);
+        for to in [DType::F32, DType::BF16, DType::F16] {
+            let mut out = Vec::new();
+            convert(&src, DType::F32, to, &mut out).unwrap();
+            assert_eq!(cast_mismatch(&src, DType::F32, &out, to), Ok(None));
+            let k = to.size();
+            out[3 * k] ^= 1;
+            assert_eq!(cast_mismatch(&src, DType::F32, &out, to), Ok(Some(3)));
+        }
+        // Widening is exact, and truncating instead of rounding is caught.
+        let bf: Vec<u8> = x
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let mut wide = Vec::new();
+        convert(&bf, DType::BF16, DType::F32, &mut wide).unwrap();
+        assert_eq!(cast_mismatch(&bf, DType::BF16, &wide, DType::F32), Ok(None));
+        let truncated: Vec<u8> = x
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        // 1 + 2^-8 is a tie that rounds to even (as truncation gives); 0.1 rounds up.
+        assert_eq!(
+            cast_mismatch(&src, DType::F32, &truncated, DType::BF16),
+            Ok(Some(3))
+        );
+        assert!(cast_mismatch(&src, DType::F32, &truncated[..4], DType::BF16).is_err());
+    }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 mod convert;
 pub mod simd;
 
-pub use convert::{bf16_bits, cast_value, convert, f16_round_trip, to_f32};
+pub use convert::{bf16_bits, cast_mismatch, cast_value, convert, f16_round_trip, to_f32};
 
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

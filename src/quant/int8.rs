@@ -283,6 +283,65 @@ pub fn quantize_row(
     Ok(())
 }
 
+/// Where a stored int8 row departs from the rule applied to its reference row `x`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowMismatch {
+    /// Group `group`'s stored scale is not the rule's scale for `x`.
+    Scale {
+        group: usize,
+        stored: f32,
+        rule: f32,
+    },
+    /// Column `col` holds `stored` where the rule, with the stored scale, gives `rule`.
+    Value { col: usize, stored: i8, rule: i8 },
+}
+
+/// Checks a stored int8 row exactly against the rule: each scale must be the rule's scale
+/// for its group of `x` (stored as `dt`), and each `q` (stored as `q + 128`) the rule
+/// applied to `x` with the row's own stored scale. Returns the first departure.
+pub fn check_row(
+    x: &[f32],
+    q: &[u8],
+    scales: &[f32],
+    group: usize,
+    dt: DType,
+) -> Result<Option<RowMismatch>, RowError> {
+    for (g, (xs, qs)) in x.chunks(group).zip(q.chunks(group)).enumerate() {
+        let bits = amax_bits(xs);
+        if bits >= 0x7f80_0000 {
+            let (col, value) = xs
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(i, v)| (g * group + i, *v))
+                .expect("one is not finite");
+            return Err(RowError::NonFinite { col, value });
+        }
+        let amax = f32::from_bits(bits);
+        let rule = scale_for(amax, dt).ok_or(RowError::ScaleOverflow { amax })?;
+        let stored = scales[g];
+        if stored.to_bits() != rule.to_bits() {
+            return Ok(Some(RowMismatch::Scale {
+                group: g,
+                stored,
+                rule,
+            }));
+        }
+        for (i, (&v, &b)) in xs.iter().zip(qs).enumerate() {
+            let want = quantize_value(v, stored);
+            let got = (b as i16 - 128) as i8;
+            if got != want {
+                return Ok(Some(RowMismatch::Value {
+                    col: g * group + i,
+                    stored: got,
+                    rule: want,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +404,31 @@ mod tests {
                 let amax = x[..group].iter().fold(0f32, |a, v| a.max(v.abs()));
                 assert_eq!(s[0], scale_for(amax, dt).unwrap());
             }
+        }
+    }
+
+    #[test]
+    fn check_row_accepts_the_rule_and_names_the_first_departure() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.113)
+            .collect();
+        for (group, dt) in [(64, DType::BF16), (32, DType::F16), (16, DType::F32)] {
+            let mut q = vec![0u8; 64];
+            let mut s = vec![0f32; 64 / group];
+            quantize_row(&x, group, dt, &mut q, &mut s, &mut ErrStats::default()).unwrap();
+            assert_eq!(check_row(&x, &q, &s, group, dt).unwrap(), None);
+            let mut q2 = q.clone();
+            q2[5] = q2[5].wrapping_add(1);
+            assert!(matches!(
+                check_row(&x, &q2, &s, group, dt).unwrap(),
+                Some(RowMismatch::Value { col: 5, .. })
+            ));
+            let mut s2 = s.clone();
+            s2[0] = f32::from_bits(s2[0].to_bits() + 1);
+            assert!(matches!(
+                check_row(&x, &q, &s2, group, dt).unwrap(),
+                Some(RowMismatch::Scale { group: 0, .. })
+            ));
         }
     }
 }

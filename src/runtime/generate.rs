@@ -60,14 +60,9 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
+/// Greedy decoding's pick: the first of the largest logits.
 fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    crate::runtime::compare::argmax(v).unwrap_or(0) as u32
 }
 
 /// The completion's text: the whole sequence decoded, less the prompt's own decoding (as
