@@ -247,6 +247,23 @@ fn wide() -> bool {
     crate::dtype::simd::avx2()
 }
 
+/// The rule's stored scale for the group `xs` (whose first column is `col0`), or why
+/// there is none.
+fn group_scale(xs: &[f32], col0: usize, dt: DType) -> Result<f32, RowError> {
+    let bits = amax_bits(xs);
+    if bits >= 0x7f80_0000 {
+        let (col, value) = xs
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(i, v)| (col0 + i, *v))
+            .expect("one is not finite");
+        return Err(RowError::NonFinite { col, value });
+    }
+    let amax = f32::from_bits(bits);
+    scale_for(amax, dt).ok_or(RowError::ScaleOverflow { amax })
+}
+
 /// Quantizes one row `x` in groups of `group` columns: `q` gets `q + 128` per value,
 /// `scales` one stored scale (as f32) per group, `stats` the errors.
 pub fn quantize_row(
@@ -259,18 +276,7 @@ pub fn quantize_row(
 ) -> Result<(), RowError> {
     let wide = wide();
     for (g, (xs, qs)) in x.chunks(group).zip(q.chunks_mut(group)).enumerate() {
-        let bits = amax_bits(xs);
-        if bits >= 0x7f80_0000 {
-            let (col, value) = xs
-                .iter()
-                .enumerate()
-                .find(|(_, v)| !v.is_finite())
-                .map(|(i, v)| (g * group + i, *v))
-                .expect("one is not finite");
-            return Err(RowError::NonFinite { col, value });
-        }
-        let amax = f32::from_bits(bits);
-        let s = scale_for(amax, dt).ok_or(RowError::ScaleOverflow { amax })?;
+        let s = group_scale(xs, g * group, dt)?;
         scales[g] = s;
         if s == 0.0 {
             qs.fill(128);
@@ -307,18 +313,7 @@ pub fn check_row(
     dt: DType,
 ) -> Result<Option<RowMismatch>, RowError> {
     for (g, (xs, qs)) in x.chunks(group).zip(q.chunks(group)).enumerate() {
-        let bits = amax_bits(xs);
-        if bits >= 0x7f80_0000 {
-            let (col, value) = xs
-                .iter()
-                .enumerate()
-                .find(|(_, v)| !v.is_finite())
-                .map(|(i, v)| (g * group + i, *v))
-                .expect("one is not finite");
-            return Err(RowError::NonFinite { col, value });
-        }
-        let amax = f32::from_bits(bits);
-        let rule = scale_for(amax, dt).ok_or(RowError::ScaleOverflow { amax })?;
+        let rule = group_scale(xs, g * group, dt)?;
         let stored = scales[g];
         if stored.to_bits() != rule.to_bits() {
             return Ok(Some(RowMismatch::Scale {
