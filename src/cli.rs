@@ -187,6 +187,8 @@ pub struct GenerateArgs {
     pub logits_out: Option<PathBuf>,
     #[command(flatten)]
     pub io: ReadArgs,
+    #[command(flatten)]
+    pub crc: CrcArg,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +326,13 @@ pub struct IoArgs {
     /// Hide progress bars and notes on stderr (errors and the summary line stay).
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub crc: CrcArg,
+}
+
+/// The integrity check of the commands that read tensors.
+#[derive(Debug, Args)]
+pub struct CrcArg {
     /// Do not check the CRC-32 that torch checkpoints store for every record (it catches
     /// a corrupt or truncated file; it costs a hash of each record as it is read).
     #[arg(long)]
@@ -340,10 +349,6 @@ pub struct ReadArgs {
     /// Hide progress bars and notes on stderr.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Do not check the CRC-32 that torch checkpoints store for every record (it catches
-    /// a corrupt or truncated file; it costs a hash of each record as it is read).
-    #[arg(long)]
-    pub no_crc: bool,
 }
 
 impl DTypeArg {

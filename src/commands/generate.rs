@@ -55,7 +55,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         &OpenOptions {
             scratch_dir: args.io.scratch_dir.clone(),
             progress: !args.io.quiet,
-            no_crc: args.io.no_crc,
+            no_crc: args.crc.no_crc,
         },
     )?;
     let (prompt, ends) = if args.raw {

@@ -39,7 +39,7 @@ pub fn open_input(
 ) -> steerlm_convert::Result<View> {
     View::open(
         input,
-        &open_options(Some(output), &io.scratch_dir, io.quiet, io.no_crc),
+        &open_options(Some(output), &io.scratch_dir, io.quiet, io.crc.no_crc),
     )
 }
 

@@ -77,7 +77,7 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<ExitCode> {
         open: OpenOptions {
             scratch_dir: args.io.scratch_dir.clone().or(beside),
             progress: !args.io.quiet,
-            no_crc: args.io.no_crc,
+            no_crc: args.io.crc.no_crc,
         },
     };
     let report = quantize::quantize(&args.input, &args.output, &opts)?;
