@@ -60,6 +60,68 @@ pub enum Command {
     /// the compressed-tensors package) load. A per-tensor error table (max abs error,
     /// relative RMS error, SNR) goes to stderr, and to a JSON file with --report.
     Quantize(QuantizeArgs),
+    /// Prove a conversion right: is CANDIDATE the same model as REFERENCE?
+    ///
+    /// Either side is anything this tool reads (.nemo, per-rank folder, Hugging Face
+    /// folder: float or int8). Checks, in order: integrity (the CRC-32 of every torch
+    /// record on both sides), config (dims, heads, groups, vocab, rope, eps, tied),
+    /// tokenizer (pieces, scores, special ids; every prompt encodes the same), layout
+    /// (each side's tensors are those its config calls for), tensors (every canonical
+    /// tensor hashed while streamed and checked by the rule that produced it: the same
+    /// bits, an exact widening, nearest-even narrowing, or the int8 rule with the
+    /// candidate's own scales, exactly), then generation: the reference generates greedily
+    /// on each prompt, then the candidate is run teacher-forced on those tokens and its
+    /// logits compared at every position (max |Δ|, cosine, KL, top-1). Only one model is
+    /// run at a time. Without --against: a self-check (integrity, layout, special ids have
+    /// embedding rows, every weight finite, generation without NaN). Prints a table; exit 0
+    /// when everything passes, 1 when a check fails (named on the FAIL line), 2 on bad
+    /// input.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The model to check: a .nemo archive, a per-rank folder or a Hugging Face folder.
+    pub candidate: PathBuf,
+    /// The model it was converted from (usually the source .nemo). Without it, a
+    /// self-check of CANDIDATE.
+    #[arg(long, value_name = "REFERENCE")]
+    pub against: Option<PathBuf>,
+    /// Prompts to generate on, one JSON object per line: {"prompt": …, "attrs": {…},
+    /// "system": …, "raw": false}. Default: the built-in set of 8 (the model card's
+    /// question, attribute settings, a multi-turn chat, non-ASCII text, a long prompt, a
+    /// raw text).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub prompts: Option<PathBuf>,
+    /// Tokens generated per prompt; 0 skips the generation check. A prompt longer than the
+    /// context allows is cut from the front (after BOS), and marked so.
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+    /// Where to compute (the runtime runs on the CPU; cuda is refused).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Write the full report (every tensor's hashes and verdict, every prompt's metrics,
+    /// timing; schema in the README) to FILE, replaced if it exists. Written whether the
+    /// checks pass or fail; never on bad input.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Largest |Δ logit| allowed at any position (default: lossless 1e-4 of the largest
+    /// |reference logit|; not checked for casts and int8).
+    #[arg(long, value_name = "X")]
+    pub max_logit_diff: Option<f64>,
+    /// Largest KL divergence (nats) allowed at any position (default: lossless not
+    /// checked, cast 1e-2, int8 5e-2).
+    #[arg(long, value_name = "X")]
+    pub max_kl: Option<f64>,
+    /// Smallest fraction of positions whose argmax must agree (default: lossless 1, and
+    /// the tokens must be identical; cast 0.9; int8 0.8).
+    #[arg(long, value_name = "Y")]
+    pub min_top1: Option<f64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub io: ReadArgs,
 }
 
 /// Quantization scheme.

@@ -23,5 +23,6 @@ pub mod runtime;
 #[cfg(feature = "dev-tools")]
 pub mod synth;
 pub mod torch;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         cli::Command::Reshard(args) => commands::reshard::run(&args),
         cli::Command::Generate(args) => commands::generate::run(&args),
         cli::Command::Quantize(args) => commands::quantize::run(&args),
+        cli::Command::Verify(args) => commands::verify::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "gpu",
     "runtime",
     "pipeline",
+    "verify",
     "synth",
 ];
 

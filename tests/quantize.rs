@@ -481,6 +481,7 @@ fn runtime_on_int8_against_the_float_model() {
                         max_tokens: 16,
                         ignore_eos: true,
                         end_strings: vec![],
+                        ..Default::default()
                     },
                     &mut |_| {},
                 )

@@ -35,6 +35,7 @@ fn check_model(path: &Path, model: &str) -> f32 {
                 max_tokens: 16,
                 ignore_eos: true,
                 end_strings: Vec::new(),
+                ..Default::default()
             },
             &mut |_| {},
         )

@@ -81,6 +81,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
         end_strings: ends,
+        keep_logits: false,
     };
     let stream = !args.json;
     let mut out = std::io::stdout().lock();

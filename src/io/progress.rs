@@ -27,6 +27,26 @@ impl Progress {
         Progress { bar }
     }
 
+    /// A bar of `total` steps (tokens, prompts) labelled `what`, drawn as [`Progress::bytes`].
+    pub fn count(total: u64, what: &str, enabled: bool) -> Progress {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        if enabled && std::io::stderr().is_terminal() {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>14} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .expect("static template is valid")
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        Progress { bar }
+    }
+
+    /// Relabels the bar.
+    pub fn set_message(&self, what: &str) {
+        self.bar.set_message(what.to_string());
+    }
+
     /// Counts `n` more bytes.
     pub fn inc(&self, n: u64) {
         self.bar.inc(n);

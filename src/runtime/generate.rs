@@ -12,6 +12,8 @@ pub struct GenOptions {
     pub ignore_eos: bool,
     /// Checked on the decoded completion after each token.
     pub end_strings: Vec<String>,
+    /// Keep the logits each generated token was picked from (`Generation::step_logits`).
+    pub keep_logits: bool,
 }
 
 /// Why generation stopped.
@@ -54,6 +56,8 @@ pub struct Generation {
     pub stop: Stop,
     /// Logits of the prompt's last position.
     pub prompt_logits: Vec<f32>,
+    /// With `keep_logits`: the logits each of `ids` was picked from, in order.
+    pub step_logits: Vec<Vec<f32>>,
     pub prompt_secs: f64,
     /// Single-token forward passes and the time they took.
     pub decode_steps: usize,
@@ -96,6 +100,7 @@ pub fn generate(
     let mut shown = 0usize;
     let mut text = String::new();
     let mut steps = 0usize;
+    let mut step_logits = Vec::new();
     let t1 = Instant::now();
     // One rule: prompt and completion together never exceed the context.
     let stop = loop {
@@ -106,6 +111,9 @@ pub fn generate(
             break Stop::Context;
         }
         let next = argmax(&logits);
+        if opts.keep_logits {
+            step_logits.push(logits.clone());
+        }
         all.push(next);
         if !opts.ignore_eos && Some(next) == model.eos {
             // EOS is kept in the ids, as an end string's tokens are; it has no text.
@@ -142,6 +150,7 @@ pub fn generate(
         text,
         stop,
         prompt_logits,
+        step_logits,
         prompt_secs,
         decode_steps: steps,
         decode_secs: t1.elapsed().as_secs_f64(),

@@ -78,10 +78,19 @@ impl Attributes {
 
 /// Builds the prompt for one user message.
 pub fn prompt(system: &str, user: &str, attrs: &Attributes) -> String {
-    format!(
-        "<extra_id_0>System\n{system}\n\n<extra_id_1>User\n{user}\n<extra_id_1>Assistant\n<extra_id_2>{}\n",
-        attrs.line()
-    )
+    chat(system, &[], user, attrs)
+}
+
+/// Builds the prompt of a conversation: earlier `(user, assistant)` turns, each assistant
+/// turn after its attribute line as NeMo's chat format writes it, then the new message.
+pub fn chat(system: &str, history: &[(String, String)], user: &str, attrs: &Attributes) -> String {
+    let line = attrs.line();
+    let mut s = format!("<extra_id_0>System\n{system}\n\n");
+    for (u, a) in history {
+        s += &format!("<extra_id_1>User\n{u}\n<extra_id_1>Assistant\n<extra_id_2>{line}\n{a}\n");
+    }
+    s += &format!("<extra_id_1>User\n{user}\n<extra_id_1>Assistant\n<extra_id_2>{line}\n");
+    s
 }
 
 /// The text of a prompt file as meant: CRLF line ends become LF, and one trailing
