@@ -110,7 +110,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "X")]
     pub max_logit_diff: Option<f64>,
     /// Largest KL divergence (nats) allowed at any position (default: lossless not
-    /// checked, cast 1e-2, int8 5e-2).
+    /// checked, cast 5e-3, int8 5e-2).
     #[arg(long, value_name = "X")]
     pub max_kl: Option<f64>,
     /// Smallest fraction of positions whose argmax must agree (default: lossless 1, and

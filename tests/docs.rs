@@ -201,6 +201,24 @@ fn json_output_of_every_command_matches_the_documented_schema() {
     ]);
     let from_file: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     check_schema("quantize", &[q, from_file]);
+    let vr = o("verify.json");
+    let q8 = o("q");
+    let verify_doc = |args: &[&str], want: i32| -> Value {
+        let mut a = vec!["verify"];
+        a.extend_from_slice(args);
+        a.extend(["-q", "--json", &vr, "--tokens", "2"]);
+        let (code, out, err) = run(&a);
+        assert_eq!(code, want, "{a:?}: {out}{err}");
+        serde_json::from_slice(&std::fs::read(&vr).unwrap()).unwrap()
+    };
+    check_schema(
+        "verify",
+        &[
+            verify_doc(&[&q8, "--against", &tp2], 0),
+            verify_doc(&[&tp2], 0),
+            verify_doc(&[&tp2, "--against", &zarr], 1),
+        ],
+    );
     check_schema(
         "generate",
         &[

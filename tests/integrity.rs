@@ -58,3 +58,45 @@ fn a_patched_tensor_with_its_crc_updated_is_read() {
     ]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn verify_fails_a_flipped_byte_naming_the_member_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = patched_archive(dir.path(), MEMBER, &[0x5a], false);
+    let hf = dir.path().join("hf");
+    let src = fixtures().join("archives/legacy_tp2_bf16.nemo");
+    let (code, _, err) = run(&[
+        "nemo-to-safetensors",
+        src.to_str().unwrap(),
+        hf.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report = dir.path().join("r.json");
+    for args in [
+        vec![hf.to_str().unwrap(), "--against", bad.to_str().unwrap()],
+        vec![bad.to_str().unwrap(), "--against", src.to_str().unwrap()],
+        vec![bad.to_str().unwrap()],
+    ] {
+        let mut a = vec!["verify"];
+        a.extend(args.iter().copied());
+        a.extend(["-q", "--json", report.to_str().unwrap()]);
+        let (code, out, err) = run(&a);
+        assert_eq!(code, 1, "{a:?}: {out}{err}");
+        let fail = out.lines().find(|l| l.starts_with("FAIL")).unwrap_or("");
+        assert!(
+            fail.starts_with("FAIL integrity")
+                && fail.contains(MEMBER)
+                && fail.contains("fails its CRC-32 check")
+                && fail.contains("self_attn.o_proj"),
+            "{out}"
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        assert_eq!(r["pass"], false);
+        assert!(r["first_failure"]
+            .as_str()
+            .unwrap()
+            .starts_with("integrity"));
+    }
+}

@@ -22,7 +22,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         ("--max-logit-diff", args.max_logit_diff),
         ("--max-kl", args.max_kl),
     ] {
-        if v.is_some_and(|x| !(x >= 0.0)) {
+        if v.is_some_and(|x| x.is_nan() || x < 0.0) {
             return Err(Error::Usage(format!("{flag} must be a number ≥ 0")).into());
         }
     }

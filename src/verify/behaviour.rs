@@ -250,16 +250,16 @@ pub fn judge(r: &RefRun, cand: &[Vec<f32>], times: (f64, f64), th: &Thresholds) 
         .max_logit_diff
         .or(th.relative_logit_diff.map(|f| f * peak));
     if let Some(m) = limit {
-        if !(c.max_abs_diff <= m) {
+        if !at_most(c.max_abs_diff, m) {
             problems.push(format!("max |Δ logit| {:.3e} > {m:.3e}", c.max_abs_diff));
         }
     }
     if let Some(k) = th.max_kl {
-        if !(c.max_kl <= k) {
+        if !at_most(c.max_kl, k) {
             problems.push(format!("KL {:.3e} > {k:.3e}", c.max_kl));
         }
     }
-    if !(c.top1_agreement >= th.min_top1) {
+    if !at_most(th.min_top1, c.top1_agreement) {
         problems.push(format!(
             "top-1 agreement {:.3} < {}",
             c.top1_agreement, th.min_top1
@@ -268,6 +268,14 @@ pub fn judge(r: &RefRun, cand: &[Vec<f32>], times: (f64, f64), th: &Thresholds) 
     c.pass = problems.is_empty();
     c.detail = (!c.pass).then(|| problems.join("; "));
     c
+}
+
+/// `x ≤ limit`, false when either is NaN (a NaN figure never passes).
+fn at_most(x: f64, limit: f64) -> bool {
+    matches!(
+        x.partial_cmp(&limit),
+        Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+    )
 }
 
 fn nan_max(a: f64, b: f64) -> f64 {

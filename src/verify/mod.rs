@@ -102,7 +102,7 @@ pub fn default_thresholds(class: &str) -> Thresholds {
         "cast" => Thresholds {
             max_logit_diff: None,
             relative_logit_diff: None,
-            max_kl: Some(1e-2),
+            max_kl: Some(5e-3),
             min_top1: 0.9,
             tokens_exact: false,
         },
