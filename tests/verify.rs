@@ -274,6 +274,11 @@ fn rename_safetensors(
     }
 }
 
+/// Swaps the names of two tensors of a folder (a converter that mixed them up).
+fn swap_names(dir: &Path, a: &str, b: &str) {
+    rename_safetensors(dir, &BTreeMap::from([(a, b), (b, a)]), &mut |_, _| {});
+}
+
 fn edit_config(dir: &Path, f: impl FnOnce(&mut Value)) {
     let p = dir.join("config.json");
     let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
@@ -387,8 +392,7 @@ fn broken_candidates_fail_naming_the_check() {
 
     let d = case("gate-up", &good);
     let g = "model.layers.0.mlp.gate_proj.weight";
-    let u = "model.layers.0.mlp.up_proj.weight";
-    rename_safetensors(&d, &BTreeMap::from([(g, u), (u, g)]), &mut |_, _| {});
+    swap_names(&d, g, "model.layers.0.mlp.up_proj.weight");
     cases.push((d, "tensors", vec![g.into()]));
 
     let d = case("qkv", &good);
@@ -429,8 +433,7 @@ fn broken_candidates_fail_naming_the_check() {
 
     let d = case("norms", &good);
     let a = "model.layers.0.input_layernorm.weight";
-    let b = "model.layers.0.post_attention_layernorm.weight";
-    rename_safetensors(&d, &BTreeMap::from([(a, b), (b, a)]), &mut |_, _| {});
+    swap_names(&d, a, "model.layers.0.post_attention_layernorm.weight");
     cases.push((d, "tensors", vec![a.into()]));
 
     let d = case("tokenizer", &good);
@@ -479,9 +482,11 @@ fn a_swap_fails_the_generation_check_too() {
     let src = fixtures().join("archives/gqa_mcore_tp2_bf16.nemo");
     let d = dir.path().join("gate-up");
     ok(&["nemo-to-safetensors", s(&src), s(&d), "-q"]);
-    let g = "model.layers.0.mlp.gate_proj.weight";
-    let u = "model.layers.0.mlp.up_proj.weight";
-    rename_safetensors(&d, &BTreeMap::from([(g, u), (u, g)]), &mut |_, _| {});
+    swap_names(
+        &d,
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    );
     let (code, out, _, r) = verify(&d, Some(&src), &[]);
     assert_eq!(code, 1);
     assert!(

@@ -351,21 +351,28 @@ fn compare_views(
         timing.reference_decode_s += r.decode_secs;
     }
     let t = Instant::now();
-    let model = match Model::from_view(cand) {
-        Ok(m) => m,
+    let Some(model) = runnable(cand, "candidate", report) else {
+        return Ok(());
+    };
+    timing.candidate_load_s = t.elapsed().as_secs_f64();
+    candidate_runs(&model, &runs, &th, opts.open.progress, report, timing);
+    Ok(())
+}
+
+/// The model of `view`, or a failed generation check saying why it cannot be run.
+fn runnable(view: View, who: &str, report: &mut Report) -> Option<Model> {
+    match Model::from_view(view) {
+        Ok(m) => Some(m),
         Err(e) => {
             report.checks.push(check(
                 "generation",
                 "all prompts",
                 "not run".into(),
-                Some(format!("the candidate cannot be run: {e}")),
+                Some(format!("the {who} cannot be run: {e}")),
             ));
-            return Ok(());
+            None
         }
-    };
-    timing.candidate_load_s = t.elapsed().as_secs_f64();
-    candidate_runs(&model, &runs, &th, opts.open.progress, report, timing);
-    Ok(())
+    }
 }
 
 fn candidate_runs(
@@ -445,17 +452,8 @@ fn self_check(view: View, opts: &Options, report: &mut Report, timing: &mut Timi
         return Ok(());
     }
     let t = Instant::now();
-    let model = match Model::from_view(view) {
-        Ok(m) => m,
-        Err(e) => {
-            report.checks.push(check(
-                "generation",
-                "all prompts",
-                "not run".into(),
-                Some(format!("the model cannot be run: {e}")),
-            ));
-            return Ok(());
-        }
+    let Some(model) = runnable(view, "model", report) else {
+        return Ok(());
     };
     timing.reference_load_s = t.elapsed().as_secs_f64();
     let runs = behaviour::reference(&model, &opts.prompts, opts.tokens, opts.open.progress)?;

@@ -9,6 +9,7 @@ use steerlm_convert::dtype::DType;
 use steerlm_convert::synth::{self, SynthSpec};
 
 mod bench;
+mod bench_verify;
 mod gpu_check;
 
 /// Runs the test suite with NVRTC available (from the pip wheel when needed).
@@ -119,6 +120,11 @@ pub(crate) const USAGE: &str = "usage:
       Decode and prompt tokens/s of a synthetic ~100M-parameter Llama (f32, bf16, int8) at
       1 and 2 threads, against the bandwidth limit (weight bytes per token / measured read
       bandwidth) and against transformers on the CPU when PY imports it.
+  cargo xtask bench verify [--layers 20] [--dir DIR] [--tokens 16]
+      verify of a synthetic 13B-shaped TP 4 bf16 archive (made if absent) against its
+      HF conversion, 1 prompt, from a cold page cache: wall time, peak anonymous and
+      file-backed RSS, and the time of each phase, with the reading phases in MB/s
+      against `cat` of the same files.
   cargo xtask test
       The test suite: installs NVRTC from the nvidia-cuda-nvrtc-cu12 wheel into
       target/cuda-wheels when no CUDA toolkit is found (the kernels are compile-checked),
@@ -140,6 +146,7 @@ fn main() -> Result<()> {
             Some("reshard") => bench_reshard(&args[2..]),
             Some("quantize") => bench::quantize(&args[2..]),
             Some("generate") => bench::generate(&args[2..]),
+            Some("verify") => bench_verify::verify(&args[2..]),
             _ => bail!("{USAGE}"),
         },
         Some("test") => test_cmd(),
