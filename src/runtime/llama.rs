@@ -95,10 +95,15 @@ impl Linear {
     }
 
     /// Row ranges of about 128 KiB of weights, each within one band: the unit of
-    /// parallel work.
+    /// parallel work for one token.
     fn tasks(&self, rows: usize) -> Vec<(usize, usize, usize)> {
+        self.tasks_of(rows, 128 << 10)
+    }
+
+    /// Row ranges of about `bytes` of weights, each within one band.
+    fn tasks_of(&self, rows: usize, bytes: usize) -> Vec<(usize, usize, usize)> {
         let row_bytes = (self.inp * self.wtype.size()).max(1);
-        let per = ((128usize << 10) / row_bytes).clamp(4, 4096);
+        let per = (bytes / row_bytes).clamp(4, 4096);
         let mut v = Vec::new();
         for (bi, b) in self.bands.iter().enumerate() {
             let end = (b.row0 + b.rows).min(rows);
@@ -148,8 +153,8 @@ impl Linear {
     pub fn matmul(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.inp);
         debug_assert_eq!(y.len(), t * rows);
-        let tasks = self.tasks(rows);
         if t == 1 {
+            let tasks = self.tasks(rows);
             let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
             let mut rest = &mut y[..];
             for &(_, r0, r1) in &tasks {
@@ -178,7 +183,10 @@ impl Linear {
                 });
             return;
         }
-        // A batch: each row is read (and converted) once and used for every token.
+        // A batch: each tile of rows is read and converted to f32 once, then multiplied
+        // with every token at once by the `gemm` crate (cache blocking, SIMD, f32
+        // accumulation).
+        let tasks = self.tasks_of(rows, BATCH_TILE_BYTES);
         let mut yt = vec![0f32; rows * t];
         let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
         let mut rest = &mut yt[..];
@@ -188,24 +196,49 @@ impl Linear {
             rest = b;
         }
         tasks.par_iter().zip(outs.into_par_iter()).for_each_init(
-            || vec![0f32; self.inp],
-            |buf, (&(bi, r0, r1), ys)| {
+            Vec::new,
+            |tile: &mut Vec<f32>, (&(bi, r0, r1), ys)| {
                 let b = &self.bands[bi];
+                let n = r1 - r0;
+                tile.resize(n * self.inp, 0.0);
                 self.for_rows(ar, bi, r0, r1, |r, parts| {
+                    let row = &mut tile[(r - r0) * self.inp..(r - r0 + 1) * self.inp];
                     for (p, w) in parts {
                         cpu::dequant(
                             self.wtype,
                             w,
                             self.scales(p, b, r),
                             self.group,
-                            &mut buf[p.col0..p.col0 + p.cols],
+                            &mut row[p.col0..p.col0 + p.cols],
                         );
                     }
-                    let yr = &mut ys[(r - r0) * t..(r - r0 + 1) * t];
-                    for (tok, yv) in yr.iter_mut().enumerate() {
-                        *yv = cpu::dot_f32(buf, &x[tok * self.inp..(tok + 1) * self.inp]);
-                    }
                 });
+                // ys (n × t, row-major) = tile (n × inp, row-major) · xᵀ (inp × t).
+                // SAFETY: every pointer covers its matrix with the strides given: tile
+                // is n·inp, x is t·inp, ys is n·t.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        t,
+                        self.inp,
+                        ys.as_mut_ptr(),
+                        1,
+                        t as isize,
+                        false,
+                        tile.as_ptr(),
+                        1,
+                        self.inp as isize,
+                        x.as_ptr(),
+                        self.inp as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
             },
         );
         for r in 0..rows {
@@ -215,6 +248,10 @@ impl Linear {
         }
     }
 }
+
+/// Weight bytes per tile of a batched product: big enough that packing the tokens for
+/// `gemm` is a small part of the work, small enough (as f32) to stay in L2/L3.
+const BATCH_TILE_BYTES: usize = 1 << 20;
 
 /// How the fused QKV output is ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
