@@ -65,8 +65,19 @@ pub fn table(r: &Report) -> String {
 pub fn summary(r: &Report) -> String {
     let t = &r.timing;
     let failed = r.checks.iter().filter(|c| !c.pass).count();
+    let run = if r.mode == "self" {
+        format!(
+            "prefill {:.1} s + decode {:.1} s",
+            t.reference_prefill_s, t.reference_decode_s
+        )
+    } else {
+        format!(
+            "reference prefill {:.1} s + decode {:.1} s, candidate prefill {:.1} s + decode {:.1} s",
+            t.reference_prefill_s, t.reference_decode_s, t.candidate_prefill_s, t.candidate_decode_s
+        )
+    };
     format!(
-        "verify: {} ({}), {} checks{}; {:.1} s: integrity {:.1} s, hashing {:.1} s ({:.0} MB/s), reference prefill {:.1} s + decode {:.1} s, candidate prefill {:.1} s + decode {:.1} s; {} threads",
+        "verify: {} ({}), {} checks{}; {:.1} s: integrity {:.1} s, hashing {:.1} s ({:.0} MB/s), {run}; {} threads",
         if r.pass { "PASS" } else { "FAIL" },
         r.class,
         r.checks.len(),
@@ -75,10 +86,6 @@ pub fn summary(r: &Report) -> String {
         t.integrity_s,
         t.hashing_s,
         t.hash_bytes_per_s / 1e6,
-        t.reference_prefill_s,
-        t.reference_decode_s,
-        t.candidate_prefill_s,
-        t.candidate_decode_s,
         t.threads
     )
 }
