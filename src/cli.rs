@@ -247,6 +247,23 @@ pub struct GenerateArgs {
     /// it exists): for checks against other implementations.
     #[arg(long, value_name = "FILE")]
     pub logits_out: Option<PathBuf>,
+    /// Sample instead of greedy decoding, with the logits divided by T (0: greedy).
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens (0: all; 1: greedy).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens whose probabilities add up to P (1: all).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Divide positive logits (multiply negative ones) of tokens already in the sequence
+    /// by R, as transformers and NeMo do (1: none).
+    #[arg(long, value_name = "R", default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Seed of the sampler: the same seed, settings and model give the same tokens
+    /// (default: drawn from the clock, and printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[command(flatten)]
     pub io: ReadArgs,
     #[command(flatten)]

@@ -339,3 +339,70 @@ fn json_schema_is_stable_and_names_agree() {
         assert_eq!(eos, Some(serde_json::json!(2)), "EOS is the last id");
     }
 }
+
+#[test]
+fn sampling_is_reproducible_from_a_seed_and_top_k_1_is_greedy() {
+    let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
+    let ids = |extra: &[&str]| {
+        let mut a = vec!["--raw", "--ignore-eos", "--max-tokens", "24"];
+        a.extend_from_slice(extra);
+        let v = gen_json(&model, "The quick brown fox", &a);
+        v["generated_ids"].clone()
+    };
+    let greedy = ids(&[]);
+    let s1 = ids(&["--temperature", "0.9", "--seed", "1"]);
+    assert_eq!(
+        s1,
+        ids(&["--temperature", "0.9", "--seed", "1"]),
+        "same seed"
+    );
+    assert_ne!(
+        s1,
+        ids(&["--temperature", "0.9", "--seed", "2"]),
+        "other seed"
+    );
+    assert_ne!(s1, greedy, "sampling at 0.9 departs from greedy");
+    // top-k 1, or a nucleus so small that only the top token is left, is greedy.
+    assert_eq!(
+        ids(&["--temperature", "3", "--top-k", "1", "--seed", "5"]),
+        greedy
+    );
+    assert_eq!(
+        ids(&["--temperature", "1", "--top-p", "1e-9", "--seed", "5"]),
+        greedy
+    );
+    let v = gen_json(
+        &model,
+        "hi",
+        &[
+            "--max-tokens",
+            "2",
+            "--temperature",
+            "0.5",
+            "--top-k",
+            "40",
+            "--seed",
+            "9",
+        ],
+    );
+    assert_eq!(v["sampling"]["seed"], 9);
+    assert_eq!(v["sampling"]["greedy"], false);
+    for (bad, needle) in [
+        ("--temperature=-1", "--temperature"),
+        ("--top-p=0", "--top-p"),
+        ("--top-p=1.5", "--top-p"),
+        ("--repetition-penalty=0", "--repetition-penalty"),
+    ] {
+        let (code, _, err) = run(&[
+            "generate",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "-q",
+            bad,
+        ]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+}

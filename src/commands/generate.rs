@@ -7,6 +7,7 @@ use serde_json::json;
 use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::{Model, SourceKind};
+use steerlm_convert::runtime::sample::Sampling;
 use steerlm_convert::runtime::{cpu, steerlm};
 use steerlm_convert::{io::output, Error};
 
@@ -33,6 +34,15 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
+    Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: 0,
+    }
+    .check()
+    .map_err(|e| Error::Usage(format!("--{}", e.replace('_', "-"))))?;
     let threads = args.threads.unwrap_or(0);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -77,11 +87,25 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         );
     }
     ids.extend(model.tokenizer.encode(&prompt));
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed,
+    };
     let opts = GenOptions {
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
         end_strings: ends,
         keep_logits: false,
+        sampling,
+        min_tokens: 0,
     };
     let stream = !args.json;
     let mut out = std::io::stdout().lock();
@@ -120,6 +144,14 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
             "text": g.text,
             "stop": g.stop.kind(),
             "stop_detail": g.stop.detail(),
+            "sampling": {
+                "greedy": sampling.is_greedy(),
+                "temperature": sampling.temperature,
+                "top_k": sampling.top_k,
+                "top_p": sampling.top_p,
+                "repetition_penalty": sampling.repetition_penalty,
+                "seed": sampling.seed,
+            },
             "timing": {
                 "prompt_tokens": g.prompt_ids.len(),
                 "prompt_seconds": g.prompt_secs,
@@ -137,10 +169,15 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         writeln!(out)?;
         if !args.io.quiet {
             eprintln!(
-                "[{} tokens, stop: {}{}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {} threads, {}]",
+                "[{} tokens, stop: {}{}{}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {} threads, {}]",
                 g.ids.len(),
                 g.stop.kind(),
                 g.stop.detail().map(|d| format!(" {d}")).unwrap_or_default(),
+                if sampling.is_greedy() {
+                    String::new()
+                } else {
+                    format!("; sampled, seed {seed}")
+                },
                 g.prompt_ids.len(),
                 prompt_tps,
                 decode_tps,

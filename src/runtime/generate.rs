@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use crate::runtime::load::Model;
+use crate::runtime::sample::{Sampler, Sampling};
 use crate::runtime::steerlm;
 
 /// What stops generation, besides the token budget.
@@ -14,6 +15,10 @@ pub struct GenOptions {
     pub end_strings: Vec<String>,
     /// Keep the logits each generated token was picked from (`Generation::step_logits`).
     pub keep_logits: bool,
+    /// How each token is chosen (default greedy).
+    pub sampling: Sampling,
+    /// EOS cannot be picked before this many tokens (its logit is taken as −∞).
+    pub min_tokens: usize,
 }
 
 /// Why generation stopped.
@@ -64,11 +69,6 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
-/// Greedy decoding's pick: the first of the largest logits.
-fn argmax(v: &[f32]) -> u32 {
-    crate::runtime::compare::argmax(v).unwrap_or(0) as u32
-}
-
 /// The completion's text: the whole sequence decoded, less the prompt's own decoding (as
 /// NeMo's clients cut `sentences[0][len(prompt):]`), so that a leading space survives.
 fn completion(model: &Model, prompt_text: &str, all: &[u32], n_prompt: usize) -> String {
@@ -79,7 +79,7 @@ fn completion(model: &Model, prompt_text: &str, all: &[u32], n_prompt: usize) ->
     }
 }
 
-/// Runs greedy decoding from `prompt_ids`; `emit` receives the completion's text as it
+/// Runs decoding (greedy unless `opts.sampling` says otherwise) from `prompt_ids`; `emit` receives the completion's text as it
 /// becomes final (never text that might still turn out to be part of an end string).
 pub fn generate(
     model: &Model,
@@ -101,6 +101,7 @@ pub fn generate(
     let mut text = String::new();
     let mut steps = 0usize;
     let mut step_logits = Vec::new();
+    let mut sampler = Sampler::new(opts.sampling);
     let t1 = Instant::now();
     // One rule: prompt and completion together never exceed the context.
     let stop = loop {
@@ -110,7 +111,13 @@ pub fn generate(
         if all.len() >= w.dims.max_positions {
             break Stop::Context;
         }
-        let next = argmax(&logits);
+        let generated = all.len() - prompt_ids.len();
+        if generated < opts.min_tokens {
+            if let Some(e) = model.eos.and_then(|e| logits.get_mut(e as usize)) {
+                *e = f32::NEG_INFINITY;
+            }
+        }
+        let next = sampler.pick(&logits, &all);
         if opts.keep_logits {
             step_logits.push(logits.clone());
         }

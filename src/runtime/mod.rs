@@ -6,5 +6,6 @@ pub mod cpu;
 pub mod generate;
 pub mod llama;
 pub mod load;
+pub mod sample;
 pub mod steerlm;
 pub mod tokenizer;

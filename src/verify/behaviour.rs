@@ -81,6 +81,7 @@ pub fn reference(
             ignore_eos: false,
             end_strings: p.end_strings(),
             keep_logits: true,
+            ..Default::default()
         };
         let g = generate(model, &ids, &opts, &mut |_| {})?;
         out.push(RefRun {
