@@ -77,6 +77,47 @@ pub enum Command {
     /// when everything passes, 1 when a check fails (named on the FAIL line), 2 on bad
     /// input.
     Verify(VerifyArgs),
+    /// Serve the model over HTTP: NeMo's `PUT /generate` (the model card's client works
+    /// unchanged) and an OpenAI-compatible API.
+    ///
+    /// Endpoints: PUT /generate (NeMo's fields and defaults: sentences, tokens_to_generate,
+    /// temperature, add_BOS, top_k, top_p, greedy, all_probs, repetition_penalty,
+    /// min_tokens_to_generate, end_strings, compute_logprob, random_seed), POST
+    /// /v1/completions, POST /v1/chat/completions (stream: true for server-sent events;
+    /// messages rendered with the SteerLM template, attributes in `steerlm_attributes`),
+    /// GET /v1/models, GET /health. The model is loaded once and runs one generation at a
+    /// time from a bounded queue (503 when full). A bad request gets 400 with a JSON error.
+    /// Ctrl-C or SIGTERM stops accepting, answers every request already accepted, then
+    /// exits. One log line per request on stderr.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A .nemo archive, a per-rank folder or a Hugging Face folder.
+    pub model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (1427 is the one the model card's client uses; 0 picks a free one, printed).
+    #[arg(long, default_value_t = 1427)]
+    pub port: u16,
+    /// Where to compute (the runtime runs on the CPU; cuda is refused).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Worker threads of the model (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Requests that may wait while one runs; more are answered 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest request body, e.g. 1MB; a bigger one is answered 400.
+    #[arg(long, default_value = "1MB", value_parser = parse_size)]
+    pub max_body: u64,
+    #[command(flatten)]
+    pub io: ReadArgs,
+    #[command(flatten)]
+    pub crc: CrcArg,
 }
 
 #[derive(Debug, Args)]

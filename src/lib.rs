@@ -20,6 +20,7 @@ pub mod nemo;
 pub mod pipeline;
 pub mod quant;
 pub mod runtime;
+pub mod serve;
 #[cfg(feature = "dev-tools")]
 pub mod synth;
 pub mod torch;

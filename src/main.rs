@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         cli::Command::Generate(args) => commands::generate::run(&args),
         cli::Command::Quantize(args) => commands::quantize::run(&args),
         cli::Command::Verify(args) => commands::verify::run(&args),
+        cli::Command::Serve(args) => commands::serve::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "runtime",
     "pipeline",
     "verify",
+    "serve",
     "synth",
 ];
 

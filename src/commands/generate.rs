@@ -40,6 +40,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
         seed: 0,
+        penalize_prompt: true,
     }
     .check()
     .map_err(|e| Error::Usage(format!("--{}", e.replace('_', "-"))))?;
@@ -98,6 +99,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
         seed,
+        penalize_prompt: true,
     };
     let opts = GenOptions {
         max_tokens: args.max_tokens,

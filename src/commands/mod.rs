@@ -5,6 +5,7 @@ pub mod inspect;
 pub mod nemo_to_safetensors;
 pub mod quantize;
 pub mod reshard;
+pub mod serve;
 pub mod verify;
 
 use std::path::Path;

@@ -117,7 +117,12 @@ pub fn generate(
                 *e = f32::NEG_INFINITY;
             }
         }
-        let next = sampler.pick(&logits, &all);
+        let history = if opts.sampling.penalize_prompt {
+            &all[..]
+        } else {
+            &all[prompt_ids.len()..]
+        };
+        let next = sampler.pick(&logits, history);
         if opts.keep_logits {
             step_logits.push(logits.clone());
         }

@@ -22,6 +22,9 @@ pub struct Sampling {
     /// 1: no penalty.
     pub repetition_penalty: f64,
     pub seed: u64,
+    /// The penalty counts the prompt's tokens too (`transformers`); NeMo's server counts
+    /// only the generated ones.
+    pub penalize_prompt: bool,
 }
 
 impl Default for Sampling {
@@ -33,6 +36,7 @@ impl Default for Sampling {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: 0,
+            penalize_prompt: true,
         }
     }
 }
@@ -175,6 +179,7 @@ mod tests {
             top_p: p,
             repetition_penalty: 1.0,
             seed,
+            penalize_prompt: true,
         }
     }
 

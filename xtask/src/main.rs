@@ -54,11 +54,12 @@ fn test_cmd() -> Result<()> {
     Ok(())
 }
 
-/// The tokenizer checks run transformers on the folders we write. When python3 cannot
-/// import it, fixtures/requirements-tokenizer.txt is installed into target/py-deps (no
-/// root needed). The tests are then told to fail, never skip, without it.
+/// The tokenizer checks run transformers on the folders we write, and the `serve` tests
+/// run the model card's client (requests) and the openai client. When python3 cannot
+/// import them, fixtures/requirements-tokenizer.txt is installed into target/py-deps (no
+/// root needed). The tests are then told to fail, never skip, without them.
 fn python_deps(root: &Path, cmd: &mut Command) -> Result<()> {
-    const PROBE: &str = "import transformers, sentencepiece, google.protobuf";
+    const PROBE: &str = "import transformers, sentencepiece, google.protobuf, requests, openai";
     let deps = root.join("target/py-deps");
     let importable = |path: Option<&Path>| {
         let mut c = Command::new("python3");
@@ -128,8 +129,9 @@ pub(crate) const USAGE: &str = "usage:
   cargo xtask test
       The test suite: installs NVRTC from the nvidia-cuda-nvrtc-cu12 wheel into
       target/cuda-wheels when no CUDA toolkit is found (the kernels are compile-checked),
-      and transformers + sentencepiece (fixtures/requirements-tokenizer.txt) into
-      target/py-deps when python3 lacks them (the tokenizer checks), then runs
+      and transformers + sentencepiece + requests + openai
+      (fixtures/requirements-tokenizer.txt) into target/py-deps when python3 lacks them
+      (the tokenizer and serve checks), then runs
       cargo test --workspace.
   cargo xtask gpu-check
       On a machine with a GPU: every kernel against its CPU twin on random inputs

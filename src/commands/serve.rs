@@ -1,0 +1,46 @@
+//! `steerlm-convert serve`: load the model once, then `steerlm_convert::serve::run`.
+
+use std::process::ExitCode;
+
+use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::runtime::load::Model;
+use steerlm_convert::serve;
+use steerlm_convert::Error;
+
+use crate::cli::{DeviceArg, ServeArgs};
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.device == DeviceArg::Cuda {
+        return Err(Error::Usage(
+            "--device cuda: this build's runtime computes on the CPU only; use --device cpu or auto"
+                .into(),
+        )
+        .into());
+    }
+    if args.queue == 0 {
+        return Err(Error::Usage("--queue must be at least 1".into()).into());
+    }
+    let model = Model::open(
+        &args.model,
+        &OpenOptions {
+            scratch_dir: args.io.scratch_dir.clone(),
+            progress: !args.io.quiet,
+            no_crc: args.crc.no_crc,
+        },
+    )?;
+    let name = args
+        .model
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    let cfg = serve::Config {
+        host: args.host.clone(),
+        port: args.port,
+        queue: args.queue,
+        max_body: args.max_body.min(usize::MAX as u64) as usize,
+        threads: args.threads.unwrap_or(0),
+    };
+    serve::run(model, name.clone(), &cfg, |addr| {
+        eprintln!("serving {name} on http://{addr} (PUT /generate, /v1/completions, /v1/chat/completions, /v1/models, /health)");
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
