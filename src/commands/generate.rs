@@ -4,7 +4,6 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use serde_json::json;
-use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::{Model, SourceKind};
 use steerlm_convert::runtime::sample::Sampling;
@@ -61,14 +60,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         }
         None => None,
     };
-    let model = Model::open(
-        &args.model,
-        &OpenOptions {
-            scratch_dir: args.io.scratch_dir.clone(),
-            progress: !args.io.quiet,
-            no_crc: args.crc.no_crc,
-        },
-    )?;
+    let model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
     let (prompt, ends) = if args.raw {
         (text.to_string(), Vec::new())
     } else {

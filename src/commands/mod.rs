@@ -77,3 +77,23 @@ pub fn gpu_engine(
         ))),
     }
 }
+
+/// How a command that only reads a model opens it.
+pub fn read_options(io: &crate::cli::ReadArgs, crc: &crate::cli::CrcArg) -> OpenOptions {
+    OpenOptions {
+        scratch_dir: io.scratch_dir.clone(),
+        progress: !io.quiet,
+        no_crc: crc.no_crc,
+    }
+}
+
+/// The runtime computes on the CPU: `--device cuda` is refused with the reason.
+pub fn cpu_only(device: crate::cli::DeviceArg) -> steerlm_convert::Result<()> {
+    if device == crate::cli::DeviceArg::Cuda {
+        return Err(steerlm_convert::Error::Usage(
+            "--device cuda: this build's runtime computes on the CPU only; use --device cpu or auto"
+                .into(),
+        ));
+    }
+    Ok(())
+}

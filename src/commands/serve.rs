@@ -2,32 +2,18 @@
 
 use std::process::ExitCode;
 
-use steerlm_convert::container::mapped::OpenOptions;
 use steerlm_convert::runtime::load::Model;
 use steerlm_convert::serve;
 use steerlm_convert::Error;
 
-use crate::cli::{DeviceArg, ServeArgs};
+use crate::cli::ServeArgs;
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    if args.device == DeviceArg::Cuda {
-        return Err(Error::Usage(
-            "--device cuda: this build's runtime computes on the CPU only; use --device cpu or auto"
-                .into(),
-        )
-        .into());
-    }
+    super::cpu_only(args.device)?;
     if args.queue == 0 {
         return Err(Error::Usage("--queue must be at least 1".into()).into());
     }
-    let model = Model::open(
-        &args.model,
-        &OpenOptions {
-            scratch_dir: args.io.scratch_dir.clone(),
-            progress: !args.io.quiet,
-            no_crc: args.crc.no_crc,
-        },
-    )?;
+    let model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
     let name = args
         .model
         .file_name()

@@ -8,16 +8,10 @@ use steerlm_convert::io::output;
 use steerlm_convert::verify::{self, prompts, report};
 use steerlm_convert::Error;
 
-use crate::cli::{DeviceArg, VerifyArgs};
+use crate::cli::VerifyArgs;
 
 pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    if args.device == DeviceArg::Cuda {
-        return Err(Error::Usage(
-            "--device cuda: this build's runtime computes on the CPU only; use --device cpu or auto"
-                .into(),
-        )
-        .into());
-    }
+    super::cpu_only(args.device)?;
     for (flag, v) in [
         ("--max-logit-diff", args.max_logit_diff),
         ("--max-kl", args.max_kl),

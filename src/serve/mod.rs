@@ -37,6 +37,28 @@ pub struct Info {
     pub name: String,
 }
 
+impl Info {
+    /// `text`'s ids after BOS (when `bos`); refused when empty or longer than the context.
+    pub fn prompt_ids(&self, text: &str, bos: bool) -> std::result::Result<Vec<u32>, String> {
+        let mut ids = Vec::new();
+        if bos {
+            ids.push(self.bos.ok_or("the tokenizer has no BOS token")?);
+        }
+        ids.extend(self.tokenizer.encode(text));
+        if ids.is_empty() {
+            return Err("a prompt encodes to no tokens".into());
+        }
+        if ids.len() > self.max_positions {
+            return Err(format!(
+                "a prompt has {} tokens; the model's context is {}",
+                ids.len(),
+                self.max_positions
+            ));
+        }
+        Ok(ids)
+    }
+}
+
 /// Where and how to serve.
 #[derive(Debug, Clone)]
 pub struct Config {

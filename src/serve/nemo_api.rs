@@ -94,24 +94,9 @@ pub fn parse(v: &Value, info: &Info) -> Result<Request, String> {
     };
     let mut jobs = Vec::new();
     for s in &sentences {
-        let mut ids = Vec::new();
-        if add_bos {
-            ids.push(
-                info.bos
-                    .ok_or("`add_BOS`: the tokenizer has no BOS token")?,
-            );
-        }
-        ids.extend(info.tokenizer.encode(s));
-        if ids.is_empty() {
-            return Err("a sentence encodes to no tokens".into());
-        }
-        if ids.len() > info.max_positions {
-            return Err(format!(
-                "a sentence has {} tokens; the model's context is {}",
-                ids.len(),
-                info.max_positions
-            ));
-        }
+        let ids = info
+            .prompt_ids(s, add_bos)
+            .map_err(|e| format!("`sentences`: {e}"))?;
         jobs.push(GenJob {
             ids,
             opts: GenOptions {

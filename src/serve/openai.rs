@@ -149,15 +149,7 @@ pub fn parse(kind: Kind, v: &Value, info: &Info) -> Result<Request, String> {
     };
     let mut jobs = Vec::new();
     for p in prompts {
-        let mut ids: Vec<u32> = info.bos.into_iter().collect();
-        ids.extend(info.tokenizer.encode(&p));
-        if ids.len() > info.max_positions {
-            return Err(format!(
-                "the prompt has {} tokens; the model's context is {}",
-                ids.len(),
-                info.max_positions
-            ));
-        }
+        let ids = info.prompt_ids(&p, info.bos.is_some())?;
         jobs.push(GenJob {
             ids,
             opts: GenOptions {
