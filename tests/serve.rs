@@ -156,6 +156,26 @@ fn the_openai_client_gets_what_generate_gives() {
     );
     assert_eq!(v["completion"], Value::String(comp));
     assert_eq!(v["models"], serde_json::json!(["nemo_mcore_gqa.nemo"]));
+    // Sampling: the same seed gives the same text, another seed another, and both
+    // equal `generate`'s with that seed.
+    let seeded = v["seeded"].as_array().unwrap();
+    assert_eq!(seeded[0], seeded[1]);
+    assert_ne!(seeded[0], seeded[2]);
+    let want = generate_text(
+        &model,
+        &[
+            "--raw",
+            "--prompt",
+            "The quick brown fox",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.9",
+            "--seed",
+            "3",
+        ],
+    );
+    assert_eq!(seeded[0], Value::String(want));
 }
 
 /// OpenAI's text leaves the end string out.
