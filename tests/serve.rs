@@ -154,7 +154,9 @@ fn the_openai_client_gets_what_generate_gives() {
             "12",
         ],
     );
-    assert_eq!(v["completion"], Value::String(comp));
+    assert_eq!(v["completion"], Value::String(comp.clone()));
+    // The log-prob tokens, spaces included, put together are the text.
+    assert_eq!(v["completion_tokens_joined"], Value::String(comp));
     assert_eq!(v["models"], serde_json::json!(["nemo_mcore_gqa.nemo"]));
     // Sampling: the same seed gives the same text, another seed another, and both
     // equal `generate`'s with that seed.
@@ -217,6 +219,30 @@ fn end_strings_stay_in_the_text_and_a_budget_past_the_context_fills_it() {
         .collect();
     assert_eq!(offs.len(), n);
     assert!(offs.windows(2).all(|w| w[0] <= w[1]), "{offs:?}");
+}
+
+#[test]
+fn a_stream_whose_client_leaves_stops_generating() {
+    let Some(py) = python() else { return };
+    let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
+    let mut s = Server::start(&model, &["--port", "0"]);
+    let v: Value =
+        serde_json::from_str(&script(&py, &["check_serve.py", "cancel", &s.base])).unwrap();
+    assert_eq!(v["after"], 200, "{v}");
+    let (code, log) = s.term();
+    assert_eq!(code, 0, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("(client gone, stopped)"))
+        .unwrap_or_else(|| panic!("no stopped stream in\n{log}"));
+    // The context leaves about 260 tokens after the chat prompt: it stopped well before.
+    let n: u64 = line
+        .split("generated_tokens=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(n < 200, "{line}");
 }
 
 #[test]

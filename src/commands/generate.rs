@@ -100,6 +100,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         keep_logits: false,
         sampling,
         min_tokens: 0,
+        cancel: None,
     };
     let stream = !args.json;
     let mut out = std::io::stdout().lock();

@@ -19,6 +19,8 @@ pub struct GenOptions {
     pub sampling: Sampling,
     /// EOS cannot be picked before this many tokens (its logit is taken as −∞).
     pub min_tokens: usize,
+    /// Checked before each forward pass: once set, generation stops (`Stop::Cancelled`).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Why generation stopped.
@@ -29,6 +31,8 @@ pub enum Stop {
     EndString(String),
     /// The model's context is full.
     Context,
+    /// The caller stopped it (`GenOptions::cancel`): its client went away.
+    Cancelled,
 }
 
 impl Stop {
@@ -39,6 +43,7 @@ impl Stop {
             Stop::Eos => "eos",
             Stop::EndString(_) => "end_string",
             Stop::Context => "context",
+            Stop::Cancelled => "cancelled",
         }
     }
 
@@ -149,6 +154,13 @@ pub fn generate(
         }
         if all.len() >= w.dims.max_positions {
             break Stop::Context;
+        }
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            break Stop::Cancelled;
         }
         logits = w.forward(&model.archive, &mut cache, &[next]);
         steps += 1;

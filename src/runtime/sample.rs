@@ -138,10 +138,10 @@ impl Sampler {
             idx.truncate(p.top_k);
         }
         let Some(&top) = idx.first() else { return 0 };
-        let m = l[top] / p.temperature;
+        // Differences first: a tiny temperature gives 0 and -inf exponents, never inf - inf.
         let mut w: Vec<f64> = idx
             .iter()
-            .map(|&i| (l[i] / p.temperature - m).exp())
+            .map(|&i| ((l[i] - l[top]) / p.temperature).exp())
             .collect();
         let z: f64 = w.iter().sum();
         if p.top_p < 1.0 {
@@ -219,6 +219,9 @@ mod tests {
         assert!((0..2000).all(|_| matches!(s.pick(&l, &[]), 0 | 2)));
         let mut s = Sampler::new(sampling(1.0, 0, 0.6, 5));
         assert!((0..2000).all(|_| s.pick(&l, &[]) == 2));
+        // A temperature so small that logit / T overflows still picks the top token.
+        let mut s = Sampler::new(sampling(1e-310, 0, 1.0, 5));
+        assert!((0..100).all(|_| s.pick(&l, &[]) == 2));
         // Temperature sharpens: at 0.05 the top token wins nearly always.
         let mut s = Sampler::new(sampling(0.05, 0, 1.0, 5));
         assert!((0..2000).filter(|_| s.pick(&l, &[]) == 2).count() > 1990);

@@ -33,6 +33,8 @@ pub struct Info {
     pub tokenizer: Tokenizer,
     pub bos: Option<u32>,
     pub max_positions: usize,
+    /// Logits per step.
+    pub vocab: usize,
     /// The name `/v1/models` lists.
     pub name: String,
 }
@@ -268,7 +270,8 @@ fn stream(
     prompt: usize,
 ) -> Response {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let wait = match app.enqueue(req.jobs.clone(), Reply::Stream(tx)) {
+    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let wait = match app.enqueue(req.jobs.clone(), Reply::Stream(tx, gone.clone())) {
         Ok(w) => w,
         Err(r) => {
             log(&Method::POST, path, r.0, prompt, 0, 0.0, t0);
@@ -283,28 +286,38 @@ fn stream(
             send(openai::chunk(&req, &id, created, Some(""), None));
         }
         let mut generated = 0;
+        let mut cancelled = false;
         while let Some(m) = rx.recv().await {
             match m {
                 StreamMsg::Delta(s) => {
-                    send(openai::chunk(&req, &id, created, Some(&s), None));
+                    if !send(openai::chunk(&req, &id, created, Some(&s), None)) {
+                        // The client went away: the worker stops at its next token.
+                        gone.store(true, Ordering::Relaxed);
+                    }
                 }
                 StreamMsg::Done(done) => match *done {
                     Ok(o) => {
                         generated = o.g.ids.len();
+                        cancelled = o.g.stop == crate::runtime::generate::Stop::Cancelled;
                         let finish = openai::finish_reason(&o.g.stop);
                         send(openai::chunk(&req, &id, created, None, Some(finish)));
                     }
                     Err(e) => {
-                        send(json!({"error": e}));
+                        send(json!({"error": {"message": e}}));
                     }
                 },
             }
         }
         let _ = etx.send(Ok(Event::default().data("[DONE]")));
         let w = *wait.lock().expect("not poisoned");
+        let path = if cancelled {
+            format!("{path} (client gone, stopped)")
+        } else {
+            path.to_string()
+        };
         log(
             &Method::POST,
-            path,
+            &path,
             StatusCode::OK,
             prompt,
             generated,
@@ -354,6 +367,7 @@ pub fn run(model: Model, name: String, cfg: &Config, ready: impl FnOnce(SocketAd
         tokenizer: Tokenizer::new(model.tokenizer.model().clone()),
         bos: model.bos,
         max_positions: model.weights.dims.max_positions,
+        vocab: model.weights.dims.vocab,
         name,
     });
     let (jobs, rx) = mpsc::sync_channel::<Job>(cfg.queue);

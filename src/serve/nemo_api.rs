@@ -18,6 +18,9 @@ use crate::serve::{field, Info};
 /// The most sentences in one request, as NeMo allows.
 pub const MAX_SENTENCES: usize = 128;
 
+/// The most values `full_logprob` may hold (64 MB as f32).
+pub const MAX_FULL_LOGPROBS: u64 = 16 << 20;
+
 /// A checked request.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -71,6 +74,17 @@ pub fn parse(v: &Value, info: &Info) -> Result<Request, String> {
         Some(v) => field::strings(v).ok_or("`end_strings` must be a list of strings")?,
     };
     let compute_logprob = field::boolean(obj, "compute_logprob", false)?;
+    // `full_logprob` holds every token's log-probability at every step: bounded, so that
+    // one request cannot exhaust the server's memory.
+    let steps = tokens.min(info.max_positions);
+    let floats = sentences.len() as u64 * steps as u64 * info.vocab as u64;
+    if all_probs && floats > MAX_FULL_LOGPROBS {
+        return Err(format!(
+            "`all_probs` would return {floats} log-probabilities ({} sentences × {steps} steps × {} tokens; at most {MAX_FULL_LOGPROBS}): ask for fewer sentences or tokens",
+            sentences.len(),
+            info.vocab
+        ));
+    }
     let seed = match obj.get("random_seed") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -106,6 +120,7 @@ pub fn parse(v: &Value, info: &Info) -> Result<Request, String> {
                 keep_logits: false,
                 sampling,
                 min_tokens,
+                cancel: None,
             },
             logprobs: compute_logprob || all_probs,
             full: all_probs,

@@ -1,7 +1,8 @@
 //! The model's own thread: it takes jobs from a bounded queue, one generation at a time,
 //! and answers each on its channel (whole, or token by token for streams).
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use crate::runtime::generate::{generate, GenOptions, Generation, Stop};
@@ -40,7 +41,11 @@ pub enum StreamMsg {
 /// Where the answer goes.
 pub enum Reply {
     Whole(tokio::sync::oneshot::Sender<Vec<Result<GenOut, String>>>),
-    Stream(tokio::sync::mpsc::UnboundedSender<StreamMsg>),
+    /// The flag is set by the receiving side when its client went away.
+    Stream(
+        tokio::sync::mpsc::UnboundedSender<StreamMsg>,
+        Arc<AtomicBool>,
+    ),
 }
 
 /// A request's generations and where to answer.
@@ -58,11 +63,25 @@ fn log_softmax(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
-/// Runs one generation; `emit` gets the text as it becomes final.
-pub fn run_one(model: &Model, job: &GenJob, emit: &mut dyn FnMut(&str)) -> Result<GenOut, String> {
+/// Runs one generation; `emit` gets the text as it becomes final. Generation stops early
+/// once `gone()` says the client went away (checked as text is emitted).
+pub fn run_one(
+    model: &Model,
+    job: &GenJob,
+    emit: &mut dyn FnMut(&str),
+    gone: &dyn Fn() -> bool,
+) -> Result<GenOut, String> {
     let mut opts = job.opts.clone();
     opts.keep_logits = job.logprobs || job.full;
-    let g = generate(model, &job.ids, &opts, emit).map_err(|e| e.to_string())?;
+    let cancel = Arc::new(AtomicBool::new(gone()));
+    opts.cancel = Some(cancel.clone());
+    let mut watch = |s: &str| {
+        emit(s);
+        if gone() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    };
+    let g = generate(model, &job.ids, &opts, &mut watch).map_err(|e| e.to_string())?;
     let mut logprobs = Vec::new();
     let mut full = Vec::new();
     for (l, &id) in g.step_logits.iter().zip(&g.ids) {
@@ -95,15 +114,20 @@ pub fn serve_jobs(model: &Model, jobs: mpsc::Receiver<Job>) {
                 let outs = job
                     .gens
                     .iter()
-                    .map(|j| run_one(model, j, &mut |_| {}))
+                    .map(|j| run_one(model, j, &mut |_| {}, &|| tx.is_closed()))
                     .collect();
                 let _ = tx.send(outs);
             }
-            Reply::Stream(tx) => {
+            Reply::Stream(tx, gone) => {
                 for j in &job.gens {
-                    let out = run_one(model, j, &mut |s| {
-                        let _ = tx.send(StreamMsg::Delta(s.to_string()));
-                    });
+                    let out = run_one(
+                        model,
+                        j,
+                        &mut |s| {
+                            let _ = tx.send(StreamMsg::Delta(s.to_string()));
+                        },
+                        &|| tx.is_closed() || gone.load(Ordering::Relaxed),
+                    );
                     let _ = tx.send(StreamMsg::Done(Box::new(out)));
                 }
             }

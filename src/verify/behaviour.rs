@@ -218,7 +218,7 @@ pub fn judge(r: &RefRun, cand: &[Vec<f32>], times: (f64, f64), th: &Thresholds) 
         let d = compare(&a[..n], &b[..n]);
         peak = peak.max(a.iter().fold(0f64, |m, &x| m.max((x as f64).abs())));
         c.max_abs_diff = nan_max(c.max_abs_diff, d.max_abs);
-        c.min_cosine = if d.cosine.is_nan() {
+        c.min_cosine = if d.cosine.is_nan() || c.min_cosine.is_nan() {
             f64::NAN
         } else {
             c.min_cosine.min(d.cosine)
