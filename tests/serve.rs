@@ -99,6 +99,13 @@ fn script(py: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `fixtures/serve/check_serve.py WHAT BASE ARGS…` against `s`: its JSON.
+fn check(py: &str, s: &Server, what: &str, args: &[&str]) -> Value {
+    let mut a = vec!["check_serve.py", what, &s.base];
+    a.extend_from_slice(args);
+    serde_json::from_str(&script(py, &a)).unwrap()
+}
+
 fn generate_text(model: &Path, args: &[&str]) -> String {
     let mut a = vec!["generate", model.to_str().unwrap(), "--json", "-q"];
     a.extend_from_slice(args);
@@ -138,8 +145,7 @@ fn the_openai_client_gets_what_generate_gives() {
     let Some(py) = python() else { return };
     let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
     let s = Server::start(&model, &["--port", "0"]);
-    let v: Value =
-        serde_json::from_str(&script(&py, &["check_serve.py", "openai", &s.base])).unwrap();
+    let v: Value = check(&py, &s, "openai", &[]);
     let chat = generate_text(&model, &["--prompt", QUESTION, "--max-tokens", "24"]);
     let want_chat = chat.clone();
     assert_eq!(v["chat"], Value::String(strip_end(&want_chat)));
@@ -195,8 +201,7 @@ fn end_strings_stay_in_the_text_and_a_budget_past_the_context_fills_it() {
     let Some(py) = python() else { return };
     let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
     let s = Server::start(&model, &["--port", "0"]);
-    let v: Value =
-        serde_json::from_str(&script(&py, &["check_serve.py", "nemo", &s.base])).unwrap();
+    let v: Value = check(&py, &s, "nemo", &[]);
     let (plain, end) = (v["plain"].as_str().unwrap(), v["end"].as_str().unwrap());
     assert!(!end.is_empty(), "{v}");
     // Stopped where the end string completes, the end string kept, as NeMo does.
@@ -226,8 +231,7 @@ fn a_stream_whose_client_leaves_stops_generating() {
     let Some(py) = python() else { return };
     let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
     let mut s = Server::start(&model, &["--port", "0"]);
-    let v: Value =
-        serde_json::from_str(&script(&py, &["check_serve.py", "cancel", &s.base])).unwrap();
+    let v: Value = check(&py, &s, "cancel", &[]);
     assert_eq!(v["after"], 200, "{v}");
     let (code, log) = s.term();
     assert_eq!(code, 0, "{log}");
@@ -250,7 +254,7 @@ fn bad_requests_get_400_and_the_server_keeps_serving() {
     let Some(py) = python() else { return };
     let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
     let mut s = Server::start(&model, &["--port", "0"]);
-    let v: Value = serde_json::from_str(&script(&py, &["check_serve.py", "bad", &s.base])).unwrap();
+    let v: Value = check(&py, &s, "bad", &[]);
     for (name, r) in v.as_object().unwrap() {
         let want = match name.as_str() {
             "unknown_route" => 404,
@@ -273,11 +277,7 @@ fn a_bounded_load_loses_nothing_and_sigterm_answers_what_was_accepted() {
     let Some(py) = python() else { return };
     let model = fixtures().join("archives/nemo_mcore_gqa.nemo");
     let mut s = Server::start(&model, &["--port", "0", "--queue", "1"]);
-    let v: Value = serde_json::from_str(&script(
-        &py,
-        &["check_serve.py", "load", &s.base, "300", "8"],
-    ))
-    .unwrap();
+    let v: Value = check(&py, &s, "load", &["300", "8"]);
     eprintln!("load: {v}");
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["refused"], 0, "{v}");
@@ -296,11 +296,7 @@ fn a_bounded_load_loses_nothing_and_sigterm_answers_what_was_accepted() {
     // SIGTERM once 20 requests were answered, with 8 clients still sending.
     let mut s = Server::start(&model, &["--port", "0", "--queue", "8"]);
     let pid = s.child.id().to_string();
-    let v: Value = serde_json::from_str(&script(
-        &py,
-        &["check_serve.py", "load", &s.base, "200", "8", &pid, "20"],
-    ))
-    .unwrap();
+    let v: Value = check(&py, &s, "load", &["200", "8", &pid, "20"]);
     eprintln!("load with SIGTERM: {v}");
     let (code, log) = s.wait();
     assert_eq!(code, 0, "{log}");

@@ -83,3 +83,30 @@ fn truth_prompts_tokenize_as_transformers_did() {
         }
     }
 }
+
+#[test]
+fn token_texts_put_together_are_the_decoded_text() {
+    for variant in ["extra", "plain"] {
+        let dir = fixtures().join("tokenizers").join(variant);
+        let sp = SpModel::parse(&std::fs::read(dir.join("tokenizer.model")).unwrap(), "t").unwrap();
+        let tok = Tokenizer::new(sp);
+        for text in [
+            "Where and when did techno music originate? In Detroit, in the 1980s.",
+            "  two  spaces,\ttab\nline 12345",
+            "<extra_id_1>User\nhi\n<extra_id_1>Assistant\n",
+        ] {
+            let mut ids = vec![1];
+            ids.extend(tok.encode(text));
+            let whole = tok.decode(&ids);
+            assert_eq!(
+                tok.token_texts(&ids, 0).concat(),
+                whole,
+                "{variant}: {text:?}"
+            );
+            // From the middle: the rest of the text, leading space kept.
+            let k = ids.len() / 2;
+            let head = tok.decode(&ids[..k]);
+            assert_eq!(tok.token_texts(&ids, k).concat(), whole[head.len()..]);
+        }
+    }
+}

@@ -234,6 +234,24 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The text each of `ids[from..]` adds to the decoded sequence, in its place (a
+    /// leading space kept): the difference of decodes with and without it, over the 8
+    /// tokens before it, so the cost stays linear. A token that ends a character split
+    /// across byte pieces gets its own decoding.
+    pub fn token_texts(&self, ids: &[u32], from: usize) -> Vec<String> {
+        (from..ids.len())
+            .map(|i| {
+                let a = i.saturating_sub(8);
+                let before = self.decode(&ids[a..i]);
+                let now = self.decode(&ids[a..=i]);
+                match now.strip_prefix(before.as_str()) {
+                    Some(rest) => rest.to_string(),
+                    None => self.decode(&ids[i..=i]),
+                }
+            })
+            .collect()
+    }
+
     /// The text of a piece.
     pub fn piece(&self, id: u32) -> Option<&str> {
         self.model.pieces.get(id as usize).map(|p| p.piece.as_str())

@@ -136,8 +136,14 @@ pub fn parse(v: &Value, info: &Info) -> Result<Request, String> {
 
 /// Character offsets of each token of `ids` in their decoded text.
 fn offsets(tok: &Tokenizer, ids: &[u32]) -> Vec<usize> {
-    (0..ids.len())
-        .map(|i| tok.decode(&ids[..i]).chars().count())
+    let mut at = 0;
+    tok.token_texts(ids, 0)
+        .iter()
+        .map(|t| {
+            let o = at;
+            at += t.chars().count();
+            o
+        })
         .collect()
 }
 

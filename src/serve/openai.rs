@@ -196,20 +196,9 @@ fn logprobs_of(req: &Request, o: &GenOut, info: &Info) -> Value {
     if !req.logprobs {
         return Value::Null;
     }
-    // Each token's text in its place: the difference of decodes after the prompt (a token
-    // decoded alone would lose its leading space).
-    let mut pieces: Vec<String> = Vec::with_capacity(o.g.ids.len());
     let mut seq = o.g.prompt_ids.clone();
-    let mut before = info.tokenizer.decode(&seq);
-    for &id in &o.g.ids {
-        seq.push(id);
-        let now = info.tokenizer.decode(&seq);
-        pieces.push(match now.strip_prefix(before.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => info.tokenizer.decode(&[id]),
-        });
-        before = now;
-    }
+    seq.extend(&o.g.ids);
+    let pieces = info.tokenizer.token_texts(&seq, o.g.prompt_ids.len());
     match req.kind {
         Kind::Chat => json!({"content": pieces.iter().zip(&o.logprobs).map(|(t, l)| json!({
             "token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": []
