@@ -18,12 +18,12 @@ for f in sorted(glob.glob(f'{ARCHIVES}/*.nemo')):
     with tarfile.open(f) as t:
         for m in t.getmembers():
             n = m.name[2:].replace('/', '__')
-            if not m.isfile() or n.endswith('.zarray') or '.weight__' in n:
+            if not m.isfile() or n.endswith('.zarray') or '.weight__' in n or n.endswith('.distcp'):
                 continue
             open(f'raw/{b}__{n}', 'wb').write(t.extractfile(m).read())
 
 S = os.path.join(HERE, 'seeds')
-for t in ['pickle', 'tar_index', 'zip_records', 'config_yaml', 'sentencepiece']:
+for t in ['pickle', 'tar_index', 'zip_records', 'config_yaml', 'sentencepiece', 'dcp_metadata']:
     shutil.rmtree(f'{S}/{t}', ignore_errors=True)
     os.makedirs(f'{S}/{t}')
 seen = set()
@@ -114,5 +114,12 @@ for f in sorted(glob.glob(f'{ARCHIVES}/*.nemo')):
 # a real archive head and the gzip one's head
 put('tar_index', 'legacy_tp2_bf16_head.nemo', open(f'{ARCHIVES}/legacy_tp2_bf16.nemo', 'rb').read()[:20480])
 put('tar_index', 'legacy_tp2_gzip_head.nemo', open(f'{ARCHIVES}/legacy_tp2_gzip.nemo', 'rb').read()[:4096])
+
+# torch_dist: the real .metadata of each archive and the broken variants tests/hostile.rs uses
+for f in raw:
+    if f.endswith('__.metadata'):
+        put('dcp_metadata', f'{arch(f)}.metadata', open(f, 'rb').read())
+for f in sorted(glob.glob(os.path.join(HERE, '..', 'fixtures', 'hostile', 'torch_dist', '*.metadata'))):
+    put('dcp_metadata', 'hostile_' + os.path.basename(f), open(f, 'rb').read())
 
 shutil.rmtree(WORK)

@@ -31,7 +31,7 @@ pub enum Error {
         msg: String,
     },
     /// The pickle inside a torch checkpoint is malformed or hostile.
-    #[error("{member}: pickle: {msg} (at byte {offset} of data.pkl)")]
+    #[error("{member}: pickle: {msg} (at byte {offset} of the pickle)")]
     Pickle {
         member: String,
         offset: u64,

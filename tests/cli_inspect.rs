@@ -126,8 +126,31 @@ fn tensors_listing_has_every_tensor_with_rank_and_role() {
         .find(|t| t["name"] == "model.decoder.layers.mlp.linear_fc1.weight")
         .unwrap();
     assert_eq!(fc1["shape"], serde_json::json!([4, 320, 64]));
-    assert_eq!(fc1["chunks"], serde_json::json!([1, 80, 64]));
+    // One chunk per layer and per gate / up half of each TP rank.
+    assert_eq!(fc1["chunks"], 16);
+    assert_eq!(fc1["chunk_shape"], serde_json::json!([1, 80, 64]));
     assert_eq!(fc1["role"], "gate-up-fused");
+    assert_eq!(z["dist"]["backend"], "zarr");
+    // megatron-core's torch_dist save of the same model: the same chunks, in .distcp files.
+    let t = json("archives/gqa_torch_dist_tp2_bf16.nemo", &["--tensors"]);
+    assert_eq!(t["dist"]["backend"], "torch_dist");
+    assert_eq!(t["dist"]["arrays"], 9);
+    let fc1 = t["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "model.decoder.layers.mlp.linear_fc1.weight")
+        .unwrap();
+    assert_eq!(fc1["shape"], serde_json::json!([4, 320, 64]));
+    assert_eq!(fc1["chunks"], 16);
+    assert_eq!(fc1["chunk_shape"], serde_json::json!([1, 80, 64]));
+    let path = fixtures().join("archives/gqa_torch_dist_tp2_bf16.nemo");
+    let (code, text, err) = run(&["inspect", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("dist          torch_dist backend in model_weights/: 9 arrays in 53 chunks"),
+        "{text}"
+    );
 }
 
 /// Regression (counts disagree): the storage line, `tensor_count` and the `--tensors`

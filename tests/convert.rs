@@ -127,6 +127,36 @@ fn every_fixture_converts_bit_identically_to_the_ground_truth() {
     }
 }
 
+/// A distributed checkpoint reads the same from an unpacked `.nemo` folder as from the tar
+/// (zarr and torch_dist; the folder is unpacked with the `tar` crate).
+#[test]
+fn unpacked_dist_checkpoints_convert_like_their_archives() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, model) in [
+        ("archives/gqa_torch_dist_tp2_bf16.nemo", "gqa"),
+        ("archives/mha_torch_dist_tp1_fp32.nemo", "mha"),
+        ("archives/gqa_dist_zarr_bf16.nemo", "gqa"),
+    ] {
+        let name = file.replace('/', "_");
+        let folder = dir.path().join(format!("{name}-folder"));
+        let f = std::fs::File::open(fixtures().join(file)).unwrap();
+        tar::Archive::new(f).unpack(&folder).unwrap();
+        let (from_tar, from_dir) = (
+            dir.path().join(format!("{name}-a")),
+            dir.path().join(format!("{name}-b")),
+        );
+        for (input, out) in [
+            (fixtures().join(file), &from_tar),
+            (folder.clone(), &from_dir),
+        ] {
+            let (code, _, err) = convert(&input, out, &["--dtype", "fp32"]);
+            assert_eq!(code, 0, "{}: {err}", input.display());
+        }
+        check_against_truth(&from_dir, model, DType::F32, &format!("{file} unpacked"));
+        assert_eq!(read_output(&from_tar), read_output(&from_dir), "{file}");
+    }
+}
+
 #[test]
 fn sharded_output_has_an_index_and_the_same_tensors() {
     let dir = tempfile::tempdir().unwrap();

@@ -164,7 +164,7 @@ fn unknown_pickle_opcode() {
     let p = with_rank1(&dir, "op.nemo", torch_zip(b"\x80\x02}q\x00\xfe.", &[]));
     inspect_refuses(
         &p,
-        "mp_rank_01/model_weights.ckpt: pickle: unknown opcode 0xfe (at byte 5 of data.pkl)",
+        "mp_rank_01/model_weights.ckpt: pickle: unknown opcode 0xfe (at byte 5 of the pickle)",
     );
 }
 
@@ -339,21 +339,24 @@ fn a_tokenizer_that_is_not_sentencepiece_is_reported() {
 }
 
 #[test]
-fn dist_checkpoints_that_are_not_plain_zarr_are_refused() {
+fn dist_checkpoints_with_unknown_backends_or_compressed_zarr_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let zarr = fixtures().join("archives/gqa_dist_zarr_bf16.nemo");
-    let p = tmp(&dir, "torch_dist.nemo");
+    let p = tmp(&dir, "backend.nemo");
     rebuild(&zarr, &p, |n, d| {
         if n == "model_weights/metadata.json" {
             Some((
                 format!("./{n}"),
-                br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1}"#.to_vec(),
+                br#"{"sharded_backend": "tensorstore", "sharded_backend_version": 1}"#.to_vec(),
             ))
         } else {
             keep(n, d)
         }
     });
-    inspect_refuses(&p, "sharded backend `torch_dist` is not supported yet");
+    inspect_refuses(
+        &p,
+        "sharded backend `tensorstore` is not supported (zarr and torch_dist are)",
+    );
     let p = tmp(&dir, "blosc.nemo");
     rebuild(&zarr, &p, |n, d| {
         if n == "model_weights/model.output_layer.weight/.zarray" {
@@ -382,4 +385,80 @@ fn dist_checkpoints_that_are_not_plain_zarr_are_refused() {
         &p,
         "array `model.output_layer.weight`: 1 of 2 chunks present",
     );
+}
+
+const TORCH_DIST: &str = "archives/gqa_torch_dist_tp2_bf16.nemo";
+
+/// The torch_dist fixture with one member replaced (`None`: removed).
+fn torch_dist_with(
+    dir: &tempfile::TempDir,
+    name: &str,
+    member: &str,
+    bytes: Option<Vec<u8>>,
+) -> PathBuf {
+    let p = tmp(dir, name);
+    let mut seen = false;
+    rebuild(&fixtures().join(TORCH_DIST), &p, |n, d| {
+        if n == member {
+            seen = true;
+            bytes.clone().map(|b| (format!("./{n}"), b))
+        } else {
+            keep(n, d)
+        }
+    });
+    assert!(seen, "{member} is in the fixture");
+    p
+}
+
+/// Broken `.metadata` files written by fixtures/make_torch_dist.py (the real Metadata
+/// object with one thing changed), and broken `.distcp` files: one line, exit 2, and no
+/// output from a conversion.
+#[test]
+fn hostile_torch_dist_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = fixtures().join("hostile/torch_dist");
+    for (variant, want) in [
+        ("runs_code", "model_weights/.metadata: pickle: refused global `posix.system`"),
+        ("overlap", "array `model.output_layer.weight`: chunks 0 and 1 overlap"),
+        ("missing", "array `model.output_layer.weight`: no chunk holds the element at [208, 0]"),
+        ("past_end", "chunk [0, 0] of `model.output_layer.weight` (bytes"),
+        (
+            "shape",
+            "array `model.decoder.layers.self_attention.linear_qkv.layer_norm_weight`: shape [3, 64] contradicts the config (expected [4, 64])",
+        ),
+    ] {
+        let md = std::fs::read(hostile.join(format!("{variant}.metadata"))).unwrap();
+        let p = torch_dist_with(&dir, &format!("{variant}.nemo"), "model_weights/.metadata", Some(md));
+        let err = inspect_refuses(&p, want);
+        if variant == "runs_code" {
+            assert!(err.contains("refused global `posix.system`"), "{err}");
+        }
+        if variant == "past_end" {
+            assert!(err.contains("runs past the end of `model_weights/__"), "{err}");
+        }
+        let out = dir.path().join(format!("{variant}-out"));
+        let (code, _, err) = run(&["nemo-to-safetensors", p.to_str().unwrap(), out.to_str().unwrap()]);
+        refused(code, &err, &out, want);
+    }
+    // A .distcp file cut short, and one missing.
+    let p = torch_dist_with(
+        &dir,
+        "cut.nemo",
+        "model_weights/__0_0.distcp",
+        Some(vec![0u8; 100]),
+    );
+    inspect_refuses(
+        &p,
+        "runs past the end of `model_weights/__0_0.distcp` (100 bytes)",
+    );
+    let p = torch_dist_with(&dir, "gone.nemo", "model_weights/__1_1.distcp", None);
+    inspect_refuses(&p, "is in `model_weights/__1_1.distcp`, which is missing");
+    // Bytes that are not a torch.save blob where the chunks should be.
+    let p = torch_dist_with(
+        &dir,
+        "junk.nemo",
+        "model_weights/__0_0.distcp",
+        Some(vec![7u8; 1 << 20]),
+    );
+    inspect_refuses(&p, "in `model_weights/__0_0.distcp` at byte 14592 is neither a torch.save blob nor its raw bytes");
 }

@@ -36,9 +36,17 @@ fn every_fixture_opens_as_its_manifest_says() {
         assert_eq!(ck.schema.as_str(), want_schema, "{file}");
         assert_eq!(
             ck.grid.kind == LayoutKind::Distributed,
-            schema == "dist-zarr",
+            schema.starts_with("dist-"),
             "{file}"
         );
+        if let Storage::Distributed(d) = &ck.weights {
+            let want = if schema == "dist-zarr" {
+                "zarr"
+            } else {
+                "torch_dist"
+            };
+            assert_eq!(d.backend, want, "{file}");
+        }
         assert_eq!(
             ck.stored_dtypes(),
             vec![dtype_of(a["dtype"].as_str().unwrap())],
@@ -168,7 +176,8 @@ fn replicated_tensors_hold_the_ground_truth_on_every_rank() {
                     ) {
                         continue;
                     }
-                    for (idx, t) in &arr.chunk_refs {
+                    for chunk in &arr.chunks {
+                        let (idx, t) = (&chunk.offsets, &chunk.data);
                         let g = if c.layer == KeyLayer::Stacked {
                             idx[0]
                         } else {

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use crate::arch::roles::{Kind, Role};
+use crate::container::dist::{Band, DistArray};
 use crate::container::mapped::Mapped;
 pub use crate::container::mapped::Seg;
-use crate::container::zarr::ZarrArray;
 use crate::dtype::{Checksummed, DType, TensorRef};
 
 /// A logical tensor: a kind at a global layer, merged over TP ranks.
@@ -29,10 +29,12 @@ pub struct Logical {
 enum Backing {
     /// One part per TP rank, in rank order, merged by `role`.
     Ranks { role: Role, parts: Vec<TensorRef> },
-    /// A zarr array (layers stacked on axis 0 when `layer` is set), already in TP = 1 layout.
-    Zarr {
-        array: Arc<ZarrArray>,
+    /// A distributed-checkpoint array (layers stacked on axis 0 when `layer` is set),
+    /// already in the TP = 1 layout: the chunks holding this slice, as row bands.
+    Dist {
+        array: Arc<DistArray>,
         layer: Option<u64>,
+        bands: Arc<Vec<Band>>,
     },
 }
 
@@ -56,24 +58,28 @@ impl Logical {
         }
     }
 
-    /// A tensor of a zarr array already in the TP = 1 layout (layer `layer` of a stacked one).
-    pub fn from_zarr(
+    /// A tensor of a distributed-checkpoint array already in the TP = 1 layout (layer
+    /// `layer` of a stacked one); the message says why its chunks cannot be read by rows.
+    pub fn from_dist(
         kind: Kind,
         layer: Option<u64>,
         shape: Vec<u64>,
-        array: Arc<ZarrArray>,
+        array: Arc<DistArray>,
         stacked: bool,
-    ) -> Logical {
-        Logical {
+    ) -> Result<Logical, String> {
+        let lead = if stacked { layer } else { None };
+        let bands = Arc::new(array.bands(lead)?);
+        Ok(Logical {
             kind,
             layer,
             dtype: array.dtype,
             shape,
-            rows: Backing::Zarr {
+            rows: Backing::Dist {
                 array,
-                layer: if stacked { layer } else { None },
+                layer: lead,
+                bands,
             },
-        }
+        })
     }
 
     /// Number of rows (1 for vectors).
@@ -127,34 +133,24 @@ impl Logical {
                     Role::Skip => {}
                 }
             }
-            Backing::Zarr { array, layer } => {
-                let chunks = &array.chunks;
-                let (lead, dims) = match layer {
-                    Some(l) => (vec![*l / chunks[0]], &array.shape[1..]),
-                    None => (Vec::new(), &array.shape[..]),
-                };
-                let cdims = &chunks[chunks.len() - dims.len()..];
-                let in_layer = layer.map(|l| l % chunks[0]).unwrap_or(0);
-                if dims.len() == 1 {
-                    let mut idx = lead.clone();
-                    for j in 0..dims[0].div_ceil(cdims[0]) {
-                        idx.push(j);
-                        let c = &array.chunk_refs[&idx];
-                        let n = cdims[0].min(dims[0] - j * cdims[0]);
-                        push(out, c.offset + in_layer * cdims[0] * esz, n * esz);
-                        idx.pop();
+            Backing::Dist {
+                array,
+                layer,
+                bands,
+            } => {
+                let b = &bands[bands.partition_point(|b| b.end <= i)];
+                let nd = array.shape.len();
+                let lead = usize::from(layer.is_some());
+                for &ci in &b.chunks {
+                    let c = &array.chunks[ci];
+                    let mut elem = 0;
+                    if let Some(l) = layer {
+                        elem += (l - c.offsets[0]) * c.data.stride[0];
                     }
-                } else {
-                    let (cr, cc) = (cdims[0], cdims[1]);
-                    for j in 0..dims[1].div_ceil(cc) {
-                        let mut idx = lead.clone();
-                        idx.push(i / cr);
-                        idx.push(j);
-                        let c = &array.chunk_refs[&idx];
-                        let n = cc.min(dims[1] - j * cc);
-                        let local = in_layer * cr * cc + (i % cr) * cc;
-                        push(out, c.offset + local * esz, n * esz);
+                    if nd - lead == 2 {
+                        elem += (i - c.offsets[lead]) * c.data.stride[lead];
                     }
+                    push(out, c.data.offset + elem * esz, c.sizes[nd - 1] * esz);
                 }
             }
         }
@@ -168,11 +164,10 @@ impl Logical {
                 parts,
             } => vec![(parts[0].offset, parts[0].nbytes())],
             Backing::Ranks { parts, .. } => parts.iter().map(|p| (p.offset, p.nbytes())).collect(),
-            Backing::Zarr { array, layer } => array
-                .chunk_refs
+            Backing::Dist { array, bands, .. } => bands
                 .iter()
-                .filter(|(idx, _)| layer.is_none_or(|l| idx.first() == Some(&l)))
-                .map(|(_, c)| (c.offset, c.span))
+                .flat_map(|b| &b.chunks)
+                .map(|&ci| (array.chunks[ci].data.offset, array.chunks[ci].data.span))
                 .collect(),
         }
     }
@@ -183,7 +178,11 @@ impl Logical {
             Backing::Ranks { parts, .. } => {
                 parts.iter().filter_map(|p| p.record.as_ref()).collect()
             }
-            Backing::Zarr { .. } => Vec::new(),
+            Backing::Dist { array, bands, .. } => bands
+                .iter()
+                .flat_map(|b| &b.chunks)
+                .filter_map(|&ci| array.chunks[ci].data.record.as_ref())
+                .collect(),
         }
     }
 

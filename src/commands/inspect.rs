@@ -106,15 +106,15 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
                         .map(|c| c.role.as_str())
                         .unwrap_or("unknown");
                     tensors.push(json!({
-                        "rank": "model_weights", "name": a.key, "shape": a.shape, "chunks": a.chunks,
-                        "dtype": a.dtype.short_name(), "role": role,
+                        "rank": d.dir, "name": a.key, "shape": a.shape, "chunks": a.chunks.len(),
+                        "chunk_shape": a.uniform_chunk(), "dtype": a.dtype.short_name(), "role": role,
                     }));
                 }
             }
             for (k, n) in &d.objects {
                 non_weights += 1;
                 if with_tensors {
-                    non_tensors.push(json!({"rank": "model_weights", "name": k, "value": format!("{n} pickled object file(s)"), "role": "skip"}));
+                    non_tensors.push(json!({"rank": d.dir, "name": k, "value": format!("{n} pickled object file(s)"), "role": "skip"}));
                 }
             }
         }
@@ -128,6 +128,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
         "schema": ck.schema.as_str(),
         "tp": ck.grid.tp,
         "pp": ck.grid.pp,
+        "dist": dist_summary(ck),
         "architecture": {
             "num_layers": c.num_layers,
             "hidden_size": c.hidden_size,
@@ -165,6 +166,35 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     v
 }
 
+/// The backend and chunk counts of a distributed checkpoint (null for rank files).
+fn dist_summary(ck: &Checkpoint) -> Value {
+    match &ck.weights {
+        Storage::Distributed(d) => json!({
+            "backend": d.backend,
+            "dir": d.dir,
+            "arrays": d.arrays.len(),
+            "chunks": d.arrays.iter().map(|a| a.chunks.len()).sum::<usize>(),
+            "objects": d.objects.iter().map(|(_, n)| n).sum::<usize>(),
+        }),
+        Storage::Ranks(_) => Value::Null,
+    }
+}
+
+fn write_dist(out: &mut impl Write, d: &Value) -> std::io::Result<()> {
+    if d.is_null() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  dist          {} backend in {}/: {} arrays in {} chunks, {} pickled objects",
+        d["backend"].as_str().unwrap_or("?"),
+        d["dir"].as_str().unwrap_or("?"),
+        d["arrays"],
+        d["chunks"],
+        d["objects"]
+    )
+}
+
 fn write_text(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
     let a = &r["architecture"];
     let s = |v: &Value| match v {
@@ -190,6 +220,7 @@ fn write_text(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
         r["pp"],
         s(&r["schema"])
     )?;
+    write_dist(out, &r["dist"])?;
     writeln!(
         out,
         "  architecture  {} layers, hidden {}, {} heads, {} query groups, head dim {}, ffn {}, {}, {} (eps {})",

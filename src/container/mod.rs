@@ -1,6 +1,7 @@
-//! Containers: the mapped input (a tar or a folder), tar, zip, safetensors and zarr, each
-//! read in place from the mapping.
+//! Containers: the mapped input (a tar or a folder), tar, zip, safetensors, and the
+//! distributed checkpoints (zarr, torch_dist), each read in place from the mapping.
 
+pub mod dist;
 pub mod mapped;
 pub mod safetensors;
 pub mod safetensors_write;

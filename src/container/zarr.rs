@@ -1,55 +1,14 @@
-//! Distributed checkpoints (`model_weights/`, megatron-core `dist_checkpointing`) with the
-//! zarr backend: one zarr v2 array per key, layers stacked on axis 0, chunks uncompressed.
+//! The zarr backend of distributed checkpoints: one zarr v2 array per key, layers
+//! stacked on axis 0, chunks uncompressed.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::container::dist::{DistArray, DistCheckpoint, DistChunk};
 use crate::container::mapped::Mapped;
 use crate::dtype::{contiguous_strides, DType, TensorRef};
 use crate::error::{Error, Result};
-
-/// One zarr array of a distributed checkpoint.
-#[derive(Debug, Clone)]
-pub struct ZarrArray {
-    pub key: String,
-    pub dtype: DType,
-    pub shape: Vec<u64>,
-    pub chunks: Vec<u64>,
-    /// Chunk grid index → the chunk's bytes (a C-order block of `chunks` shape).
-    pub chunk_refs: BTreeMap<Vec<u64>, TensorRef>,
-}
-
-impl ZarrArray {
-    /// Number of chunks along each axis.
-    pub fn grid(&self) -> Vec<u64> {
-        self.shape
-            .iter()
-            .zip(&self.chunks)
-            .map(|(&s, &c)| s.div_ceil(c))
-            .collect()
-    }
-
-    /// Bytes of the whole array.
-    pub fn nbytes(&self) -> u64 {
-        self.shape.iter().product::<u64>() * self.dtype.size() as u64
-    }
-}
-
-/// A distributed checkpoint found in the archive.
-#[derive(Debug, Clone)]
-pub struct DistCheckpoint {
-    pub backend: String,
-    pub arrays: Vec<ZarrArray>,
-    /// Keys stored as pickled objects (e.g. TransformerEngine `_extra_state`), with file count.
-    pub objects: Vec<(String, usize)>,
-    pub has_common: bool,
-}
-
-#[derive(Deserialize)]
-struct Metadata {
-    sharded_backend: String,
-}
 
 #[derive(Deserialize)]
 struct ZArray {
@@ -73,31 +32,15 @@ fn dot() -> String {
     ".".into()
 }
 
-/// Reads `model_weights/` of `archive`. Only the zarr backend is supported.
-pub fn read(archive: &Mapped) -> Result<DistCheckpoint> {
-    let file = archive.display().to_string();
-    let err = |msg: String| Error::DistCheckpoint {
-        file: file.clone(),
-        msg,
-    };
-    let meta_member = archive
-        .member("model_weights/metadata.json")
-        .ok_or_else(|| err("model_weights/metadata.json is missing".into()))?;
-    let meta: Metadata = serde_json::from_slice(archive.data(meta_member))
-        .map_err(|e| err(format!("model_weights/metadata.json: {e}")))?;
-    if meta.sharded_backend != "zarr" {
-        return Err(err(format!(
-            "sharded backend `{}` is not supported yet (only `zarr`); NeMo 2.0 `torch_dist` checkpoints need conversion with NeMo first",
-            meta.sharded_backend
-        )));
-    }
+/// Reads the zarr arrays under `dir/` of `archive`; `err` builds the error.
+pub fn read(archive: &Mapped, dir: &str, err: &dyn Fn(String) -> Error) -> Result<DistCheckpoint> {
     // Group members by key directory.
     let mut dirs: BTreeMap<&str, Vec<(&str, u64, u64)>> = BTreeMap::new();
     for m in archive.members() {
         if m.kind != crate::container::tar::MemberKind::File {
             continue;
         }
-        let Some(rest) = m.name.strip_prefix("model_weights/") else {
+        let Some(rest) = m.name.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) else {
             continue;
         };
         if let Some((key, file)) = rest.split_once('/') {
@@ -108,32 +51,37 @@ pub fn read(archive: &Mapped) -> Result<DistCheckpoint> {
     let mut objects = Vec::new();
     for (key, files) in &dirs {
         match files.iter().find(|(f, _, _)| *f == ".zarray") {
-            Some(&(_, off, size)) => arrays.push(read_array(archive, key, off, size, files, &err)?),
+            Some(&(_, off, size)) => {
+                arrays.push(read_array(archive, dir, key, off, size, files, err)?)
+            }
             None => objects.push((key.to_string(), files.len())),
         }
     }
     if arrays.is_empty() {
-        return Err(err("no zarr arrays under model_weights/".into()));
+        return Err(err(format!("no zarr arrays under {dir}/")));
     }
     Ok(DistCheckpoint {
-        backend: meta.sharded_backend,
+        backend: "zarr".into(),
+        format: Some("zarr v2".into()),
+        dir: dir.to_string(),
         arrays,
         objects,
-        has_common: archive.member("model_weights/common.pt").is_some(),
+        has_common: archive.member(&format!("{dir}/common.pt")).is_some(),
     })
 }
 
 fn read_array(
     archive: &Mapped,
+    dir: &str,
     key: &str,
     off: u64,
     size: u64,
     files: &[(&str, u64, u64)],
     err: &dyn Fn(String) -> Error,
-) -> Result<ZarrArray> {
+) -> Result<DistArray> {
     let bytes = archive.slice(off, size);
-    let za: ZArray = serde_json::from_slice(bytes)
-        .map_err(|e| err(format!("model_weights/{key}/.zarray: {e}")))?;
+    let za: ZArray =
+        serde_json::from_slice(bytes).map_err(|e| err(format!("{dir}/{key}/.zarray: {e}")))?;
     let aerr = |msg: String| err(format!("array `{key}`: {msg}"));
     if za.zarr_format != 2 {
         return Err(aerr(format!("zarr format {} (only v2)", za.zarr_format)));
@@ -164,7 +112,7 @@ fn read_array(
         .zip(&za.chunks)
         .map(|(&s, &c)| s.div_ceil(c))
         .collect();
-    let mut chunk_refs = BTreeMap::new();
+    let mut chunk_refs: BTreeMap<Vec<u64>, DistChunk> = BTreeMap::new();
     for &(name, coff, csize) in files {
         if name.starts_with('.') {
             continue;
@@ -182,15 +130,28 @@ fn read_array(
                 "chunk `{name}` holds {csize} bytes, expected {chunk_bytes}"
             )));
         }
+        // Edge chunks are stored whole; their box is the part inside the array.
+        let offsets: Vec<u64> = idx.iter().zip(&za.chunks).map(|(&i, &c)| i * c).collect();
+        let sizes = offsets
+            .iter()
+            .zip(&za.chunks)
+            .zip(&za.shape)
+            .map(|((&o, &c), &s)| c.min(s - o))
+            .collect();
+        let data = TensorRef {
+            dtype,
+            shape: za.chunks.clone(),
+            stride: contiguous_strides(&za.chunks),
+            offset: coff,
+            span: csize,
+            record: None,
+        };
         chunk_refs.insert(
             idx,
-            TensorRef {
-                dtype,
-                shape: za.chunks.clone(),
-                stride: contiguous_strides(&za.chunks),
-                offset: coff,
-                span: csize,
-                record: None,
+            DistChunk {
+                offsets,
+                sizes,
+                data,
             },
         );
     }
@@ -201,11 +162,5 @@ fn read_array(
             chunk_refs.len()
         )));
     }
-    Ok(ZarrArray {
-        key: key.to_string(),
-        dtype,
-        shape: za.shape,
-        chunks: za.chunks,
-        chunk_refs,
-    })
+    DistArray::new(key, dtype, za.shape, chunk_refs.into_values().collect()).map_err(err)
 }

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use crate::arch::roles::{self, Classified, Schema};
+use crate::container::dist::DistCheckpoint;
 use crate::container::mapped::{Mapped, OpenOptions};
-use crate::container::zarr::{self, DistCheckpoint};
 use crate::error::{Error, Result};
 use crate::nemo::config::ModelConfig;
 use crate::nemo::layout::{self, LayoutKind, RankGrid};
@@ -78,7 +78,7 @@ impl Checkpoint {
             });
         }
         let weights = if grid.kind == LayoutKind::Distributed {
-            Storage::Distributed(zarr::read(&archive)?)
+            Storage::Distributed(crate::torch::distcp::read(&archive, "model_weights")?)
         } else {
             let mut ranks = Vec::new();
             for (&(tp, pp), member) in &grid.files {
@@ -123,6 +123,9 @@ impl Checkpoint {
             tokenizer,
             warnings,
         };
+        if let Storage::Distributed(d) = &ck.weights {
+            crate::nemo::logical::check_dist_shapes(&ck, d)?;
+        }
         let unknown = ck.unknown_keys();
         for k in unknown {
             ck.warnings.push(format!("unknown tensor key `{k}`"));

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::arch::roles::{KeyLayer, Kind, Role};
+use crate::arch::roles::{Classified, KeyLayer, Kind, Role};
 use crate::arch::tp::Logical;
-use crate::container::zarr::DistCheckpoint;
+use crate::container::dist::{DistArray, DistCheckpoint};
 use crate::dtype::TensorRef;
 use crate::error::{Error, Result};
 use crate::nemo::checkpoint::{Checkpoint, Rank, Storage};
@@ -29,7 +29,7 @@ pub fn logical_tensors(ck: &Checkpoint) -> Result<Logicals> {
     let mut out: Logicals = BTreeMap::new();
     match &ck.weights {
         Storage::Ranks(ranks) => from_ranks(ck, ranks, &mut out)?,
-        Storage::Distributed(dist) => from_zarr(ck, dist, &mut out)?,
+        Storage::Distributed(dist) => from_dist(ck, dist, &mut out)?,
     }
     check_complete(ck, &out)?;
     Ok(out)
@@ -142,75 +142,77 @@ fn from_ranks(ck: &Checkpoint, ranks: &[Rank], out: &mut Logicals) -> Result<()>
     Ok(())
 }
 
-/// Logical tensors from a zarr checkpoint, already in the TP = 1 layout.
-fn from_zarr(ck: &Checkpoint, dist: &DistCheckpoint, out: &mut Logicals) -> Result<()> {
-    let d = ck.config.arch();
+/// Logical tensors from a distributed checkpoint, already in the TP = 1 layout.
+fn from_dist(ck: &Checkpoint, dist: &DistCheckpoint, out: &mut Logicals) -> Result<()> {
     let file = ck.files.display().to_string();
-    let lerr = |msg: String| Error::Layout {
-        file: file.clone(),
-        msg,
-    };
     for a in &dist.arrays {
-        let Some(c) = ck.classify(&a.key) else {
-            return Err(lerr(format!(
-                "unknown array `{}` (not part of a Llama model)",
-                a.key
-            )));
-        };
-        if c.role == Role::Skip {
+        let Some((c, want)) = dist_slice_shape(ck, a)? else {
             continue;
-        }
-        let array = Arc::new(a.clone());
-        let vocab_rows = if c.layer == KeyLayer::Stacked {
-            0
-        } else {
-            a.shape[0]
         };
-        let want = d.shape(c.kind, vocab_rows);
+        let array = Arc::new(a.clone());
         let aerr = |msg: String| Error::DistCheckpoint {
             file: file.clone(),
             msg: format!("array `{}`: {msg}", a.key),
         };
-        match c.layer {
-            KeyLayer::Stacked => {
-                let mut full = vec![d.layers];
-                full.extend_from_slice(&want);
-                if a.shape != full || a.chunks[0] != 1 {
-                    return Err(aerr(format!(
-                        "shape {} contradicts the config (expected {} with one layer per chunk)",
-                        crate::dtype::fmt_shape(&a.shape),
-                        crate::dtype::fmt_shape(&full)
-                    )));
-                }
-                for l in 0..d.layers {
-                    out.insert(
-                        (c.kind, Some(l)),
-                        Arc::new(Logical::from_zarr(
-                            c.kind,
-                            Some(l),
-                            want.clone(),
-                            array.clone(),
-                            true,
-                        )),
-                    );
-                }
+        if c.layer == KeyLayer::Stacked {
+            for l in 0..ck.config.num_layers {
+                let t = Logical::from_dist(c.kind, Some(l), want.clone(), array.clone(), true)
+                    .map_err(aerr)?;
+                out.insert((c.kind, Some(l)), Arc::new(t));
             }
-            _ => {
-                if a.shape != want {
-                    return Err(aerr(format!(
-                        "shape {} contradicts the config (expected {})",
-                        crate::dtype::fmt_shape(&a.shape),
-                        crate::dtype::fmt_shape(&want)
-                    )));
-                }
-                out.insert(
-                    (c.kind, None),
-                    Arc::new(Logical::from_zarr(c.kind, None, want, array, false)),
-                );
-            }
+        } else {
+            let t = Logical::from_dist(c.kind, None, want, array, false).map_err(aerr)?;
+            out.insert((c.kind, None), Arc::new(t));
         }
     }
     Ok(())
+}
+
+/// Every known array of a distributed checkpoint has the global shape its config calls
+/// for (checked when the checkpoint is opened; unknown keys are warned about there).
+pub fn check_dist_shapes(ck: &Checkpoint, dist: &DistCheckpoint) -> Result<()> {
+    for a in dist.arrays.iter().filter(|a| ck.classify(&a.key).is_some()) {
+        dist_slice_shape(ck, a)?;
+    }
+    Ok(())
+}
+
+/// The role of array `a` and the shape of one logical tensor of it (one layer of a
+/// stacked array), after checking its global shape against the config; `None` for
+/// arrays that are not weights.
+fn dist_slice_shape(ck: &Checkpoint, a: &DistArray) -> Result<Option<(Classified, Vec<u64>)>> {
+    let d = ck.config.arch();
+    let file = ck.files.display().to_string();
+    let Some(c) = ck.classify(&a.key) else {
+        return Err(Error::Layout {
+            file,
+            msg: format!("unknown array `{}` (not part of a Llama model)", a.key),
+        });
+    };
+    if c.role == Role::Skip {
+        return Ok(None);
+    }
+    let stacked = c.layer == KeyLayer::Stacked;
+    let want = d.shape(c.kind, if stacked { 0 } else { a.shape[0] });
+    let full = if stacked {
+        std::iter::once(d.layers)
+            .chain(want.iter().copied())
+            .collect()
+    } else {
+        want.clone()
+    };
+    if a.shape != full {
+        return Err(Error::DistCheckpoint {
+            file,
+            msg: format!(
+                "array `{}`: shape {} contradicts the config (expected {})",
+                a.key,
+                crate::dtype::fmt_shape(&a.shape),
+                crate::dtype::fmt_shape(&full)
+            ),
+        });
+    }
+    Ok(Some((c, want)))
 }
 
 /// Every layer and the model-level tensors must be present.

@@ -30,49 +30,9 @@ impl StateDict {
     /// Reads the torch zip `bytes` (a member named `member` whose data starts at archive
     /// offset `offset`); tensor ranges are archive offsets.
     pub fn read(bytes: &[u8], offset: u64, member: &str) -> Result<StateDict> {
-        let records = zip::read_records(bytes, member)?;
-        let zerr = |msg: String| Error::Zip {
-            member: member.to_string(),
-            offset: 0,
-            msg,
-        };
-        let first = records
-            .first()
-            .ok_or_else(|| zerr("the zip is empty".into()))?;
-        let zip_root = match first.name.split_once('/') {
-            Some((root, _)) => root.to_string(),
-            None => {
-                return Err(zerr(format!(
-                    "record `{}` is not under a root folder",
-                    first.name
-                )))
-            }
-        };
-        let mut by_name: HashMap<&str, &zip::Record> = HashMap::new();
-        for r in &records {
-            if let Some(rest) = r
-                .name
-                .strip_prefix(&zip_root)
-                .and_then(|s| s.strip_prefix('/'))
-            {
-                by_name.insert(rest, r);
-            }
-        }
-        if let Some(bo) = by_name.get("byteorder") {
-            let v = &bytes[bo.offset as usize..(bo.offset + bo.size) as usize];
-            if v != b"little" {
-                return Err(zerr(format!(
-                    "byte order `{}` is not supported (only little-endian checkpoints)",
-                    String::from_utf8_lossy(v)
-                )));
-            }
-        }
-        let pkl = by_name.get("data.pkl").ok_or_else(|| {
-            zerr(format!(
-                "no `{zip_root}/data.pkl` record: not a torch checkpoint"
-            ))
-        })?;
-        let pkl_bytes = &bytes[pkl.offset as usize..(pkl.offset + pkl.size) as usize];
+        let (zip_root, records) = open_zip(bytes, member)?;
+        let by_name = by_name(&zip_root, &records);
+        let pkl_bytes = data_pkl(bytes, &zip_root, &by_name, member)?;
         let raw = pickle::load_state_dict(pkl_bytes, member)?;
         let mut entries = Vec::with_capacity(raw.len());
         for (name, e) in raw {
@@ -98,6 +58,85 @@ impl StateDict {
             StateEntry::Other(_) => None,
         })
     }
+}
+
+/// Reads a `torch.save(tensor)` blob (`bytes`, starting at mapping offset `offset`) and
+/// locates its tensor; `name` names it in errors.
+pub fn read_tensor(bytes: &[u8], offset: u64, member: &str, name: &str) -> Result<TensorRef> {
+    let (zip_root, records) = open_zip(bytes, member)?;
+    let by_name = by_name(&zip_root, &records);
+    let pkl_bytes = data_pkl(bytes, &zip_root, &by_name, member)?;
+    let t = pickle::load_tensor(pkl_bytes, member)?;
+    locate(&t, name, &by_name, offset, member)
+}
+
+/// The zip's records and its root folder (torch names it after the file it saved to).
+fn open_zip(bytes: &[u8], member: &str) -> Result<(String, Vec<zip::Record>)> {
+    let records = zip::read_records(bytes, member)?;
+    let first = records
+        .first()
+        .ok_or_else(|| zip_err(member, "the zip is empty".into()))?;
+    let zip_root = match first.name.split_once('/') {
+        Some((root, _)) => root.to_string(),
+        None => {
+            return Err(zip_err(
+                member,
+                format!("record `{}` is not under a root folder", first.name),
+            ))
+        }
+    };
+    Ok((zip_root, records))
+}
+
+fn zip_err(member: &str, msg: String) -> Error {
+    Error::Zip {
+        member: member.to_string(),
+        offset: 0,
+        msg,
+    }
+}
+
+/// The records under the root, by their name below it.
+fn by_name<'r>(zip_root: &str, records: &'r [zip::Record]) -> HashMap<&'r str, &'r zip::Record> {
+    let mut out = HashMap::new();
+    for r in records {
+        if let Some(rest) = r
+            .name
+            .strip_prefix(zip_root)
+            .and_then(|s| s.strip_prefix('/'))
+        {
+            out.insert(rest, r);
+        }
+    }
+    out
+}
+
+/// The pickle record, after checking the byte order.
+fn data_pkl<'b>(
+    bytes: &'b [u8],
+    zip_root: &str,
+    by_name: &HashMap<&str, &zip::Record>,
+    member: &str,
+) -> Result<&'b [u8]> {
+    if let Some(bo) = by_name.get("byteorder") {
+        let v = &bytes[bo.offset as usize..(bo.offset + bo.size) as usize];
+        if v != b"little" {
+            return Err(zip_err(
+                member,
+                format!(
+                    "byte order `{}` is not supported (only little-endian checkpoints)",
+                    String::from_utf8_lossy(v)
+                ),
+            ));
+        }
+    }
+    let pkl = by_name.get("data.pkl").ok_or_else(|| {
+        zip_err(
+            member,
+            format!("no `{zip_root}/data.pkl` record: not a torch checkpoint"),
+        )
+    })?;
+    Ok(&bytes[pkl.offset as usize..(pkl.offset + pkl.size) as usize])
 }
 
 fn locate(

@@ -15,10 +15,14 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Mapped entries of `fixtures/manifest.json` and `fixtures/manifest-nemo.json`.
+/// Mapped entries of `fixtures/manifest.json`, `manifest-nemo.json` and `manifest-torch-dist.json`.
 pub fn archives() -> Vec<Value> {
     let mut out = Vec::new();
-    for name in ["manifest.json", "manifest-nemo.json"] {
+    for name in [
+        "manifest.json",
+        "manifest-nemo.json",
+        "manifest-torch-dist.json",
+    ] {
         let p = fixtures().join(name);
         if name == "manifest.json" || p.exists() {
             let m: Value = serde_json::from_slice(&std::fs::read(&p).expect("manifest"))

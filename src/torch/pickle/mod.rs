@@ -18,8 +18,11 @@ use std::rc::Rc;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
+mod dcp;
 mod objects;
 mod vm;
+
+pub use dcp::{load_dcp_metadata, load_tensor, DcpMetadata, DcpStorage, DcpTensor};
 
 /// A storage referenced through a persistent id: `('storage', <class>, key, location, numel)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,11 @@ enum Global {
     TorchDType(DType),
     CodecsEncode,
     BytesIO,
+    /// `torch.Size`: called with a tuple, gives that tuple.
+    TorchSize,
+    /// A class whose instances are plain data (torch.distributed.checkpoint's metadata
+    /// dataclasses): instantiated as a [`Value::Object`] holding the state BUILD gives it.
+    DataClass(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +95,8 @@ enum Value {
     Global(Global),
     Storage(Rc<PickledStorage>),
     Tensor(Rc<PickledTensor>),
+    /// An instance of an allow-listed data class and the state BUILD set.
+    Object(Rc<RefCell<Object>>),
     /// Something we do not interpret; the text says what it was.
     Opaque(Rc<str>),
 }
@@ -112,9 +122,18 @@ impl Value {
             Value::Global(g) => format!("{g:?}"),
             Value::Storage(_) => "a storage".into(),
             Value::Tensor(_) => "a tensor".into(),
+            Value::Object(o) => format!("a {} object", o.borrow().class),
             Value::Opaque(s) => s.to_string(),
         }
     }
+}
+
+/// An instance of a data class: its class name and its state (a dict of fields, or the
+/// tuple a custom `__getstate__` returned), `None` until BUILD.
+#[derive(Debug, Clone)]
+struct Object {
+    class: &'static str,
+    state: Value,
 }
 
 /// Limits that keep a hostile pickle from exhausting memory.
@@ -124,6 +143,15 @@ const MAX_MEMO: usize = 1 << 24;
 /// Runs `data` (a `data.pkl`) and returns the entries of the state dict it holds, in order.
 /// A top-level dict with a `state_dict` key (a training checkpoint) is looked into.
 pub fn load_state_dict(data: &[u8], member: &str) -> Result<Vec<(String, Entry)>> {
+    run_with(data, member, |vm, top| vm.state_dict(top))
+}
+
+/// Runs the pickle `data` and hands its result to `f` before the VM is torn down.
+fn run_with<T>(
+    data: &[u8],
+    member: &str,
+    f: impl FnOnce(&Vm<'_>, Value) -> Result<T>,
+) -> Result<T> {
     let mut vm = Vm {
         data,
         pos: 0,
@@ -133,7 +161,7 @@ pub fn load_state_dict(data: &[u8], member: &str) -> Result<Vec<(String, Entry)>
         memo: HashMap::new(),
         containers: Vec::new(),
     };
-    let result = vm.run().and_then(|top| vm.state_dict(top));
+    let result = vm.run().and_then(|top| f(&vm, top));
     vm.teardown();
     result
 }
@@ -167,7 +195,7 @@ impl<'a> Vm<'a> {
             }
             None => Err(self.err(
                 at,
-                "truncated: an opcode's argument runs past the end of data.pkl",
+                "truncated: an opcode's argument runs past the end of the pickle",
             )),
         }
     }

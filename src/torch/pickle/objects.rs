@@ -21,6 +21,16 @@ impl Vm<'_> {
             ("torch", "UntypedStorage") => Global::Storage(None),
             ("_codecs", "encode") => Global::CodecsEncode,
             ("_io" | "io", "BytesIO") => Global::BytesIO,
+            ("torch", "Size") => Global::TorchSize,
+            ("torch.distributed.checkpoint.metadata", n) => {
+                match DCP_CLASSES.iter().find(|&&c| c == n) {
+                    Some(c) => Global::DataClass(c),
+                    None => return Ok(Value::Opaque(format!("{module}.{name}").into())),
+                }
+            }
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo") => {
+                Global::DataClass("_StorageInfo")
+            }
             ("torch", n) if n.ends_with("Storage") => match DType::from_storage_class(n) {
                 Some(d) => Global::Storage(Some(d)),
                 None => {
@@ -53,6 +63,14 @@ impl Vm<'_> {
         match cls {
             Value::Global(Global::OrderedDict) => Ok(self.new_dict()),
             Value::Global(Global::BytesIO) => Ok(Value::Opaque("an io.BytesIO".into())),
+            Value::Global(Global::DataClass(class)) => {
+                let v = Value::Object(Rc::new(RefCell::new(Object {
+                    class,
+                    state: Value::None,
+                })));
+                self.containers.push(v.clone());
+                Ok(v)
+            }
             Value::Opaque(name) => Ok(Value::Opaque(format!("a {name} object").into())),
             other => {
                 let _ = args;
@@ -111,6 +129,18 @@ impl Vm<'_> {
                 _ => Err(self.err(at, "_codecs.encode needs a string")),
             },
             Global::BytesIO => Ok(Value::Opaque("an io.BytesIO".into())),
+            Global::TorchSize => match a.into_iter().next() {
+                Some(t @ Value::Tuple(_)) => Ok(t),
+                Some(Value::List(l)) => {
+                    let items = l.borrow().clone();
+                    Ok(self.new_tuple(items))
+                }
+                _ => Err(self.err(at, "torch.Size needs a tuple")),
+            },
+            Global::DataClass(_) => {
+                let cls = Value::Global(g);
+                self.new_object(cls, Value::None, at)
+            }
             Global::Storage(_) | Global::TorchDType(_) => Err(self.err(
                 at,
                 "storage classes and dtypes are not callable in a checkpoint",
@@ -252,6 +282,7 @@ impl Vm<'_> {
             match c {
                 Value::Tuple(v) | Value::List(v) => v.borrow_mut().clear(),
                 Value::Dict(d) => d.borrow_mut().clear(),
+                Value::Object(o) => o.borrow_mut().state = Value::None,
                 _ => {}
             }
         }
@@ -270,6 +301,17 @@ pub(super) fn long_le(bytes: &[u8]) -> Option<i64> {
     buf[..bytes.len()].copy_from_slice(bytes);
     Some(i64::from_le_bytes(buf))
 }
+
+/// The dataclasses of `torch.distributed.checkpoint.metadata` a `.metadata` file holds.
+const DCP_CLASSES: &[&str] = &[
+    "Metadata",
+    "TensorStorageMetadata",
+    "TensorProperties",
+    "ChunkStorageMetadata",
+    "BytesStorageMetadata",
+    "MetadataIndex",
+    "StorageMeta",
+];
 
 /// Globals whose only use in a pickle is running code.
 pub(super) fn is_forbidden(module: &str, name: &str) -> bool {

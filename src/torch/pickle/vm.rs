@@ -272,10 +272,12 @@ impl Vm<'_> {
                     self.push(v, at)?
                 }
                 b'b' => {
-                    // State is never applied by running code: dicts keep their items,
-                    // everything else stays what it was.
-                    self.pop(at)?;
-                    self.top(at)?;
+                    // State is never applied by running code: a data class keeps it as
+                    // data, dicts keep their items, everything else stays what it was.
+                    let state = self.pop(at)?;
+                    if let Value::Object(o) = self.top(at)? {
+                        o.borrow_mut().state = state;
+                    }
                 }
                 b'Q' => {
                     let pid = self.pop(at)?;
