@@ -157,6 +157,33 @@ fn unpacked_dist_checkpoints_convert_like_their_archives() {
     }
 }
 
+/// Tied embeddings and Llama 3.1 RoPE scaling reach config.json as transformers wrote
+/// them for the source model, and no `lm_head` is written.
+#[test]
+fn tied_embeddings_and_llama3_scaling_are_carried_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let want: Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("models/tied/hf/config.json")).unwrap(),
+    )
+    .unwrap();
+    for file in [
+        "archives/tied_llama3_mcore_tp2_bf16.nemo",
+        "archives/tied_llama3_torch_dist_tp1_fp32.nemo",
+    ] {
+        let out = dir.path().join(file.replace('/', "_"));
+        let (code, _, err) = convert(&fixtures().join(file), &out, &[]);
+        assert_eq!(code, 0, "{file}: {err}");
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["tie_word_embeddings"], true, "{file}");
+        assert_eq!(cfg["rope_scaling"], want["rope_scaling"], "{file}");
+        assert!(
+            !read_output(&out).contains_key("lm_head.weight"),
+            "{file}: a tied model has no lm_head"
+        );
+    }
+}
+
 #[test]
 fn sharded_output_has_an_index_and_the_same_tensors() {
     let dir = tempfile::tempdir().unwrap();

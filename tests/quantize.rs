@@ -193,7 +193,17 @@ fn check_int8(dir: &Path, model: &str, dtype: DType, group: Option<usize>) {
     assert_eq!(qc["quant_method"], "compressed-tensors");
     assert_eq!(qc["format"], "pack-quantized");
     assert_eq!(qc["quantization_status"], "compressed");
+    // Every linear layer left in float is listed: the untied `lm_head` is copied, and a
+    // tied model's `lm_head` (the embedding, not stored) must be listed too, or
+    // compressed-tensors makes it a quantized layer with no weights.
     assert_eq!(qc["ignore"], serde_json::json!(["lm_head"]));
+    if !truth.contains_key("lm_head.weight") {
+        assert_eq!(cfg["tie_word_embeddings"], true);
+        assert!(
+            st.tensor("lm_head.weight").is_err(),
+            "a tied model writes no lm_head"
+        );
+    }
     let w = &qc["config_groups"]["group_0"]["weights"];
     assert_eq!(w["num_bits"], 8);
     assert_eq!(w["symmetric"], true);
@@ -268,7 +278,7 @@ fn check_int8(dir: &Path, model: &str, dtype: DType, group: Option<usize>) {
 #[test]
 fn int8_from_every_kind_of_input() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, DType, Option<usize>); 5] = [
+    let cases: [(&str, &str, DType, Option<usize>); 8] = [
         ("archives/legacy_tp4_fp16.nemo", "mha", DType::F16, None),
         (
             "archives/nemo_legacy_tp2_pp2.nemo",
@@ -279,6 +289,20 @@ fn int8_from_every_kind_of_input() {
         ("archives/gqa_dist_zarr_bf16.nemo", "gqa", DType::BF16, None),
         ("models/gqa/hf", "gqa", DType::F32, Some(16)),
         ("models/mha/hf", "mha", DType::F32, None),
+        // Tied embeddings (no lm_head stored) from each kind of source.
+        ("models/tied/hf", "tied", DType::F32, Some(16)),
+        (
+            "archives/tied_llama3_mcore_tp2_bf16.nemo",
+            "tied",
+            DType::BF16,
+            None,
+        ),
+        (
+            "archives/tied_llama3_torch_dist_tp1_fp32.nemo",
+            "tied",
+            DType::F32,
+            Some(32),
+        ),
     ];
     for (i, (src, model, dt, group)) in cases.iter().enumerate() {
         let out = tmp.path().join(format!("q{i}"));

@@ -31,8 +31,58 @@ pub enum RopeScaling {
     None,
     /// Positions divided by the factor (NeMo's `seq_len_interpolation_factor`).
     Linear(f64),
+    /// Llama 3.1's rule: long wavelengths divided by `factor`, short ones kept, and a
+    /// smooth blend between (`rope_type: llama3`; NeMo's `scale_positional_embedding` /
+    /// `scale_factor`, `low_freq_factor`, `high_freq_factor`, `old_context_len`).
+    Llama3(Llama3Scaling),
     /// A rule the runtime does not implement (named as in `config.json`).
     Other(String),
+}
+
+/// The constants of Llama 3.1's RoPE scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    /// The context the model was first trained with (`original_max_position_embeddings`).
+    pub original_max_positions: f64,
+}
+
+impl Llama3Scaling {
+    /// megatron-core's fixed constants when a NeMo config only says
+    /// `scale_positional_embedding: true` (factor 8, frequency factors 1 and 4, 8192).
+    pub const MCORE_DEFAULT: Llama3Scaling = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_positions: 8192.0,
+    };
+
+    /// Applies the rule to `inv_freq` in float32, in transformers' order of operations.
+    pub fn apply(&self, inv_freq: &mut [f32]) {
+        let (factor, low, high) = (
+            self.factor as f32,
+            self.low_freq_factor as f32,
+            self.high_freq_factor as f32,
+        );
+        let old = self.original_max_positions as f32;
+        let (low_wavelen, high_wavelen) = (old / low, old / high);
+        for f in inv_freq.iter_mut() {
+            let wavelen = (2.0 * std::f64::consts::PI) as f32 / *f;
+            let scaled = if wavelen > low_wavelen {
+                *f / factor
+            } else {
+                *f
+            };
+            if wavelen >= high_wavelen && wavelen <= low_wavelen {
+                let smooth = (old / wavelen - low) / (high - low);
+                *f = (1.0 - smooth) * scaled / factor + smooth * scaled;
+            } else {
+                *f = scaled;
+            }
+        }
+    }
 }
 
 /// A Llama model's shape and constants: the one configuration every reader produces
@@ -99,17 +149,25 @@ impl Arch {
         Ok(())
     }
 
-    /// The linear position-scaling factor (1 when none).
-    pub fn rope_factor(&self) -> f64 {
-        match self.rope_scaling {
-            RopeScaling::None | RopeScaling::Other(_) => 1.0,
-            RopeScaling::Linear(f) => f,
-        }
-    }
-
-    /// The rotary frequencies of one head.
+    /// The rotary frequencies of one head, before any scaling (what NeMo stores as
+    /// `inv_freq`).
     pub fn inv_freq(&self) -> Vec<f32> {
         rope_inv_freq(self.rope_theta, self.head_dim / 2)
+    }
+
+    /// The rotary frequencies the forward pass uses: [`Arch::inv_freq`] with the scaling
+    /// rule applied (an unknown rule is refused before this is asked).
+    pub fn scaled_inv_freq(&self) -> Vec<f32> {
+        let mut f = self.inv_freq();
+        match &self.rope_scaling {
+            RopeScaling::None | RopeScaling::Other(_) => {}
+            RopeScaling::Linear(factor) => {
+                let factor = *factor as f32;
+                f.iter_mut().for_each(|v| *v /= factor);
+            }
+            RopeScaling::Llama3(s) => s.apply(&mut f),
+        }
+        f
     }
 }
 

@@ -141,6 +141,12 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
             "layernorm_epsilon": c.layernorm_epsilon,
             "rope_base": c.rotary_base,
             "rope_linear_scaling": c.seq_len_interpolation_factor,
+            "rope_llama3": c.rope_llama3.map(|s| json!({
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_positions": s.original_max_positions,
+            })),
             "max_position_embeddings": c.max_position_embeddings,
             "tied_embeddings": c.share_embeddings_and_output_weights,
             "bias": c.bias,
@@ -178,6 +184,25 @@ fn dist_summary(ck: &Checkpoint) -> Value {
         }),
         Storage::Ranks(_) => Value::Null,
     }
+}
+
+/// `, llama3 scaling …` or `, linear scaling …` (empty without scaling), and whether the
+/// embeddings are tied.
+fn rope_scaling_text(a: &Value) -> String {
+    let tied = if a["tied_embeddings"] == true {
+        ", tied embeddings"
+    } else {
+        ""
+    };
+    let scaling = match (&a["rope_llama3"], &a["rope_linear_scaling"]) {
+        (Value::Object(l), _) => format!(
+            ", llama3 scaling factor {} (frequency factors {} and {}, original {} positions)",
+            l["factor"], l["low_freq_factor"], l["high_freq_factor"], l["original_max_positions"]
+        ),
+        (_, Value::Null) => String::new(),
+        (_, f) => format!(", linear scaling {f}"),
+    };
+    scaling + tied
 }
 
 fn write_dist(out: &mut impl Write, d: &Value) -> std::io::Result<()> {
@@ -234,10 +259,7 @@ fn write_text(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
         s(&a["normalization"]),
         a["layernorm_epsilon"]
     )?;
-    let scaling = match &a["rope_linear_scaling"] {
-        Value::Null => String::new(),
-        f => format!(", linear scaling {f}"),
-    };
+    let scaling = rope_scaling_text(a);
     writeln!(
         out,
         "  positions     rope base {}{}, {} positions",

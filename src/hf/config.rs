@@ -21,6 +21,13 @@ pub fn torch_dtype_name(d: DType) -> &'static str {
 pub fn config_json(a: &Arch, sp: &SpModel, dtype: DType) -> Value {
     let rope_scaling = match &a.rope_scaling {
         RopeScaling::Linear(f) => json!({"type": "linear", "factor": f}),
+        RopeScaling::Llama3(s) => json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_positions as u64,
+        }),
         RopeScaling::None | RopeScaling::Other(_) => Value::Null,
     };
     json!({

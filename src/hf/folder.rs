@@ -147,10 +147,19 @@ pub fn parse_config(cfg: &Value) -> std::result::Result<(Arch, u64), String> {
         Value::Null => RopeScaling::None,
         v => {
             let t = v["rope_type"].as_str().or(v["type"].as_str()).unwrap_or("");
-            match (t, v["factor"].as_f64()) {
-                ("linear", Some(f)) => RopeScaling::Linear(f),
-                ("linear", None) => return Err("rope_scaling has no factor".into()),
-                (other, _) => RopeScaling::Other(other.to_string()),
+            let field = |k: &str| {
+                v[k].as_f64()
+                    .ok_or_else(|| format!("rope_scaling ({t}) has no number `{k}`"))
+            };
+            match t {
+                "linear" => RopeScaling::Linear(field("factor")?),
+                "llama3" => RopeScaling::Llama3(crate::arch::Llama3Scaling {
+                    factor: field("factor")?,
+                    low_freq_factor: field("low_freq_factor")?,
+                    high_freq_factor: field("high_freq_factor")?,
+                    original_max_positions: field("original_max_position_embeddings")?,
+                }),
+                other => RopeScaling::Other(other.to_string()),
             }
         }
     };

@@ -25,6 +25,8 @@ pub struct ModelConfig {
     pub rotary_percentage: f64,
     pub rotary_base: f64,
     pub seq_len_interpolation_factor: Option<f64>,
+    /// Llama 3.1 RoPE scaling, when the config asks for it.
+    pub rope_llama3: Option<crate::arch::Llama3Scaling>,
     pub bias: bool,
     pub share_embeddings_and_output_weights: bool,
     pub make_vocab_size_divisible_by: u64,
@@ -149,8 +151,9 @@ impl ModelConfig {
             ffn: self.ffn_hidden_size,
             eps: self.layernorm_epsilon,
             rope_theta: self.rotary_base,
-            rope_scaling: match self.seq_len_interpolation_factor {
-                Some(f) if f != 1.0 => RopeScaling::Linear(f),
+            rope_scaling: match (self.rope_llama3, self.seq_len_interpolation_factor) {
+                (Some(s), _) => RopeScaling::Llama3(s),
+                (None, Some(f)) if f != 1.0 => RopeScaling::Linear(f),
                 _ => RopeScaling::None,
             },
             rotary_percentage: self.rotary_percentage,
@@ -218,6 +221,7 @@ impl ModelConfig {
         let rotary_percentage = r.float("rotary_percentage")?.unwrap_or(1.0);
         let rotary_base = r.float("rotary_base")?.unwrap_or(10000.0);
         let seq_len_interpolation_factor = r.float("seq_len_interpolation_factor")?;
+        let rope_llama3 = rope_llama3(&mut r)?;
         let bias = r.boolean("bias")?.unwrap_or(true);
         let share = r
             .boolean("share_embeddings_and_output_weights")?
@@ -271,6 +275,7 @@ impl ModelConfig {
             rotary_percentage,
             rotary_base,
             seq_len_interpolation_factor,
+            rope_llama3,
             bias,
             share_embeddings_and_output_weights: share,
             make_vocab_size_divisible_by,
@@ -323,6 +328,31 @@ fn activation(r: &mut Reader) -> Result<Activation> {
         ))),
         None => Err(r.err("missing required key `activation`".into())),
     }
+}
+
+/// Llama 3.1 RoPE scaling, in either config style: NeMo 2.0's `scale_factor`,
+/// `low_freq_factor`, `high_freq_factor`, `old_context_len` (Llama31Config), or NeMo 1.x's
+/// `scale_positional_embedding: true`, which megatron-core applies with its fixed constants
+/// (factor 8, or `rope_scaling_factor` where set; 1, 4, 8192).
+fn rope_llama3(r: &mut Reader) -> Result<Option<crate::arch::Llama3Scaling>> {
+    let d = crate::arch::Llama3Scaling::MCORE_DEFAULT;
+    if let Some(factor) = r.float("scale_factor")? {
+        return Ok(Some(crate::arch::Llama3Scaling {
+            factor,
+            low_freq_factor: r.float("low_freq_factor")?.unwrap_or(d.low_freq_factor),
+            high_freq_factor: r.float("high_freq_factor")?.unwrap_or(d.high_freq_factor),
+            original_max_positions: r
+                .float("old_context_len")?
+                .unwrap_or(d.original_max_positions),
+        }));
+    }
+    if r.boolean("scale_positional_embedding")?.unwrap_or(false) {
+        return Ok(Some(crate::arch::Llama3Scaling {
+            factor: r.float("rope_scaling_factor")?.unwrap_or(d.factor),
+            ..d
+        }));
+    }
+    Ok(None)
 }
 
 /// `max_position_embeddings`, else `encoder_seq_length`.
@@ -383,6 +413,37 @@ mod tests {
         );
         // Llama-2 13B has 13,015,864,320 parameters.
         assert_eq!(c.parameter_count(32000), 13_015_864_320);
+    }
+
+    #[test]
+    fn llama3_rope_scaling_in_both_config_styles() {
+        use crate::arch::{Llama3Scaling, RopeScaling};
+        let c =
+            ModelConfig::parse(&format!("{BASE}scale_positional_embedding: true\n"), "t").unwrap();
+        assert_eq!(
+            c.arch().rope_scaling,
+            RopeScaling::Llama3(Llama3Scaling::MCORE_DEFAULT)
+        );
+        let nemo2 = format!(
+            "{BASE}scale_factor: 32.0\nlow_freq_factor: 1.0\nhigh_freq_factor: 4.0\nold_context_len: 8192\n"
+        );
+        let c = ModelConfig::parse(&nemo2, "t").unwrap();
+        assert_eq!(
+            c.arch().rope_scaling,
+            RopeScaling::Llama3(Llama3Scaling {
+                factor: 32.0,
+                ..Llama3Scaling::MCORE_DEFAULT
+            })
+        );
+        let plain =
+            ModelConfig::parse(&format!("{BASE}scale_positional_embedding: false\n"), "t").unwrap();
+        assert_eq!(plain.arch().rope_scaling, RopeScaling::None);
+        // The rule keeps short wavelengths, divides long ones, and blends between.
+        let mut f = vec![1.0f32, 1e-3, 1e-6];
+        Llama3Scaling::MCORE_DEFAULT.apply(&mut f);
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[2], 1e-6 / 8.0);
+        assert!(f[1] < 1e-3 && f[1] > 1e-3 / 8.0, "{}", f[1]);
     }
 
     #[test]

@@ -80,17 +80,31 @@ pub fn quantize(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
         Source::Nemo { checkpoint, .. } => {
             let sp = view.tokenizer()?;
             let float_dtype = view.tensors.first().map(|t| t.dtype).unwrap_or(DType::F32);
-            run(&sources, &shapes, &file, out, opts, |dir, dtype, qc| {
-                let mut cfg = hf::config_json(&view.arch, sp, dtype.unwrap_or(float_dtype));
-                if let Some(q) = qc {
-                    cfg["quantization_config"] = q;
-                }
-                files::nemo_side_files(dir, checkpoint, cfg)
-            })
+            run(
+                &sources,
+                &shapes,
+                &file,
+                out,
+                opts,
+                view.arch.tied,
+                |dir, dtype, qc| {
+                    let mut cfg = hf::config_json(&view.arch, sp, dtype.unwrap_or(float_dtype));
+                    if let Some(q) = qc {
+                        cfg["quantization_config"] = q;
+                    }
+                    files::nemo_side_files(dir, checkpoint, cfg)
+                },
+            )
         }
-        Source::Hf(f) => run(&sources, &shapes, &file, out, opts, |dir, dtype, qc| {
-            hf_side_files(f, dir, dtype, qc)
-        }),
+        Source::Hf(f) => run(
+            &sources,
+            &shapes,
+            &file,
+            out,
+            opts,
+            view.arch.tied,
+            |dir, dtype, qc| hf_side_files(f, dir, dtype, qc),
+        ),
     }
 }
 
@@ -202,6 +216,7 @@ fn run(
     file: &str,
     out: &Path,
     opts: &QuantizeOptions,
+    tied: bool,
     mut side: impl FnMut(&Path, Option<DType>, Option<Value>) -> Result<Vec<String>>,
 ) -> Result<QuantizeReport> {
     let start = Instant::now();
@@ -210,7 +225,13 @@ fn run(
         .zip(shapes)
         .map(|(s, sh)| job_for(&s.name, sh, s.dtype, opts))
         .collect();
-    let ignore = check_jobs(sources, shapes, &jobs, file, opts)?;
+    let mut ignore = check_jobs(sources, shapes, &jobs, file, opts)?;
+    // A tied model has no `lm_head` tensor, but transformers still builds an `lm_head`
+    // Linear (sharing the embedding): it must be listed, or compressed-tensors turns it
+    // into a quantized layer with no weights.
+    if tied && !sources.iter().any(|s| s.name == "lm_head.weight") {
+        ignore.push("lm_head".to_string());
+    }
     let outs = output_tensors(sources, shapes, &jobs);
     let specs: Vec<TensorSpec> = outs.iter().map(|o| o.0.clone()).collect();
     let dir = AtomicDir::create(out, opts.force)?;

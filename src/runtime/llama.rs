@@ -274,9 +274,8 @@ pub struct Dims {
     /// Logits computed (the tokenizer's vocabulary; padding rows are skipped).
     pub vocab: usize,
     pub eps: f32,
-    pub rope_theta: f64,
-    /// Linear RoPE scaling factor (positions divided by it); 1 when none.
-    pub rope_factor: f64,
+    /// The rotary frequencies of one head, scaling applied (`Arch::scaled_inv_freq`).
+    pub inv_freq: Vec<f32>,
     pub max_positions: usize,
 }
 
@@ -342,16 +341,6 @@ impl Weights {
         }
     }
 
-    fn inv_freq(&self) -> Vec<f32> {
-        let d = &self.dims;
-        let mut f = crate::arch::rope_inv_freq(d.rope_theta, (d.head_dim / 2) as u64);
-        if d.rope_factor != 1.0 {
-            let factor = d.rope_factor as f32;
-            f.iter_mut().for_each(|v| *v /= factor);
-        }
-        f
-    }
-
     /// Runs `tokens` (at positions `cache.len..`) through the model and returns the
     /// logits of the last one.
     pub fn forward(&self, ar: &Mapped, cache: &mut Cache, tokens: &[u32]) -> Vec<f32> {
@@ -365,7 +354,7 @@ impl Weights {
         for (i, &tok) in tokens.iter().enumerate() {
             self.embed.row(ar, tok as usize, &mut x[i * h..(i + 1) * h]);
         }
-        let inv_freq = self.inv_freq();
+        let inv_freq = &d.inv_freq;
         // cos/sin per position, as transformers computes them (f32 products).
         let half = hd / 2;
         let mut cos = vec![0f32; t * half];

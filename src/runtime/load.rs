@@ -117,7 +117,7 @@ impl Model {
         }
         if let RopeScaling::Other(t) = &a.rope_scaling {
             return Err(cerr(format!(
-                "rope_scaling type `{t}` is not supported (linear is)"
+                "rope_scaling type `{t}` is not supported (linear and llama3 are)"
             )));
         }
         for t in &view.tensors {
@@ -188,8 +188,7 @@ impl Model {
             layers: a.layers as usize,
             vocab: vocab as usize,
             eps: a.eps as f32,
-            rope_theta: a.rope_theta,
-            rope_factor: a.rope_factor(),
+            inv_freq: a.scaled_inv_freq(),
             max_positions: a.max_positions as usize,
         };
         let weights = Weights {

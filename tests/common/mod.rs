@@ -15,13 +15,15 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Mapped entries of `fixtures/manifest.json`, `manifest-nemo.json` and `manifest-torch-dist.json`.
+/// Mapped entries of `fixtures/manifest.json`, `manifest-nemo.json`, `manifest-torch-dist.json`
+/// and `manifest-tied.json`.
 pub fn archives() -> Vec<Value> {
     let mut out = Vec::new();
     for name in [
         "manifest.json",
         "manifest-nemo.json",
         "manifest-torch-dist.json",
+        "manifest-tied.json",
     ] {
         let p = fixtures().join(name);
         if name == "manifest.json" || p.exists() {
