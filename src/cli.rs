@@ -313,8 +313,8 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A .nemo archive (plain or gzip-compressed tar), an unpacked .nemo folder, or a
-    /// per-rank folder written by `reshard`.
+    /// A .nemo archive (plain or gzip-compressed tar), an unpacked .nemo folder, a NeMo
+    /// 2.0 checkpoint (folder or tar), or a per-rank folder written by `reshard`.
     pub input: PathBuf,
     /// Also list every tensor with its rank, shape, dtype and role.
     #[arg(long)]
@@ -338,8 +338,8 @@ pub enum DTypeArg {
 
 #[derive(Debug, Args)]
 pub struct NemoToSafetensorsArgs {
-    /// A .nemo archive (any layout `inspect` reads), an unpacked .nemo folder, or a
-    /// per-rank folder written by `reshard`.
+    /// A .nemo archive (any layout `inspect` reads), an unpacked .nemo folder, a NeMo 2.0
+    /// checkpoint (folder or tar), or a per-rank folder written by `reshard`.
     pub input: PathBuf,
     /// The Hugging Face folder to write (must not exist, unless --force).
     pub output: PathBuf,

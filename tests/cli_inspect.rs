@@ -118,32 +118,26 @@ fn tensors_listing_has_every_tensor_with_rank_and_role() {
         .iter()
         .filter(|e| !e["name"].as_str().unwrap().ends_with("inv_freq"))
         .all(|e| e["value"] == "None"));
-    let z = json("archives/gqa_dist_zarr_bf16.nemo", &["--tensors"]);
-    let fc1 = z["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "model.decoder.layers.mlp.linear_fc1.weight")
-        .unwrap();
-    assert_eq!(fc1["shape"], serde_json::json!([4, 320, 64]));
-    // One chunk per layer and per gate / up half of each TP rank.
-    assert_eq!(fc1["chunks"], 16);
-    assert_eq!(fc1["chunk_shape"], serde_json::json!([1, 80, 64]));
-    assert_eq!(fc1["role"], "gate-up-fused");
-    assert_eq!(z["dist"]["backend"], "zarr");
-    // megatron-core's torch_dist save of the same model: the same chunks, in .distcp files.
-    let t = json("archives/gqa_torch_dist_tp2_bf16.nemo", &["--tensors"]);
-    assert_eq!(t["dist"]["backend"], "torch_dist");
-    assert_eq!(t["dist"]["arrays"], 9);
-    let fc1 = t["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "model.decoder.layers.mlp.linear_fc1.weight")
-        .unwrap();
-    assert_eq!(fc1["shape"], serde_json::json!([4, 320, 64]));
-    assert_eq!(fc1["chunks"], 16);
-    assert_eq!(fc1["chunk_shape"], serde_json::json!([1, 80, 64]));
+    // zarr as NeMo 1.23 wrote it, and megatron-core's torch_dist save of the same model:
+    // the same chunks (one per layer and per gate / up half of each TP rank).
+    for (file, backend) in [
+        ("archives/gqa_dist_zarr_bf16.nemo", "zarr"),
+        ("archives/gqa_torch_dist_tp2_bf16.nemo", "torch_dist"),
+    ] {
+        let z = json(file, &["--tensors"]);
+        assert_eq!(z["dist"]["backend"], backend);
+        assert_eq!(z["dist"]["arrays"], 9);
+        let fc1 = z["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "model.decoder.layers.mlp.linear_fc1.weight")
+            .unwrap();
+        assert_eq!(fc1["shape"], serde_json::json!([4, 320, 64]), "{file}");
+        assert_eq!(fc1["chunks"], 16, "{file}");
+        assert_eq!(fc1["chunk_shape"], serde_json::json!([1, 80, 64]), "{file}");
+        assert_eq!(fc1["role"], "gate-up-fused", "{file}");
+    }
     let path = fixtures().join("archives/gqa_torch_dist_tp2_bf16.nemo");
     let (code, text, err) = run(&["inspect", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");

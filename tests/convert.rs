@@ -136,6 +136,8 @@ fn unpacked_dist_checkpoints_convert_like_their_archives() {
         ("archives/gqa_torch_dist_tp2_bf16.nemo", "gqa"),
         ("archives/mha_torch_dist_tp1_fp32.nemo", "mha"),
         ("archives/gqa_dist_zarr_bf16.nemo", "gqa"),
+        // NeMo 2.0: context/ + weights/, as a folder is what NeMo writes.
+        ("archives/nemo2_gqa_tp2_bf16.nemo", "gqa"),
     ] {
         let name = file.replace('/', "_");
         let folder = dir.path().join(format!("{name}-folder"));

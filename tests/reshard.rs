@@ -65,12 +65,17 @@ fn truth_f32(model: &str) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-fn yaml_without_grid(v: &View) -> serde_norway::Value {
+/// The config without its grid; a NeMo 2.0 source's tokenizer path (in `context/`)
+/// becomes the artifact's name at the root, so the path is left out for those.
+fn yaml_without_grid(v: &View, nemo2: bool) -> serde_norway::Value {
     let ck = v.nemo().unwrap();
     let mut d = ck.config.document.clone();
     if let serde_norway::Value::Mapping(m) = &mut d {
         m.remove("tensor_model_parallel_size");
         m.remove("pipeline_model_parallel_size");
+        if let (true, Some(serde_norway::Value::Mapping(t))) = (nemo2, m.get_mut("tokenizer")) {
+            t.remove("model");
+        }
     }
     d
 }
@@ -108,10 +113,21 @@ fn every_fixture_reshards_to_every_grid_and_back_to_the_truth() {
                 "{file} -> {tp}x{pp}: vocab re-padded"
             );
             assert!(back.nemo().unwrap().unknown_keys().is_empty());
+            let nemo2 = src.nemo().unwrap().nemo2;
             assert_eq!(
-                yaml_without_grid(&back),
-                yaml_without_grid(&src),
+                yaml_without_grid(&back, nemo2),
+                yaml_without_grid(&src, nemo2),
                 "{file} -> {tp}x{pp}: model_config.yaml"
+            );
+            let tok = back
+                .nemo()
+                .unwrap()
+                .tokenizer()
+                .map(|t| t.model.pieces.len());
+            assert_eq!(
+                tok.ok(),
+                Some(400),
+                "{file} -> {tp}x{pp}: the tokenizer comes along"
             );
             let hf = dir.path().join(format!("{n}.hf"));
             to_hf(&back, &hf);
@@ -373,7 +389,7 @@ fn reshard_dtype_leaves_the_old_precision_in_the_yaml() {
         ]);
         assert_eq!(code, 0, "{err}");
         let ck = open(&out);
-        let yaml = yaml_without_grid(&ck);
+        let yaml = yaml_without_grid(&ck, false);
         assert_eq!(
             serde_norway::to_string(&yaml["precision"]).unwrap().trim(),
             want,
@@ -456,4 +472,39 @@ fn reshard_tp1_layout_is_the_documented_one() {
     assert!(!out.join("mp_rank_00").exists());
     let readme = std::fs::read_to_string(fixtures().join("../README.md")).unwrap();
     assert!(readme.contains("for TP 1 × PP 1 a single\n`model.safetensors` at the top"));
+}
+
+/// A tied model split over pipeline stages: the last stage does not hold the embedding, so
+/// it stores megatron-core's copy of it as `output_layer.weight` (the rank NeMo loads
+/// expects it there), equal to the first stage's embedding byte for byte.
+#[test]
+fn tied_models_split_over_stages_keep_the_output_copy_on_the_last_stage() {
+    use steerlm_convert::nemo::checkpoint::{Checkpoint, Storage};
+    let dir = tempfile::tempdir().unwrap();
+    let src = open(&fixtures().join("archives/tied_llama3_mcore_tp2_bf16.nemo"));
+    let out = dir.path().join("pp2.nemo");
+    reshard(&src, &out, &opts(1, 2, Format::Nemo)).unwrap();
+    let ck = Checkpoint::open(&out, &OpenOptions::default()).unwrap();
+    let Storage::Ranks(ranks) = &ck.weights else {
+        panic!("rank files")
+    };
+    let find = |pp: u64, key: &str| {
+        let r = ranks.iter().find(|r| r.pp == pp).unwrap();
+        r.state
+            .tensors()
+            .find(|(k, _)| *k == key)
+            .map(|(_, t)| ck.files.slice(t.offset, t.nbytes()).to_vec())
+    };
+    let emb = find(0, "model.embedding.word_embeddings.weight").expect("stage 0 embedding");
+    assert_eq!(find(1, "model.output_layer.weight"), Some(emb));
+    assert_eq!(find(0, "model.output_layer.weight"), None);
+    // In one stage the embedding is the output layer: nothing else is written.
+    let out1 = dir.path().join("pp1.nemo");
+    reshard(&src, &out1, &opts(1, 1, Format::Nemo)).unwrap();
+    let ck1 = open(&out1);
+    assert!(ck1.nemo().unwrap().unknown_keys().is_empty());
+    assert!(
+        ck1.tensors.iter().all(|t| t.name != "lm_head.weight"),
+        "no lm_head in a tied model's view"
+    );
 }

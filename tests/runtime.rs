@@ -73,7 +73,7 @@ fn every_archive_runs_on_its_shards_like_transformers() {
         let worst = check_model(&file, model);
         report.push(format!("{}: max |Δlogit| {worst:.2e}", a["file"]));
     }
-    assert_eq!(report.len(), 19);
+    assert_eq!(report.len(), 20);
     eprintln!("{}", report.join("\n"));
 }
 

@@ -209,10 +209,14 @@ pub fn key_template(schema: Schema, kind: Kind, fused_norms: bool) -> Option<Str
 }
 
 /// Removes wrappers that do not change what a key means: a leading `model.module.`
-/// (`megatron_amp_O2`) and `._orig_mod` (`torch.compile`).
+/// (`megatron_amp_O2`) or `module.` (NeMo 2.0), and `._orig_mod` (`torch.compile`).
 pub fn normalise_key(key: &str) -> String {
     let k = key.replace("._orig_mod", "");
-    match k.strip_prefix("model.module.") {
+    // `module.` is NeMo 2.0's prefix (Lightning's MegatronParallel wrapper).
+    match k
+        .strip_prefix("model.module.")
+        .or(k.strip_prefix("module."))
+    {
         Some(rest) => format!("model.{rest}"),
         None => k,
     }

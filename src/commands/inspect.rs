@@ -125,6 +125,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
         "file": ck.files.display(),
         "compressed": ck.files.was_compressed(),
         "layout": ck.grid.kind.as_str(),
+        "nemo_format": if ck.nemo2 { "2.0" } else { "1.x" },
         "schema": ck.schema.as_str(),
         "tp": ck.grid.tp,
         "pp": ck.grid.pp,
@@ -239,8 +240,13 @@ fn write_text(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "  layout        {}, TP {} x PP {}, {} keys",
+        "  layout        {}{}, TP {} x PP {}, {} keys",
         s(&r["layout"]),
+        if r["nemo_format"] == "2.0" {
+            " (NeMo 2.0: context/ + weights/)"
+        } else {
+            ""
+        },
         r["tp"],
         r["pp"],
         s(&r["schema"])

@@ -43,6 +43,8 @@ pub struct Checkpoint {
     pub schema: Schema,
     pub tokenizer: std::result::Result<TokenizerArtifact, String>,
     pub warnings: Vec<String>,
+    /// A NeMo 2.0 checkpoint (`context/model.yaml` + `weights/`), not a NeMo 1.x `.nemo`.
+    pub nemo2: bool,
 }
 
 const CONFIG_MEMBER: &str = "model_config.yaml";
@@ -52,22 +54,42 @@ impl Checkpoint {
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
         let archive = Mapped::open(path, opts)?;
         let file = archive.display().to_string();
-        let cfg_member = archive.member(CONFIG_MEMBER).ok_or_else(|| Error::Config {
+        let nemo2 = archive.member(CONFIG_MEMBER).is_none()
+            && archive.member(crate::nemo::nemo2::MODEL_YAML).is_some();
+        let name = if nemo2 {
+            crate::nemo::nemo2::MODEL_YAML
+        } else {
+            CONFIG_MEMBER
+        };
+        let cfg_member = archive.member(name).ok_or_else(|| Error::Config {
             file: file.clone(),
-            msg: "no model_config.yaml member: not a NeMo model archive".into(),
+            msg: "no model_config.yaml member (nor NeMo 2.0's context/model.yaml): not a NeMo model archive".into(),
         })?;
         let text = std::str::from_utf8(archive.data(cfg_member)).map_err(|_| Error::Config {
-            file: format!("{file}:{CONFIG_MEMBER}"),
+            file: format!("{file}:{name}"),
             msg: "not UTF-8 text".into(),
         })?;
-        let config = ModelConfig::parse(text, &format!("{file}:{CONFIG_MEMBER}"))?;
+        let config = if nemo2 {
+            crate::nemo::nemo2::parse(text, &format!("{file}:{name}"))?
+        } else {
+            ModelConfig::parse(text, &format!("{file}:{name}"))?
+        };
         let mut warnings = config.warnings.clone();
-        let grid = layout::detect(
-            archive.file_names(),
-            config.tensor_model_parallel_size,
-            config.pipeline_model_parallel_size,
-            &file,
-        )?;
+        let grid = if nemo2 {
+            RankGrid {
+                kind: LayoutKind::Distributed,
+                tp: config.tensor_model_parallel_size,
+                pp: config.pipeline_model_parallel_size,
+                files: Default::default(),
+            }
+        } else {
+            layout::detect(
+                archive.file_names(),
+                config.tensor_model_parallel_size,
+                config.pipeline_model_parallel_size,
+                &file,
+            )?
+        };
         if config.num_layers % grid.pp != 0 {
             return Err(Error::Layout {
                 file,
@@ -78,7 +100,12 @@ impl Checkpoint {
             });
         }
         let weights = if grid.kind == LayoutKind::Distributed {
-            Storage::Distributed(crate::torch::distcp::read(&archive, "model_weights")?)
+            let dir = if nemo2 {
+                crate::nemo::nemo2::WEIGHTS_DIR
+            } else {
+                "model_weights"
+            };
+            Storage::Distributed(crate::torch::distcp::read(&archive, dir)?)
         } else {
             let mut ranks = Vec::new();
             for (&(tp, pp), member) in &grid.files {
@@ -122,6 +149,7 @@ impl Checkpoint {
             schema,
             tokenizer,
             warnings,
+            nemo2,
         };
         if let Storage::Distributed(d) = &ck.weights {
             crate::nemo::logical::check_dist_shapes(&ck, d)?;
@@ -276,7 +304,10 @@ fn resolve_tokenizer(
         .ok_or("model_config.yaml names no tokenizer model (tokenizer.model)")?;
     let base = wanted.strip_prefix("nemo:").unwrap_or(wanted);
     let basename = base.rsplit('/').next().unwrap_or(base);
-    let member = if archive.member(basename).is_some() {
+    let member = if archive.member(base).is_some() {
+        // A path inside the checkpoint (NeMo 2.0's `context/…`).
+        base.to_string()
+    } else if archive.member(basename).is_some() {
         basename.to_string()
     } else {
         // Absolute paths of the training machine, or `/artifacts/…`: match by suffix at the root.

@@ -16,7 +16,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// Mapped entries of `fixtures/manifest.json`, `manifest-nemo.json`, `manifest-torch-dist.json`
-/// and `manifest-tied.json`.
+/// `manifest-tied.json` and `manifest-nemo2.json`.
 pub fn archives() -> Vec<Value> {
     let mut out = Vec::new();
     for name in [
@@ -24,6 +24,7 @@ pub fn archives() -> Vec<Value> {
         "manifest-nemo.json",
         "manifest-torch-dist.json",
         "manifest-tied.json",
+        "manifest-nemo2.json",
     ] {
         let p = fixtures().join(name);
         if name == "manifest.json" || p.exists() {

@@ -75,6 +75,11 @@ pub fn check_grid(ck: &Checkpoint, tp: u64, pp: u64) -> Result<()> {
             d.layers
         )));
     }
+    if d.tied && pp > 1 && ck.schema == crate::arch::roles::Schema::Legacy {
+        return Err(Error::Usage(format!(
+            "{file}: cannot split for --pp {pp}: a tied legacy-schema model needs NeMo's copy of the embedding on the last stage, which is not written (megatron-core keys are)"
+        )));
+    }
     Ok(())
 }
 
@@ -101,6 +106,13 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
         "pipeline_model_parallel_size".into(),
         Yaml::Number(pp.into()),
     );
+    // A NeMo 2.0 input's tokenizer lives in `context/`; the output carries it at the root.
+    if let (true, Ok(t)) = (ck.nemo2, ck.tokenizer()) {
+        if let Some(Yaml::Mapping(tok)) = map.get_mut("tokenizer") {
+            let base = t.member.rsplit('/').next().unwrap_or(&t.member);
+            tok.insert("model".into(), Yaml::String(format!("nemo:{base}")));
+        }
+    }
     match dtype {
         Some(DType::F32) => map.insert("precision".into(), Yaml::Number(32.into())),
         Some(DType::F16) => map.insert("precision".into(), Yaml::Number(16.into())),
@@ -111,6 +123,14 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
         file: "model_config.yaml".into(),
         msg: format!("cannot write it: {e}"),
     })
+}
+
+/// A NeMo 2.0 input's tokenizer file, to be written at the output's root.
+fn nemo2_tokenizer(ck: &Checkpoint) -> Option<(String, &[u8])> {
+    let t = ck.tokenizer().ok().filter(|_| ck.nemo2)?;
+    let m = ck.files.member(&t.member)?;
+    let base = t.member.rsplit('/').next().unwrap_or(&t.member);
+    Some((base.to_string(), ck.files.data(m)))
 }
 
 /// Reshards `ck` into `out`.
@@ -145,6 +165,7 @@ pub fn reshard(view: &View, out: &Path, opts: &ReshardOptions) -> Result<Reshard
                 && !crate::nemo::layout::WEIGHT_FILES.contains(&m.name.as_str())
         })
         .map(|m| (m.name.clone(), ck.files.data(m)))
+        .chain(nemo2_tokenizer(ck))
         .collect();
     let mut tensors = Vec::new();
     for (r, p, entries) in &ranks {

@@ -125,14 +125,13 @@ pub(super) fn plan_ranks<'a>(
     for p in 0..opts.pp {
         for r in 0..opts.tp {
             let mut entries = Vec::new();
-            let mut add = |kind: Kind, layer: Option<u64>, local: Option<u64>| {
+            let mut add_as = |kind: Kind, layer: Option<u64>, local: Option<u64>, t: &str| {
                 let Some(l) = logicals.get(&(kind, layer)) else {
                     return;
                 };
-                let t = &names.weights[&kind];
                 let name = match local {
                     Some(i) => t.replace("{L}", &i.to_string()),
-                    None => t.clone(),
+                    None => t.to_string(),
                 };
                 let pieces = tp::split(l, roles::role_of(kind), r, opts.tp, vocab, new_rows);
                 let shape = emit::shape_of(l, &pieces);
@@ -143,6 +142,11 @@ pub(super) fn plan_ranks<'a>(
                     pieces,
                     shape,
                 });
+            };
+            let mut add = |kind: Kind, layer: Option<u64>, local: Option<u64>| {
+                if let Some(t) = names.weights.get(&kind) {
+                    add_as(kind, layer, local, t);
+                }
             };
             if p == 0 {
                 add(Kind::Embedding, None, None);
@@ -165,6 +169,13 @@ pub(super) fn plan_ranks<'a>(
             if p == opts.pp - 1 {
                 add(Kind::FinalNorm, None, None);
                 add(Kind::Output, None, None);
+                // Tied, and the embedding is on another stage: megatron-core's last stage
+                // allocates its own output layer, a copy of the embedding, and saves it.
+                if p > 0 && ck.config.share_embeddings_and_output_weights {
+                    let out = roles::key_template(ck.schema, Kind::Output, false)
+                        .expect("megatron-core names the output layer");
+                    add_as(Kind::Embedding, None, None, &out);
+                }
             }
             if let Some((name, seg, d)) = &names.inv_freq {
                 let n = seg.1 / d.size() as u64;
