@@ -462,3 +462,50 @@ fn hostile_torch_dist_checkpoints_are_refused() {
     );
     inspect_refuses(&p, "in `model_weights/__0_0.distcp` at byte 14592 is neither a torch.save blob nor its raw bytes");
 }
+
+/// NeMo 2.0: a model.yaml that is not a Llama, one without its config block, and weights
+/// whose shapes contradict it are each refused in one line.
+#[test]
+fn hostile_nemo2_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("archives/nemo2_gqa_tp2_bf16.nemo");
+    let with_yaml = |name: &str, edit: &dyn Fn(&str) -> String| {
+        let p = tmp(&dir, name);
+        rebuild(&src, &p, |n, d| {
+            if n == "context/model.yaml" {
+                let text = edit(std::str::from_utf8(d).unwrap());
+                Some((format!("./{n}"), text.into_bytes()))
+            } else {
+                keep(n, d)
+            }
+        });
+        p
+    };
+    let p = with_yaml("gelu.nemo", &|t| {
+        t.replace("torch.nn.functional.silu", "torch.nn.functional.gelu")
+    });
+    inspect_refuses(
+        &p,
+        "context/model.yaml: activation `gelu (gated)` is not a Llama activation",
+    );
+    let p = with_yaml("noconfig.nemo", &|_| {
+        "_target_: nemo.collections.llm.gpt.model.llama.LlamaModel\n".into()
+    });
+    inspect_refuses(
+        &p,
+        "context/model.yaml: no `config` block: not a NeMo 2.0 model.yaml",
+    );
+    let p = with_yaml("layers.nemo", &|t| {
+        t.replace("num_layers: 4", "num_layers: 2")
+    });
+    inspect_refuses(&p, "array `module.decoder.layers.self_attention.linear_proj.weight`: shape [4, 64, 64] contradicts the config (expected [2, 64, 64])");
+    let p = with_yaml("tok.nemo", &|t| {
+        t.replace("artifacts/tokenizer.model", "artifacts/missing.model")
+    });
+    let (code, _, err) = run(&["generate", p.to_str().unwrap(), "--prompt", "hi", "--raw"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("tokenizer artifact `context/artifacts/missing.model` is not in the archive"),
+        "{err}"
+    );
+}
