@@ -91,6 +91,24 @@ fn check_against_truth(dir: &Path, model: &str, dtype: DType, what: &str) {
     want["torch_dtype"] =
         Value::String(steerlm_convert::hf::config::torch_dtype_name(dtype).into());
     assert_eq!(got, want, "{what}: config.json");
+    let hf_dir = fixtures().join("models").join(model).join("hf");
+    if !hf_dir.join("tokenizer.model").exists() {
+        // A tokenizers tokenizer: ours must encode every truth prompt as transformers'
+        // own tokenizer.json does.
+        let load = |d: &Path| tokenizers::Tokenizer::from_file(d.join("tokenizer.json")).unwrap();
+        let (ours, theirs) = (load(dir), load(&hf_dir));
+        for p in truth(model)["prompts"].as_array().unwrap() {
+            let text = p["text"].as_str().unwrap();
+            let ids = |t: &tokenizers::Tokenizer| t.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(
+                ids(&ours),
+                ids(&theirs),
+                "{what}: tokenizer.json on {text:?}"
+            );
+            assert_eq!(ids(&ours), ids_of(&p["ids"]), "{what}: the truth ids");
+        }
+        return;
+    }
     let tok = std::fs::read(dir.join("tokenizer.model")).unwrap();
     let want_tok = std::fs::read(
         fixtures()

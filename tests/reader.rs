@@ -124,7 +124,7 @@ fn the_extra_id_markers_are_pieces_only_in_the_extra_tokenizer() {
         .model
         .extra_id_pieces()
         .is_empty());
-    let m = &with.tokenizer().unwrap().model;
+    let m = with.tokenizer().unwrap().model.sp().expect("SentencePiece");
     assert!(m.byte_fallback && m.add_dummy_prefix && m.model_type_name() == "bpe");
     assert_eq!((m.unk_id, m.bos_id, m.eos_id), (0, 1, 2));
 }

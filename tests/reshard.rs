@@ -66,7 +66,8 @@ fn truth_f32(model: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The config without its grid; a NeMo 2.0 source's tokenizer path (in `context/`)
-/// becomes the artifact's name at the root, so the path is left out for those.
+/// becomes the artifact's name at the root (or `nemo_tokenizer/`), so the path is left
+/// out for those.
 fn yaml_without_grid(v: &View, nemo2: bool) -> serde_norway::Value {
     let ck = v.nemo().unwrap();
     let mut d = ck.config.document.clone();
@@ -75,6 +76,7 @@ fn yaml_without_grid(v: &View, nemo2: bool) -> serde_norway::Value {
         m.remove("pipeline_model_parallel_size");
         if let (true, Some(serde_norway::Value::Mapping(t))) = (nemo2, m.get_mut("tokenizer")) {
             t.remove("model");
+            t.remove("type");
         }
     }
     d
@@ -123,7 +125,7 @@ fn every_fixture_reshards_to_every_grid_and_back_to_the_truth() {
                 .nemo()
                 .unwrap()
                 .tokenizer()
-                .map(|t| t.model.pieces.len());
+                .map(|t| t.model.vocab_size());
             assert_eq!(
                 tok.ok(),
                 Some(400),

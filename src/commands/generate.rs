@@ -73,11 +73,15 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
     };
     let mut ids = Vec::new();
     if !args.no_bos {
-        ids.push(
-            model.bos.ok_or_else(|| {
-                Error::Usage("the tokenizer has no BOS token; pass --no-bos".into())
-            })?,
-        );
+        match model.bos {
+            Some(b) => ids.push(b),
+            None if model.bos_optional => {}
+            None => {
+                return Err(
+                    Error::Usage("the tokenizer has no BOS token; pass --no-bos".into()).into(),
+                )
+            }
+        }
     }
     ids.extend(model.tokenizer.encode(&prompt));
     let seed = args.seed.unwrap_or_else(|| {

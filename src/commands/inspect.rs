@@ -35,24 +35,7 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
             warnings.push(w);
         }
     }
-    let tokenizer = tok.map(|t| {
-        let m = &t.model;
-        let extra: Vec<Value> = m
-            .extra_id_pieces()
-            .iter()
-            .map(|(p, id)| json!({"piece": p, "id": id}))
-            .collect();
-        json!({
-            "member": t.member,
-            "pieces": m.vocab_size(),
-            "model_type": m.model_type_name(),
-            "byte_fallback": m.byte_fallback,
-            "add_dummy_prefix": m.add_dummy_prefix,
-            "unk_id": m.unk_id, "bos_id": m.bos_id, "eos_id": m.eos_id,
-            "bos_piece": m.piece(m.bos_id), "eos_piece": m.piece(m.eos_id),
-            "extra_id_pieces": extra,
-        })
-    });
+    let tokenizer = tok.map(tokenizer_report);
     let mut tensors = Vec::new();
     let mut non_tensors = Vec::new();
     let mut non_weights = 0usize;
@@ -171,6 +154,29 @@ fn report(ck: &Checkpoint, with_tensors: bool) -> Value {
     }
     v["non_tensors"] = Value::Array(non_tensors);
     v
+}
+
+/// What `inspect` says of the tokenizer.
+fn tokenizer_report(t: &steerlm_convert::nemo::checkpoint::TokenizerArtifact) -> Value {
+    let m = &t.model;
+    let extra: Vec<Value> = m
+        .extra_id_pieces()
+        .iter()
+        .map(|(p, id)| json!({"piece": p, "id": id}))
+        .collect();
+    let sp = m.sp();
+    let (bos, eos) = m.bos_eos();
+    let id = |v: Option<u32>| v.map_or(-1, i64::from);
+    json!({
+        "member": t.member,
+        "pieces": m.vocab_size(),
+        "model_type": m.kind_name(),
+        "byte_fallback": sp.is_some_and(|s| s.byte_fallback),
+        "add_dummy_prefix": sp.is_some_and(|s| s.add_dummy_prefix),
+        "unk_id": sp.map_or(-1, |s| s.unk_id), "bos_id": id(bos), "eos_id": id(eos),
+        "bos_piece": m.token(id(bos)), "eos_piece": m.token(id(eos)),
+        "extra_id_pieces": extra,
+    })
 }
 
 /// The backend and chunk counts of a distributed checkpoint (null for rank files).

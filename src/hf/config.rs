@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use crate::arch::{Arch, RopeScaling};
 use crate::dtype::DType;
+use crate::nemo::hf_tokenizer::{HfTokenizer, TokenizerModel};
 use crate::nemo::tokenizer::{PieceType, SpModel};
 
 /// The torch dtype name `config.json` uses.
@@ -18,7 +19,8 @@ pub fn torch_dtype_name(d: DType) -> &'static str {
 }
 
 /// `config.json` for `LlamaForCausalLM`.
-pub fn config_json(a: &Arch, sp: &SpModel, dtype: DType) -> Value {
+pub fn config_json(a: &Arch, tok: &TokenizerModel, dtype: DType) -> Value {
+    let (bos, eos) = tok.bos_eos();
     let rope_scaling = match &a.rope_scaling {
         RopeScaling::Linear(f) => json!({"type": "linear", "factor": f}),
         RopeScaling::Llama3(s) => json!({
@@ -34,8 +36,8 @@ pub fn config_json(a: &Arch, sp: &SpModel, dtype: DType) -> Value {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": a.bias,
         "attention_dropout": 0.0,
-        "bos_token_id": sp.bos_id,
-        "eos_token_id": sp.eos_id,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "head_dim": a.head_dim,
         "hidden_act": "silu",
         "hidden_size": a.hidden,
@@ -54,13 +56,34 @@ pub fn config_json(a: &Arch, sp: &SpModel, dtype: DType) -> Value {
         "tie_word_embeddings": a.tied,
         "torch_dtype": torch_dtype_name(dtype),
         "use_cache": true,
-        "vocab_size": sp.vocab_size(),
+        "vocab_size": tok.vocab_size(),
     })
 }
 
 /// `generation_config.json`.
-pub fn generation_config_json(sp: &SpModel) -> Value {
-    json!({"_from_model_config": true, "bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id})
+pub fn generation_config_json(tok: &TokenizerModel) -> Value {
+    let (bos, eos) = tok.bos_eos();
+    json!({"_from_model_config": true, "bos_token_id": bos, "eos_token_id": eos})
+}
+
+/// `tokenizer_config.json` and `special_tokens_map.json` for a tokenizer kept as its
+/// `tokenizer.json` (`PreTrainedTokenizerFast`; its added tokens are in that file).
+pub fn fast_tokenizer_configs(t: &HfTokenizer, max_len: u64) -> (Value, Value) {
+    let name = |v: &Option<(u32, String)>| v.as_ref().map(|(_, s)| s.clone());
+    let cfg = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(&t.bos),
+        "eos_token": name(&t.eos),
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": max_len,
+    });
+    let mut map = serde_json::Map::new();
+    for (k, v) in [("bos_token", &t.bos), ("eos_token", &t.eos)] {
+        if let Some((_, s)) = v {
+            map.insert(k.into(), Value::String(s.clone()));
+        }
+    }
+    (cfg, Value::Object(map))
 }
 
 /// An added token. User-defined pieces are matched after normalization (as in

@@ -8,23 +8,44 @@ use serde_json::Value;
 use super::config;
 use crate::error::{Error, Result};
 use crate::nemo::checkpoint::Checkpoint;
-use crate::nemo::tokenizer::SpModel;
+use crate::nemo::hf_tokenizer::TokenizerModel;
 
-/// Writes `config` as config.json, generation_config.json and the tokenizer files (from
-/// the SentencePiece model `sp`, whose file is `sp_bytes`) into `dir`; returns their names.
+/// Writes `config` as config.json, generation_config.json and the tokenizer files into
+/// `dir`: for SentencePiece, its model (whose file is `tok_bytes`) and the files
+/// transformers reads beside it; for a `tokenizers` tokenizer, its `tokenizer.json`.
+/// Returns their names.
 pub fn write_side_files(
     dir: &Path,
     config: Value,
-    sp: &SpModel,
-    sp_bytes: &[u8],
+    tok: &TokenizerModel,
+    tok_bytes: &[u8],
     max_len: u64,
 ) -> Result<Vec<String>> {
     write_json(dir, "config.json", &config)?;
     write_json(
         dir,
         "generation_config.json",
-        &config::generation_config_json(sp),
+        &config::generation_config_json(tok),
     )?;
+    let sp = match tok {
+        TokenizerModel::SentencePiece(sp) => sp,
+        TokenizerModel::Hf(t) => {
+            let (cfg, map) = config::fast_tokenizer_configs(t, max_len);
+            write_json(dir, "tokenizer_config.json", &cfg)?;
+            write_json(dir, "special_tokens_map.json", &map)?;
+            let tj = dir.join("tokenizer.json");
+            std::fs::write(&tj, &t.json).map_err(|e| Error::io(&tj, e))?;
+            return Ok([
+                "config.json",
+                "generation_config.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "tokenizer.json",
+            ]
+            .map(String::from)
+            .to_vec());
+        }
+    };
     write_json(
         dir,
         "tokenizer_config.json",
@@ -36,7 +57,7 @@ pub fn write_side_files(
         &config::special_tokens_map_json(sp),
     )?;
     let tm = dir.join("tokenizer.model");
-    std::fs::write(&tm, sp_bytes).map_err(|e| Error::io(&tm, e))?;
+    std::fs::write(&tm, tok_bytes).map_err(|e| Error::io(&tm, e))?;
     let mut files: Vec<String> = [
         "config.json",
         "generation_config.json",

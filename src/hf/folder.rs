@@ -9,6 +9,7 @@ use crate::arch::{Arch, RopeScaling};
 use crate::container::mapped::{Mapped, OpenOptions};
 use crate::dtype::TensorRef;
 use crate::error::{Error, Result};
+use crate::nemo::hf_tokenizer::{HfTokenizer, TokenizerModel};
 use crate::nemo::tokenizer::SpModel;
 
 /// A stored tensor and the file it is in.
@@ -27,7 +28,7 @@ pub struct HfFolder {
     /// `vocab_size` of `config.json`.
     pub vocab_size: u64,
     /// The SentencePiece model, or (file, why not).
-    pub tokenizer: std::result::Result<SpModel, (String, String)>,
+    pub tokenizer: std::result::Result<TokenizerModel, (String, String)>,
     /// Every tensor of every safetensors file, in file order then offset.
     pub tensors: Vec<Stored>,
     /// The int8 scheme of its `quantization_config` (the group size, `None` per channel),
@@ -66,15 +67,7 @@ impl HfFolder {
                 })?,
             ),
         };
-        let tokenizer =
-            match files.member("tokenizer.model") {
-                None => Err((file.clone(), "no tokenizer.model in the folder".to_string())),
-                Some(m) => SpModel::parse(files.data(m), &format!("{file}/tokenizer.model"))
-                    .map_err(|e| match e {
-                        Error::Tokenizer { file, msg } => (file, msg),
-                        other => (file.clone(), other.to_string()),
-                    }),
-            };
+        let tokenizer = read_tokenizer(&files, &file);
         let tensors = scan(&files)?;
         Ok(HfFolder {
             files,
@@ -181,4 +174,31 @@ pub fn parse_config(cfg: &Value) -> std::result::Result<(Arch, u64), String> {
         init_std: cfg["initializer_range"].as_f64().unwrap_or(0.02),
     };
     Ok((arch, num("vocab_size")?))
+}
+
+/// The folder's tokenizer: `tokenizer.model` (SentencePiece, read by our reader), else
+/// `tokenizer.json` (with `tokenizer_config.json` naming BOS and EOS); or why there is none
+/// (`(file, message)`).
+fn read_tokenizer(
+    files: &crate::container::mapped::Mapped,
+    file: &str,
+) -> std::result::Result<TokenizerModel, (String, String)> {
+    if let Some(m) = files.member("tokenizer.model") {
+        return SpModel::parse(files.data(m), &format!("{file}/tokenizer.model"))
+            .map(TokenizerModel::SentencePiece)
+            .map_err(|e| match e {
+                Error::Tokenizer { file, msg } => (file, msg),
+                other => (file.to_string(), other.to_string()),
+            });
+    }
+    let Some(j) = files.member("tokenizer.json") else {
+        return Err((
+            file.to_string(),
+            "no tokenizer.model or tokenizer.json in the folder".to_string(),
+        ));
+    };
+    let cfg = files.member("tokenizer_config.json").map(|m| files.data(m));
+    HfTokenizer::from_json(files.data(j), cfg)
+        .map(TokenizerModel::Hf)
+        .map_err(|msg| (format!("{file}/tokenizer.json"), msg))
 }

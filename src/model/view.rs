@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::hf::folder::{self, HfFolder};
 use crate::hf::names;
 use crate::nemo::checkpoint::Checkpoint;
+use crate::nemo::hf_tokenizer::TokenizerModel;
 use crate::nemo::logical::{self, Logicals};
-use crate::nemo::tokenizer::SpModel;
 
 /// What was opened.
 pub enum Source {
@@ -318,8 +318,8 @@ impl View {
         }
     }
 
-    /// The SentencePiece tokenizer, or why there is none.
-    pub fn tokenizer(&self) -> Result<&SpModel> {
+    /// The tokenizer, or why there is none.
+    pub fn tokenizer(&self) -> Result<&TokenizerModel> {
         match &self.source {
             Source::Nemo { checkpoint, .. } => Ok(&checkpoint.tokenizer()?.model),
             Source::Hf(f) => f

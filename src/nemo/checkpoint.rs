@@ -8,6 +8,7 @@ use crate::container::dist::DistCheckpoint;
 use crate::container::mapped::{Mapped, OpenOptions};
 use crate::error::{Error, Result};
 use crate::nemo::config::ModelConfig;
+use crate::nemo::hf_tokenizer::{HfTokenizer, TokenizerModel};
 use crate::nemo::layout::{self, LayoutKind, RankGrid};
 use crate::nemo::tokenizer::SpModel;
 use crate::torch::state_dict::{StateDict, StateEntry};
@@ -24,7 +25,7 @@ pub struct Rank {
 #[derive(Debug, Clone)]
 pub struct TokenizerArtifact {
     pub member: String,
-    pub model: SpModel,
+    pub model: TokenizerModel,
 }
 
 /// Where the weights are.
@@ -287,62 +288,105 @@ fn detect_schema(weights: &Storage, config: &ModelConfig) -> Schema {
     }
 }
 
-/// Finds the SentencePiece artifact the config names (`nemo:<hash>_tokenizer.model`).
+/// Reads the tokenizer the config names: a SentencePiece artifact
+/// (`nemo:<hash>_tokenizer.model`), GPT-2 BPE files (`library: megatron`, `vocab_file` and
+/// `merge_file`), or a Hugging Face tokenizer folder in the checkpoint (`library:
+/// huggingface`, NeMo 2.0's `context/nemo_tokenizer`).
 fn resolve_tokenizer(
     archive: &Mapped,
     config: &ModelConfig,
 ) -> std::result::Result<TokenizerArtifact, String> {
-    if let Some(lib) = &config.tokenizer.library {
-        if lib != "sentencepiece" {
-            return Err(format!("tokenizer library `{lib}` is not sentencepiece"));
+    let t = &config.tokenizer;
+    let read = |member: &str| archive.data(archive.member(member).expect("member exists"));
+    match t.library.as_deref() {
+        None | Some("sentencepiece") => {
+            let wanted = t
+                .model
+                .as_deref()
+                .ok_or("model_config.yaml names no tokenizer model (tokenizer.model)")?;
+            let member = find_artifact(archive, wanted, Some(".model"))?;
+            let model = SpModel::parse(read(&member), &member).map_err(|e| e.to_string())?;
+            Ok(TokenizerArtifact {
+                member,
+                model: TokenizerModel::SentencePiece(model),
+            })
         }
+        Some("megatron") if t.kind.as_deref().is_some_and(|k| k.contains("GPT2")) => {
+            let (Some(v), Some(m)) = (t.vocab_file.as_deref(), t.merge_file.as_deref()) else {
+                return Err("a GPT-2 BPE tokenizer needs tokenizer.vocab_file and tokenizer.merge_file".into());
+            };
+            let (vocab, merges) = (find_artifact(archive, v, None)?, find_artifact(archive, m, None)?);
+            let tok = HfTokenizer::from_gpt2_files(read(&vocab), read(&merges))
+                .map_err(|e| format!("{vocab}, {merges}: {e}"))?;
+            Ok(TokenizerArtifact {
+                member: vocab,
+                model: TokenizerModel::Hf(tok),
+            })
+        }
+        Some("huggingface") => {
+            let dir = t.kind.as_deref().unwrap_or("").trim_end_matches('/');
+            let json = format!("{dir}/tokenizer.json");
+            if archive.member(&json).is_none() {
+                return Err(format!(
+                    "the Hugging Face tokenizer `{dir}` has no tokenizer.json in the checkpoint (a hub name is not downloaded)"
+                ));
+            }
+            let cfg = archive
+                .member(&format!("{dir}/tokenizer_config.json"))
+                .map(|m| archive.data(m));
+            let tok = HfTokenizer::from_json(read(&json), cfg).map_err(|e| format!("{json}: {e}"))?;
+            Ok(TokenizerArtifact {
+                member: json,
+                model: TokenizerModel::Hf(tok),
+            })
+        }
+        Some(lib) => Err(format!(
+            "tokenizer library `{lib}` (type {}) is not supported (sentencepiece, megatron GPT2BPETokenizer and huggingface are)",
+            t.kind.as_deref().unwrap_or("none")
+        )),
     }
-    let wanted = config
-        .tokenizer
-        .model
-        .as_deref()
-        .ok_or("model_config.yaml names no tokenizer model (tokenizer.model)")?;
+}
+
+/// The member an artifact reference names: a path in the checkpoint, `nemo:<name>` at the
+/// root, or a training machine's path matched by its file name (or, for `fallback`, the
+/// one root file with that suffix).
+fn find_artifact(
+    archive: &Mapped,
+    wanted: &str,
+    fallback: Option<&str>,
+) -> std::result::Result<String, String> {
     let base = wanted.strip_prefix("nemo:").unwrap_or(wanted);
     let basename = base.rsplit('/').next().unwrap_or(base);
-    let member = if archive.member(base).is_some() {
+    if archive.member(base).is_some() {
         // A path inside the checkpoint (NeMo 2.0's `context/…`).
-        base.to_string()
-    } else if archive.member(basename).is_some() {
-        basename.to_string()
-    } else {
-        // Absolute paths of the training machine, or `/artifacts/…`: match by suffix at the root.
-        let tail = basename
-            .rsplit_once('_')
-            .map(|(_, t)| t)
-            .unwrap_or(basename);
-        let mut candidates: Vec<&str> = archive
+        return Ok(base.to_string());
+    }
+    if archive.member(basename).is_some() {
+        return Ok(basename.to_string());
+    }
+    // Absolute paths of the training machine, or `/artifacts/…`: match by suffix at the root.
+    let tail = basename
+        .rsplit_once('_')
+        .map(|(_, t)| t)
+        .unwrap_or(basename);
+    let mut candidates: Vec<&str> = archive
+        .file_names()
+        .filter(|n| !n.contains('/') && (n.ends_with(basename) || n.ends_with(&format!("_{tail}"))))
+        .collect();
+    if let (true, Some(suffix)) = (candidates.is_empty(), fallback) {
+        candidates = archive
             .file_names()
-            .filter(|n| {
-                !n.contains('/') && (n.ends_with(basename) || n.ends_with(&format!("_{tail}")))
-            })
+            .filter(|n| !n.contains('/') && n.ends_with(suffix))
             .collect();
-        if candidates.is_empty() {
-            candidates = archive
-                .file_names()
-                .filter(|n| !n.contains('/') && n.ends_with(".model"))
-                .collect();
-        }
-        match candidates.as_slice() {
-            [one] => one.to_string(),
-            [] => {
-                return Err(format!(
-                    "tokenizer artifact `{wanted}` is not in the archive"
-                ))
-            }
-            _ => {
-                return Err(format!(
-                    "tokenizer artifact `{wanted}` is ambiguous: {}",
-                    candidates.join(", ")
-                ))
-            }
-        }
-    };
-    let m = archive.member(&member).expect("member exists");
-    let model = SpModel::parse(archive.data(m), &member).map_err(|e| e.to_string())?;
-    Ok(TokenizerArtifact { member, model })
+    }
+    match candidates.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Err(format!(
+            "tokenizer artifact `{wanted}` is not in the archive"
+        )),
+        _ => Err(format!(
+            "tokenizer artifact `{wanted}` is ambiguous: {}",
+            candidates.join(", ")
+        )),
+    }
 }

@@ -53,6 +53,9 @@ pub struct TokenizerConfig {
     /// `nemo:<hash>_tokenizer.model` or a path.
     pub model: Option<String>,
     pub kind: Option<String>,
+    /// GPT-2 BPE files (`library: megatron`).
+    pub vocab_file: Option<String>,
+    pub merge_file: Option<String>,
     pub sentencepiece_legacy: bool,
 }
 
@@ -385,6 +388,8 @@ fn tokenizer_section(
         library: tr.string("library"),
         model: tr.string("model"),
         kind: tr.string("type"),
+        vocab_file: tr.string("vocab_file"),
+        merge_file: tr.string("merge_file"),
         sentencepiece_legacy: tr.boolean("sentencepiece_legacy")?.unwrap_or(false),
     };
     warnings.extend(tr.warnings.into_iter().map(|w| format!("tokenizer: {w}")));

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod hf_tokenizer;
 pub mod layout;
 pub mod logical;
 pub mod nemo2;

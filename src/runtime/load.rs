@@ -10,7 +10,7 @@ use crate::container::mapped::{Mapped, OpenOptions};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{Tensor, View};
-use crate::nemo::tokenizer::SpModel;
+use crate::nemo::hf_tokenizer::TokenizerModel;
 use crate::quant::compressed;
 use crate::runtime::cpu::WType;
 use crate::runtime::llama::{Band, Dims, Layer, Linear, Part, QkvOrder, Weights};
@@ -31,8 +31,12 @@ pub struct Model {
     pub weights: Weights,
     pub tokenizer: Tokenizer,
     pub source: SourceKind,
+    /// The BOS put before a prompt.
     pub bos: Option<u32>,
     pub eos: Option<u32>,
+    /// Prompts go without a BOS when there is none (a `tokenizers` tokenizer whose
+    /// post-processor adds none, as GPT-2's); a SentencePiece model without one is refused.
+    pub bos_optional: bool,
 }
 
 fn wtype(d: DType, what: &str, file: &str) -> Result<WType> {
@@ -367,9 +371,14 @@ fn stack(name: &str, parts: Vec<Linear>, file: &str) -> Result<Linear> {
     })
 }
 
-fn finish(archive: Mapped, weights: Weights, sp: SpModel, source: SourceKind) -> Model {
-    let id = |i: i64| (i >= 0 && (i as usize) < sp.pieces.len()).then_some(i as u32);
-    let (bos, eos) = (id(sp.bos_id), id(sp.eos_id));
+fn finish(archive: Mapped, weights: Weights, sp: TokenizerModel, source: SourceKind) -> Model {
+    // The BOS put before a prompt: SentencePiece Llama always has one; a `tokenizers`
+    // tokenizer only if its post-processor adds it (Llama 3 does, GPT-2 does not).
+    let (bos, eos) = match &sp {
+        TokenizerModel::SentencePiece(_) => sp.bos_eos(),
+        TokenizerModel::Hf(t) => (t.adds_bos, sp.bos_eos().1),
+    };
+    let bos_optional = matches!(sp, TokenizerModel::Hf(_));
     Model {
         archive,
         weights,
@@ -377,6 +386,7 @@ fn finish(archive: Mapped, weights: Weights, sp: SpModel, source: SourceKind) ->
         source,
         bos,
         eos,
+        bos_optional,
     }
 }
 

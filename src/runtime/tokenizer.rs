@@ -1,5 +1,6 @@
-//! SentencePiece BPE encoding and decoding (Llama-2's tokenizer), pure Rust, exact against
-//! Python `sentencepiece` on the committed golden tables.
+//! The runtime's tokenizer: SentencePiece BPE encoding and decoding (Llama-2's tokenizer),
+//! pure Rust, exact against Python `sentencepiece` on the committed golden tables; other
+//! tokenizers (`tokenizer.json`, GPT-2 BPE) through the `tokenizers` crate.
 //!
 //! Encoding follows SentencePiece's BPE model: normalise (escape spaces as `▁`, add the
 //! dummy prefix), split into characters with user-defined pieces kept whole, merge the
@@ -10,12 +11,77 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
+use crate::nemo::hf_tokenizer::{HfTokenizer, TokenizerModel};
 use crate::nemo::tokenizer::{PieceType, SpModel};
 
 const SPACE: char = '\u{2581}';
 
+/// The runtime's tokenizer: SentencePiece by our encoder, anything else by the
+/// `tokenizers` crate.
+#[derive(Clone)]
+pub enum Tokenizer {
+    Sp(Box<SpTokenizer>),
+    Hf(HfTokenizer),
+}
+
+impl Tokenizer {
+    pub fn new(model: impl Into<TokenizerModel>) -> Tokenizer {
+        match model.into() {
+            TokenizerModel::SentencePiece(m) => Tokenizer::Sp(Box::new(SpTokenizer::new(m))),
+            TokenizerModel::Hf(t) => Tokenizer::Hf(t),
+        }
+    }
+
+    /// Encodes `text` to ids (no BOS/EOS).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match self {
+            Tokenizer::Sp(t) => t.encode(text),
+            Tokenizer::Hf(t) => t
+                .inner
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Decodes ids to text (special tokens dropped).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Tokenizer::Sp(t) => t.decode(ids),
+            Tokenizer::Hf(t) => t.inner.decode(ids, true).unwrap_or_default(),
+        }
+    }
+
+    /// The text each of `ids[from..]` adds to the decoded sequence, in its place (a
+    /// leading space kept): the difference of decodes with and without it, over the 8
+    /// tokens before it, so the cost stays linear. A token that ends a character split
+    /// across byte pieces gets its own decoding.
+    pub fn token_texts(&self, ids: &[u32], from: usize) -> Vec<String> {
+        (from..ids.len())
+            .map(|i| {
+                let a = i.saturating_sub(8);
+                let before = self.decode(&ids[a..i]);
+                let now = self.decode(&ids[a..=i]);
+                match now.strip_prefix(before.as_str()) {
+                    Some(rest) => rest.to_string(),
+                    None => self.decode(&ids[i..=i]),
+                }
+            })
+            .collect()
+    }
+
+    /// The text of a token as the vocabulary spells it.
+    pub fn piece(&self, id: u32) -> Option<String> {
+        match self {
+            Tokenizer::Sp(t) => t.piece(id).map(str::to_string),
+            Tokenizer::Hf(t) => t.inner.id_to_token(id),
+        }
+    }
+}
+
 /// A tokenizer built from a SentencePiece model.
-pub struct Tokenizer {
+#[derive(Clone)]
+pub struct SpTokenizer {
     model: SpModel,
     ids: HashMap<String, u32>,
     /// User-defined pieces, longest first (matched greedily in the input).
@@ -49,8 +115,8 @@ impl PartialOrd for Candidate {
     }
 }
 
-impl Tokenizer {
-    pub fn new(model: SpModel) -> Tokenizer {
+impl SpTokenizer {
+    pub fn new(model: SpModel) -> SpTokenizer {
         let mut ids = HashMap::new();
         let mut user_defined = Vec::new();
         let mut bytes = [None; 256];
@@ -71,7 +137,7 @@ impl Tokenizer {
             }
         }
         user_defined.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        Tokenizer {
+        SpTokenizer {
             model,
             ids,
             user_defined,
@@ -232,24 +298,6 @@ impl Tokenizer {
             first = false;
         }
         String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// The text each of `ids[from..]` adds to the decoded sequence, in its place (a
-    /// leading space kept): the difference of decodes with and without it, over the 8
-    /// tokens before it, so the cost stays linear. A token that ends a character split
-    /// across byte pieces gets its own decoding.
-    pub fn token_texts(&self, ids: &[u32], from: usize) -> Vec<String> {
-        (from..ids.len())
-            .map(|i| {
-                let a = i.saturating_sub(8);
-                let before = self.decode(&ids[a..i]);
-                let now = self.decode(&ids[a..=i]);
-                match now.strip_prefix(before.as_str()) {
-                    Some(rest) => rest.to_string(),
-                    None => self.decode(&ids[i..=i]),
-                }
-            })
-            .collect()
     }
 
     /// The text of a piece.

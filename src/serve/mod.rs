@@ -32,6 +32,8 @@ use worker::{GenJob, GenOut, Job, Reply, StreamMsg};
 pub struct Info {
     pub tokenizer: Tokenizer,
     pub bos: Option<u32>,
+    /// No BOS is needed when there is none (see `Model::bos_optional`).
+    pub bos_optional: bool,
     pub max_positions: usize,
     /// Logits per step.
     pub vocab: usize,
@@ -43,8 +45,12 @@ impl Info {
     /// `text`'s ids after BOS (when `bos`); refused when empty or longer than the context.
     pub fn prompt_ids(&self, text: &str, bos: bool) -> std::result::Result<Vec<u32>, String> {
         let mut ids = Vec::new();
-        if bos {
-            ids.push(self.bos.ok_or("the tokenizer has no BOS token")?);
+        match (bos, self.bos) {
+            (true, Some(b)) => ids.push(b),
+            (true, None) if !self.bos_optional => {
+                return Err("the tokenizer has no BOS token".into())
+            }
+            _ => {}
         }
         ids.extend(self.tokenizer.encode(text));
         if ids.is_empty() {
@@ -364,8 +370,9 @@ async fn shutdown_signal() {
 /// Serves `model` until Ctrl-C or SIGTERM; `ready` gets the bound address.
 pub fn run(model: Model, name: String, cfg: &Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     let info = Arc::new(Info {
-        tokenizer: Tokenizer::new(model.tokenizer.model().clone()),
+        tokenizer: model.tokenizer.clone(),
         bos: model.bos,
+        bos_optional: model.bos_optional,
         max_positions: model.weights.dims.max_positions,
         vocab: model.weights.dims.vocab,
         name,

@@ -162,7 +162,7 @@ pub fn response(req: &Request, outs: &[GenOut], tok: &Tokenizer) -> Value {
         sentences.push(format!("{s}{}", o.text_with_end));
         tokens.push(
             all.iter()
-                .map(|&i| tok.piece(i).unwrap_or("").to_string())
+                .map(|&i| tok.piece(i).unwrap_or_default())
                 .collect::<Vec<_>>(),
         );
         offs.push(offsets(tok, &all));

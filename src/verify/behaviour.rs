@@ -41,7 +41,7 @@ pub fn prompt_ids(model: &Model, p: &Prompt, tokens: usize) -> Result<(Vec<u32>,
     let mut ids = Vec::new();
     match model.bos {
         Some(b) => ids.push(b),
-        None if p.raw => {}
+        None if p.raw || model.bos_optional => {}
         None => {
             return Err(Error::Usage(format!(
                 "prompt {}: the tokenizer has no BOS token",

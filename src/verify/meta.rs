@@ -5,6 +5,7 @@ use crate::arch::roles::Kind;
 use crate::arch::Arch;
 use crate::hf::names;
 use crate::model::View;
+use crate::nemo::hf_tokenizer::{HfTokenizer, TokenizerModel};
 use crate::nemo::tokenizer::SpModel;
 use crate::runtime::tokenizer::Tokenizer;
 
@@ -93,9 +94,38 @@ fn roles_output_name() -> String {
     crate::arch::roles::hf_names(Kind::Output, 0).remove(0)
 }
 
-/// The first difference between two tokenizers: pieces (text, score, type), special ids
-/// and normalization settings.
-pub fn tokenizer_diff(r: &SpModel, c: &SpModel) -> Option<String> {
+/// The first difference between two tokenizers: for SentencePiece, pieces (text, score,
+/// type), special ids and normalization settings; for `tokenizers` ones, the
+/// `tokenizer.json` documents (compared as JSON) and BOS / EOS.
+pub fn tokenizer_diff(r: &TokenizerModel, c: &TokenizerModel) -> Option<String> {
+    match (r, c) {
+        (TokenizerModel::SentencePiece(r), TokenizerModel::SentencePiece(c)) => sp_diff(r, c),
+        (TokenizerModel::Hf(r), TokenizerModel::Hf(c)) => {
+            let doc = |t: &HfTokenizer| serde_json::from_str::<serde_json::Value>(&t.json).ok();
+            if doc(r) != doc(c) {
+                return Some(format!(
+                    "the {} tokenizers differ ({} and {} tokens)",
+                    r.kind,
+                    r.vocab_size(),
+                    c.vocab_size()
+                ));
+            }
+            (r.bos != c.bos || r.eos != c.eos).then(|| {
+                format!(
+                    "BOS / EOS are {:?} / {:?} in the reference, {:?} / {:?} in the candidate",
+                    r.bos, r.eos, c.bos, c.eos
+                )
+            })
+        }
+        _ => Some(format!(
+            "the reference's tokenizer is {}, the candidate's {}",
+            r.kind_name(),
+            c.kind_name()
+        )),
+    }
+}
+
+fn sp_diff(r: &SpModel, c: &SpModel) -> Option<String> {
     if r.vocab_size() != c.vocab_size() {
         return Some(format!(
             "{} pieces in the reference, {} in the candidate",
@@ -162,7 +192,20 @@ pub fn encoding_diff(r: &Tokenizer, c: &Tokenizer, texts: &[(&str, &str)]) -> Op
 
 /// Self-check of a tokenizer: every special id and `<extra_id_N>` piece has an embedding
 /// row. Returns the first that does not.
-pub fn specials_outside(sp: &SpModel, embed_rows: u64) -> Option<String> {
+pub fn specials_outside(tok: &TokenizerModel, embed_rows: u64) -> Option<String> {
+    let sp = match tok {
+        TokenizerModel::SentencePiece(sp) => sp,
+        TokenizerModel::Hf(t) => {
+            return [("bos", &t.bos), ("eos", &t.eos)]
+                .into_iter()
+                .find_map(|(n, v)| {
+                    v.as_ref()
+                        .filter(|(id, _)| *id as u64 >= embed_rows)
+                        .map(|(id, _)| (n, *id))
+                })
+                .map(|(n, id)| format!("{n} id {id} has no embedding row ({embed_rows} rows)"));
+        }
+    };
     let mut ids = vec![
         ("unk", sp.unk_id),
         ("bos", sp.bos_id),

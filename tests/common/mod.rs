@@ -16,7 +16,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// Mapped entries of `fixtures/manifest.json`, `manifest-nemo.json`, `manifest-torch-dist.json`
-/// `manifest-tied.json` and `manifest-nemo2.json`.
+/// `manifest-tied.json`, `manifest-nemo2.json` and `manifest-bpe.json`.
 pub fn archives() -> Vec<Value> {
     let mut out = Vec::new();
     for name in [
@@ -25,6 +25,7 @@ pub fn archives() -> Vec<Value> {
         "manifest-torch-dist.json",
         "manifest-tied.json",
         "manifest-nemo2.json",
+        "manifest-bpe.json",
     ] {
         let p = fixtures().join(name);
         if name == "manifest.json" || p.exists() {

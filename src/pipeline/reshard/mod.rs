@@ -19,6 +19,7 @@ use crate::io::progress::Progress;
 use crate::io::sink::{FileSink, Plain};
 use crate::model::View;
 use crate::nemo::checkpoint::Checkpoint;
+use crate::nemo::hf_tokenizer::TokenizerModel;
 use crate::nemo::layout::rank_member;
 use crate::pipeline::emit;
 use crate::torch::save::{SaveEntry, TorchFile};
@@ -106,11 +107,17 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
         "pipeline_model_parallel_size".into(),
         Yaml::Number(pp.into()),
     );
-    // A NeMo 2.0 input's tokenizer lives in `context/`; the output carries it at the root.
+    // A NeMo 2.0 input's tokenizer lives in `context/`; the output carries it at the root
+    // (a SentencePiece model) or in `nemo_tokenizer/` (Hugging Face files).
     if let (true, Ok(t)) = (ck.nemo2, ck.tokenizer()) {
         if let Some(Yaml::Mapping(tok)) = map.get_mut("tokenizer") {
             let base = t.member.rsplit('/').next().unwrap_or(&t.member);
-            tok.insert("model".into(), Yaml::String(format!("nemo:{base}")));
+            match t.model {
+                TokenizerModel::SentencePiece(_) => {
+                    tok.insert("model".into(), Yaml::String(format!("nemo:{base}")))
+                }
+                TokenizerModel::Hf(_) => tok.insert("type".into(), Yaml::String(HF_DIR.into())),
+            };
         }
     }
     match dtype {
@@ -125,12 +132,34 @@ pub fn updated_yaml(ck: &Checkpoint, tp: u64, pp: u64, dtype: Option<DType>) -> 
     })
 }
 
-/// A NeMo 2.0 input's tokenizer file, to be written at the output's root.
-fn nemo2_tokenizer(ck: &Checkpoint) -> Option<(String, &[u8])> {
-    let t = ck.tokenizer().ok().filter(|_| ck.nemo2)?;
-    let m = ck.files.member(&t.member)?;
-    let base = t.member.rsplit('/').next().unwrap_or(&t.member);
-    Some((base.to_string(), ck.files.data(m)))
+/// Where a NeMo 2.0 input's Hugging Face tokenizer files go in the output.
+const HF_DIR: &str = "nemo_tokenizer";
+
+/// A NeMo 2.0 input's tokenizer files and their names in the output: the SentencePiece
+/// model at the root, or every file of the Hugging Face tokenizer folder in [`HF_DIR`].
+fn nemo2_tokenizer(ck: &Checkpoint) -> Vec<(String, &[u8])> {
+    let Some(t) = ck.tokenizer().ok().filter(|_| ck.nemo2) else {
+        return Vec::new();
+    };
+    let (dir, base) = t.member.rsplit_once('/').unwrap_or(("", &t.member));
+    match t.model {
+        TokenizerModel::SentencePiece(_) => ck
+            .files
+            .member(&t.member)
+            .map(|m| (base.to_string(), ck.files.data(m)))
+            .into_iter()
+            .collect(),
+        TokenizerModel::Hf(_) => ck
+            .files
+            .members()
+            .iter()
+            .filter(|m| m.kind == MemberKind::File)
+            .filter_map(|m| {
+                let f = m.name.strip_prefix(dir)?.strip_prefix('/')?;
+                (!f.contains('/')).then(|| (format!("{HF_DIR}/{f}"), ck.files.data(m)))
+            })
+            .collect(),
+    }
 }
 
 /// Reshards `ck` into `out`.
@@ -322,7 +351,12 @@ fn write_nemo(w: &Writing, out: &Path) -> Result<Vec<String>> {
     let mut t = TarWriter::new(BufWriter::with_capacity(16 << 20, f));
     t.dir(".").map_err(io)?;
     t.file("./model_config.yaml", yaml.as_bytes()).map_err(io)?;
+    let mut dirs = Vec::new();
     for (name, data) in artifacts {
+        if let Some((d, _)) = name.rsplit_once('/').filter(|(d, _)| !dirs.contains(d)) {
+            t.dir(&format!("./{d}")).map_err(io)?;
+            dirs.push(d);
+        }
         t.file(&format!("./{name}"), data).map_err(io)?;
     }
     for (r, p, entries) in ranks {
@@ -431,6 +465,9 @@ fn check_interrupted_io() -> std::io::Result<()> {
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
     std::fs::write(path, data).map_err(|e| Error::io(path, e))
 }
 
