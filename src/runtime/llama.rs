@@ -100,18 +100,27 @@ impl Linear {
         self.tasks_of(rows, 128 << 10)
     }
 
-    /// Row ranges of about `bytes` of weights, each within one band.
+    /// Row ranges of about `bytes` of weights (fewer where that leaves the threads too few
+    /// tasks to share evenly), each within one band, of equal size within a band.
     fn tasks_of(&self, rows: usize, bytes: usize) -> Vec<(usize, usize, usize)> {
         let row_bytes = (self.inp * self.wtype.size()).max(1);
         let per = (bytes / row_bytes).clamp(4, 4096);
+        let want = 4 * rayon::current_num_threads();
         let mut v = Vec::new();
         for (bi, b) in self.bands.iter().enumerate() {
             let end = (b.row0 + b.rows).min(rows);
+            if end <= b.row0 {
+                continue;
+            }
+            let n = end - b.row0;
+            let share = want.div_ceil(self.bands.len());
+            let count = n.div_ceil(per).max(share.min(n.div_ceil(4))).max(1);
+            let size = n.div_ceil(count);
             let mut r = b.row0;
             while r < end {
-                let n = per.min(end - r);
-                v.push((bi, r, r + n));
-                r += n;
+                let k = size.min(end - r);
+                v.push((bi, r, r + k));
+                r += k;
             }
         }
         v
@@ -154,6 +163,15 @@ impl Linear {
         debug_assert_eq!(x.len(), t * self.inp);
         debug_assert_eq!(y.len(), t * rows);
         if t == 1 {
+            // int8: the activations in the order the kernel unpacks bytes, once per product.
+            let permuted = cpu::permuted_applies(self.wtype, self.inp, self.group)
+                && self.bands.iter().flat_map(|b| &b.parts).all(|p| {
+                    p.col0 % 32 == 0 && cpu::permuted_applies(self.wtype, p.cols, self.group)
+                });
+            let mut xp = Vec::new();
+            if permuted {
+                cpu::permute32(x, &mut xp);
+            }
             let tasks = self.tasks(rows);
             let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
             let mut rest = &mut y[..];
@@ -170,13 +188,12 @@ impl Linear {
                     self.for_rows(ar, bi, r0, r1, |r, parts| {
                         let mut acc = 0f32;
                         for (p, w) in parts {
-                            acc += cpu::row_dot(
-                                self.wtype,
-                                w,
-                                &x[p.col0..p.col0 + p.cols],
-                                self.scales(p, b, r),
-                                self.group,
-                            );
+                            let (sc, cols) = (self.scales(p, b, r), p.col0..p.col0 + p.cols);
+                            acc += if permuted {
+                                cpu::row_dot_permuted(self.wtype, w, &xp[cols], sc, self.group)
+                            } else {
+                                cpu::row_dot(self.wtype, w, &x[cols], sc, self.group)
+                            };
                         }
                         ys[r - r0] = acc;
                     });
@@ -187,17 +204,12 @@ impl Linear {
         // with every token at once by the `gemm` crate (cache blocking, SIMD, f32
         // accumulation).
         let tasks = self.tasks_of(rows, BATCH_TILE_BYTES);
-        let mut yt = vec![0f32; rows * t];
-        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
-        let mut rest = &mut yt[..];
-        for &(_, r0, r1) in &tasks {
-            let (a, b) = rest.split_at_mut((r1 - r0) * t);
-            outs.push(a);
-            rest = b;
-        }
-        tasks.par_iter().zip(outs.into_par_iter()).for_each_init(
-            Vec::new,
-            |tile: &mut Vec<f32>, (&(bi, r0, r1), ys)| {
+        // Each task writes its rows' column of every token straight into y (token-major);
+        // the tasks' rows are disjoint.
+        let dst = SendPtr(y.as_mut_ptr());
+        tasks
+            .par_iter()
+            .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(bi, r0, r1)| {
                 let b = &self.bands[bi];
                 let n = r1 - r0;
                 tile.resize(n * self.inp, 0.0);
@@ -213,17 +225,20 @@ impl Linear {
                         );
                     }
                 });
-                // ys (n × t, row-major) = tile (n × inp, row-major) · xᵀ (inp × t).
-                // SAFETY: every pointer covers its matrix with the strides given: tile
-                // is n·inp, x is t·inp, ys is n·t.
+                let d = dst;
+                // y[tok·rows + r0 + i] (i < n) = Σ_k tile[i, k] · x[tok, k]: dst (n × t) with
+                // row stride 1 and column stride rows, tile (n × inp) row-major, xᵀ (inp × t).
+                // SAFETY: every pointer covers its matrix with the strides given (tile n·inp,
+                // x t·inp, y t·rows from row r0 on, r0 + n <= rows), and no other task writes
+                // rows r0..r1 of y.
                 unsafe {
                     gemm::gemm(
                         n,
                         t,
                         self.inp,
-                        ys.as_mut_ptr(),
+                        d.0.add(r0),
+                        rows as isize,
                         1,
-                        t as isize,
                         false,
                         tile.as_ptr(),
                         1,
@@ -239,15 +254,16 @@ impl Linear {
                         gemm::Parallelism::None,
                     )
                 }
-            },
-        );
-        for r in 0..rows {
-            for tok in 0..t {
-                y[tok * rows + r] = yt[r * t + tok];
-            }
-        }
+            });
     }
 }
+
+/// `y`'s pointer, shared by tasks that write disjoint rows of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used by tasks that write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// Weight bytes per tile of a batched product: big enough that packing the tokens for
 /// `gemm` is a small part of the work, small enough (as f32) to stay in L2/L3.

@@ -9,6 +9,8 @@ use steerlm_convert::dtype::DType;
 use steerlm_convert::synth::{self, SynthSpec};
 
 mod bench;
+mod bench_generate;
+mod bench_kernels;
 mod bench_verify;
 mod gpu_check;
 
@@ -117,10 +119,17 @@ pub(crate) const USAGE: &str = "usage:
       int8 (channel) and fp16 quantize of the 13B-shaped archive on the CPU (and the GPU
       when there is one): GB/s of input against this machine's memory read bandwidth and
       against cp (+ fsync) of the archive.
-  cargo xtask bench generate [--dir DIR] [--tokens 64] [--python PY]
-      Decode and prompt tokens/s of a synthetic ~100M-parameter Llama (f32, bf16, int8) at
-      1 and 2 threads, against the bandwidth limit (weight bytes per token / measured read
-      bandwidth) and against transformers on the CPU when PY imports it.
+  cargo xtask bench generate [--dir DIR] [--tokens 64] [--runs 2]
+                             [--llama-bench PATH [--llama-convert PY_SCRIPT] [--python PY]]
+      Decode (tg) and prompt (pp256, pp1024) tokens/s of a synthetic 134M Llama (f32,
+      bf16, f16, int8 channel / group 128 / group 32) at 1 and 2 threads, against the
+      bandwidth limit (weight bytes per token / measured read bandwidth) and, given a
+      llama.cpp you built (PATH: its llama-bench; llama-quantize beside it), against
+      llama.cpp on GGUF files its own convert_hf_to_gguf.py and llama-quantize make from
+      the same folder, the two run alternately.
+  cargo xtask bench kernels
+      Each CPU weight-row kernel alone: GB/s from memory against the read bandwidth, and
+      in cache (its compute ceiling), at 1 and 2 threads.
   cargo xtask bench verify [--layers 20] [--dir DIR] [--tokens 16]
       verify of a synthetic 13B-shaped TP 4 bf16 archive (made if absent) against its
       HF conversion, 1 prompt, from a cold page cache: wall time, peak anonymous and
@@ -147,8 +156,9 @@ fn main() -> Result<()> {
             Some("convert") => bench_convert(&args[2..]),
             Some("reshard") => bench_reshard(&args[2..]),
             Some("quantize") => bench::quantize(&args[2..]),
-            Some("generate") => bench::generate(&args[2..]),
+            Some("generate") => bench_generate::generate(&args[2..]),
             Some("verify") => bench_verify::verify(&args[2..]),
+            Some("kernels") => bench_kernels::kernels(&args[2..]),
             _ => bail!("{USAGE}"),
         },
         Some("test") => test_cmd(),

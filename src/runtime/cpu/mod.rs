@@ -214,116 +214,7 @@ fn row_dot_generic(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        if !t.is_int8() {
-            return dot(t, w, x);
-        }
-        let mut total = 0f32;
-        for (g, xs) in x.chunks(group).enumerate() {
-            let base = g * group;
-            total += dot(t, &w[base..base + xs.len()], xs) * scales[g];
-        }
-        total
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
-        let n = x.len().min(w.len());
-        let wp = w.as_ptr() as *const u8;
-        // SAFETY: `w` holds n f32 values, i.e. 4n bytes.
-        let wb = std::slice::from_raw_parts(wp, 4 * n);
-        dot(WType::F32, wb, &x[..n])
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
-        dequant_generic(t, w, scales, group, out)
-    }
-
-    #[inline(always)]
-    unsafe fn load8(t: WType, p: *const u8) -> __m256 {
-        // SAFETY (all arms): the caller guarantees 8 elements of `t` at `p`.
-        match t {
-            WType::F32 => _mm256_loadu_ps(p as *const f32),
-            WType::BF16 => {
-                let h = _mm_loadu_si128(p as *const __m128i);
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-            }
-            WType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-            WType::U8Offset => {
-                let b = _mm_xor_si128(_mm_loadl_epi64(p as *const __m128i), _mm_set1_epi8(-128));
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
-            }
-            WType::I8 => {
-                let b = _mm_loadl_epi64(p as *const __m128i);
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
-            }
-        }
-    }
-
-    /// `Σ w·x` with four 8-lane FMA accumulators.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot(t: WType, w: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        let es = t.size();
-        assert!(w.len() >= n * es);
-        let full = n / 32 * 32;
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut i = 0;
-        let ahead = prefetch_distance();
-        while i < full {
-            // Streams cross 4 KiB pages of the mapped file, where the hardware prefetcher
-            // stops: ask for the bytes ahead explicitly (a prefetch never faults).
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead) as *const i8);
-            if es == 4 {
-                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
-            }
-            // SAFETY: i + 32 <= n: 32 elements of w and x are in bounds.
-            a0 = _mm256_fmadd_ps(load8(t, wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(
-                load8(t, wp.add((i + 8) * es)),
-                _mm256_loadu_ps(xp.add(i + 8)),
-                a1,
-            );
-            a2 = _mm256_fmadd_ps(
-                load8(t, wp.add((i + 16) * es)),
-                _mm256_loadu_ps(xp.add(i + 16)),
-                a2,
-            );
-            a3 = _mm256_fmadd_ps(
-                load8(t, wp.add((i + 24) * es)),
-                _mm256_loadu_ps(xp.add(i + 24)),
-                a3,
-            );
-            i += 32;
-        }
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n.
-            a0 = _mm256_fmadd_ps(load8(t, wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
-            i += 8;
-        }
-        let s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        let mut total = _mm_cvtss_f32(h);
-        if i < n {
-            total += dot_generic(t, &w[i * es..n * es], &x[i..n]);
-        }
-        total
-    }
-}
+mod x86;
 
 fn prefetch_distance() -> usize {
     static D: OnceLock<usize> = OnceLock::new();
@@ -354,6 +245,44 @@ pub fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f
         return unsafe { x86::row_dot(t, w, x, scales, group) };
     }
     row_dot_generic(t, w, x, scales, group)
+}
+
+/// Activations reordered for [`row_dot_permuted`]: within each block of 32, lane `k` of
+/// vector `j` holds element `4k + j` (the order in which the int8 kernel unpacks the
+/// block's bytes). Needs `x.len() % 32 == 0`.
+pub fn permute32(x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(x.len(), 0.0);
+    for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+        for j in 0..4 {
+            for k in 0..8 {
+                ob[8 * j + k] = xb[4 * k + j];
+            }
+        }
+    }
+}
+
+/// Whether [`row_dot_permuted`] takes int8 rows of `cols` columns in groups of `group`.
+pub fn permuted_applies(t: WType, cols: usize, group: usize) -> bool {
+    t.is_int8()
+        && cols % 32 == 0
+        && group.min(cols) % 32 == 0
+        && cfg!(target_arch = "x86_64")
+        && wide()
+}
+
+/// [`row_dot`] of an int8 row with activations in [`permute32`] order (same result up to
+/// the order of the f32 additions). Only where [`permuted_applies`].
+#[inline]
+pub fn row_dot_permuted(t: WType, w: &[u8], xp: &[f32], scales: &[f32], group: usize) -> f32 {
+    assert!(permuted_applies(t, xp.len(), group));
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: AVX2 + FMA + F16C (checked in `permuted_applies`).
+        unsafe { x86::dot_i8_permuted(t == WType::U8Offset, w, xp, scales, group) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("permuted_applies is false off x86-64")
 }
 
 /// `Σ w[i]·x[i]` over f32 slices.
@@ -431,6 +360,42 @@ mod tests {
             }
         }
         assert!((dot_f32(&w, &x) as f64 - exact_f32(&w, &x)).abs() < 1e-4);
+    }
+
+    /// The permuted int8 kernel against the plain one and an f64 sum: both formats,
+    /// groups of 32, 64, 128 and one per row (channel), rows of 32 to 4096 columns.
+    #[test]
+    fn permuted_int8_agrees() {
+        for n in [32usize, 96, 128, 768, 4096] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 29 % 31) as f32 - 15.0) / 7.0)
+                .collect();
+            let q: Vec<i8> = (0..n).map(|i| ((i * 97 + 13) % 256) as u8 as i8).collect();
+            let mut xp = Vec::new();
+            permute32(&x, &mut xp);
+            for group in [32usize, 64, 128, n] {
+                if n % group.min(n) != 0 {
+                    continue;
+                }
+                let scales: Vec<f32> = (0..n.div_ceil(group))
+                    .map(|g| 0.01 + g as f32 / 64.0)
+                    .collect();
+                let exact: f64 = (0..n)
+                    .map(|i| q[i] as f64 * scales[i / group] as f64 * x[i] as f64)
+                    .sum();
+                let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+                let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
+                for (t, b) in [(WType::I8, signed), (WType::U8Offset, offset)] {
+                    let plain = row_dot(t, &b, &x, &scales, group);
+                    let tol = 1e-5 * (1.0 + exact.abs());
+                    assert!((plain as f64 - exact).abs() < tol, "{t:?} n {n} g {group}");
+                    if permuted_applies(t, n, group) {
+                        let got = row_dot_permuted(t, &b, &xp, &scales, group);
+                        assert!((got as f64 - exact).abs() < tol, "{t:?} n {n} g {group}");
+                    }
+                }
+            }
+        }
     }
 
     fn exact_f32(w: &[f32], x: &[f32]) -> f64 {

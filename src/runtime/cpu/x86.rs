@@ -1,0 +1,298 @@
+//! The AVX2 + FMA + F16C kernels, chosen at run time (`crate::dtype::simd`).
+
+use super::*;
+use std::arch::x86_64::*;
+
+/// Loads 8 stored elements as f32. One type per weight format, so that each kernel is
+/// compiled for one format with no branch in its loop.
+trait Load {
+    const SIZE: usize;
+    const TYPE: WType;
+    /// SAFETY: 8 elements of the format are readable at `p`; AVX2 + F16C are present.
+    unsafe fn load8(p: *const u8) -> __m256;
+}
+struct F32;
+struct Bf16;
+struct F16;
+struct I8;
+struct U8;
+impl Load for F32 {
+    const SIZE: usize = 4;
+    const TYPE: WType = WType::F32;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_loadu_ps(p as *const f32)
+    }
+}
+impl Load for Bf16 {
+    const SIZE: usize = 2;
+    const TYPE: WType = WType::BF16;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+impl Load for F16 {
+    const SIZE: usize = 2;
+    const TYPE: WType = WType::F16;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+impl Load for I8 {
+    const SIZE: usize = 1;
+    const TYPE: WType = WType::I8;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+}
+impl Load for U8 {
+    const SIZE: usize = 1;
+    const TYPE: WType = WType::U8Offset;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        let b = _mm_xor_si128(_mm_loadl_epi64(p as *const __m128i), _mm_set1_epi8(-128));
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+    }
+}
+
+/// `Σ w·x` over `n` elements (a multiple of 8) as 8 lanes, with four FMA chains.
+/// SAFETY: `n` elements of `w` (format `T`) and `x` are readable.
+#[inline(always)]
+unsafe fn span<T: Load>(wp: *const u8, xp: *const f32, n: usize, ahead: usize) -> __m256 {
+    let es = T::SIZE;
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let mut i = 0;
+    while i + 32 <= n {
+        // Streams cross 4 KiB pages of the mapped file, where the hardware prefetcher
+        // stops: ask for the bytes ahead explicitly (a prefetch never faults).
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead) as *const i8);
+        if es == 4 {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
+        }
+        a0 = _mm256_fmadd_ps(T::load8(wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
+        a1 = _mm256_fmadd_ps(
+            T::load8(wp.add((i + 8) * es)),
+            _mm256_loadu_ps(xp.add(i + 8)),
+            a1,
+        );
+        a2 = _mm256_fmadd_ps(
+            T::load8(wp.add((i + 16) * es)),
+            _mm256_loadu_ps(xp.add(i + 16)),
+            a2,
+        );
+        a3 = _mm256_fmadd_ps(
+            T::load8(wp.add((i + 24) * es)),
+            _mm256_loadu_ps(xp.add(i + 24)),
+            a3,
+        );
+        i += 32;
+    }
+    while i + 8 <= n {
+        a0 = _mm256_fmadd_ps(T::load8(wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
+        i += 8;
+    }
+    _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))
+}
+
+#[inline(always)]
+unsafe fn hsum(s: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
+/// `Σ w·x` over `x.len()` elements.
+#[inline(always)]
+unsafe fn dot<T: Load>(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    assert!(w.len() >= n * T::SIZE);
+    let n8 = n / 8 * 8;
+    // SAFETY: n8 <= n elements of both are in bounds (asserted above).
+    let mut total = hsum(span::<T>(w.as_ptr(), x.as_ptr(), n8, prefetch_distance()));
+    if n8 < n {
+        total += dot_generic(T::TYPE, &w[n8 * T::SIZE..n * T::SIZE], &x[n8..n]);
+    }
+    total
+}
+
+/// `Σ_g scale[g] · Σ_{i∈g} w·x` with groups of `group` columns: each group's sum stays
+/// in 8 lanes and is scaled into two running totals, so a group costs no horizontal sum.
+#[inline(always)]
+unsafe fn dot_scaled<T: Load>(w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+    let n = x.len();
+    if group % 8 != 0 || group >= n {
+        let mut total = 0f32;
+        for (g, xs) in x.chunks(group).enumerate() {
+            let base = g * group;
+            total += dot::<T>(&w[base * T::SIZE..(base + xs.len()) * T::SIZE], xs) * scales[g];
+        }
+        return total;
+    }
+    assert!(w.len() >= n * T::SIZE && scales.len() >= n.div_ceil(group));
+    let full = n / group;
+    let ahead = prefetch_distance();
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut g = 0;
+    while g + 2 <= full {
+        // SAFETY: groups g and g + 1 lie within the n elements asserted above.
+        let s0 = span::<T>(wp.add(g * group * T::SIZE), xp.add(g * group), group, ahead);
+        t0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(*scales.get_unchecked(g)), t0);
+        let b = (g + 1) * group;
+        let s1 = span::<T>(wp.add(b * T::SIZE), xp.add(b), group, ahead);
+        t1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(*scales.get_unchecked(g + 1)), t1);
+        g += 2;
+    }
+    if g < full {
+        let s0 = span::<T>(wp.add(g * group * T::SIZE), xp.add(g * group), group, ahead);
+        t0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(scales[g]), t0);
+    }
+    let mut total = hsum(_mm256_add_ps(t0, t1));
+    let done = full * group;
+    if done < n {
+        total += dot::<T>(&w[done * T::SIZE..n * T::SIZE], &x[done..]) * scales[full];
+    }
+    total
+}
+
+/// int8 rows against activations in [`permute32`] order: one 32-byte load, and an in-lane
+/// byte shuffle per vector of 8 puts byte `4k + j` at the top of lane `k` of vector `j`
+/// with zeros below, so that the int-to-float conversion gives `q · 2^24` exactly (the
+/// caller scales by 2^-24). A sign extension per 8 bytes would cross lanes, the slow step
+/// on these cores.
+/// SAFETY: `n` (a multiple of 32) elements of `w` and `xp` are readable.
+#[inline(always)]
+unsafe fn span_i8x32<const OFFSET: bool>(wp: *const u8, xp: *const f32, n: usize) -> __m256 {
+    let top = |j: i8| {
+        let z = -128i8; // 0x80: a zero byte
+        _mm256_setr_epi8(
+            z,
+            z,
+            z,
+            j,
+            z,
+            z,
+            z,
+            4 + j,
+            z,
+            z,
+            z,
+            8 + j,
+            z,
+            z,
+            z,
+            12 + j,
+            z,
+            z,
+            z,
+            j,
+            z,
+            z,
+            z,
+            4 + j,
+            z,
+            z,
+            z,
+            8 + j,
+            z,
+            z,
+            z,
+            12 + j,
+        )
+    };
+    let (m0, m1, m2, m3) = (top(0), top(1), top(2), top(3));
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let mut i = 0;
+    while i < n {
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + 512) as *const i8);
+        let mut v = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        if OFFSET {
+            v = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+        }
+        let q0 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m0));
+        let q1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m1));
+        let q2 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m2));
+        let q3 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m3));
+        a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xp.add(i)), a0);
+        a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(i + 8)), a1);
+        a2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(i + 16)), a2);
+        a3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(i + 24)), a3);
+        i += 32;
+    }
+    _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))
+}
+
+/// [`dot_scaled`] for groups that are whole blocks of 32, over permuted activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_i8_permuted(
+    offset: bool,
+    w: &[u8],
+    xp: &[f32],
+    scales: &[f32],
+    group: usize,
+) -> f32 {
+    let n = xp.len();
+    let group = group.min(n);
+    assert!(n % 32 == 0 && group % 32 == 0 && w.len() >= n);
+    let groups = n.div_ceil(group);
+    assert!(scales.len() >= groups);
+    let (wp, xq) = (w.as_ptr(), xp.as_ptr());
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for g in 0..groups {
+        let b = g * group;
+        let len = group.min(n - b);
+        // SAFETY: b + len <= n, asserted above.
+        let s = if offset {
+            span_i8x32::<true>(wp.add(b), xq.add(b), len)
+        } else {
+            span_i8x32::<false>(wp.add(b), xq.add(b), len)
+        };
+        // The span is `q · 2^24`: a power of two, so this scaling is exact.
+        let sc = _mm256_set1_ps(*scales.get_unchecked(g) * (1.0 / 16_777_216.0));
+        if g % 2 == 0 {
+            t0 = _mm256_fmadd_ps(s, sc, t0);
+        } else {
+            t1 = _mm256_fmadd_ps(s, sc, t1);
+        }
+    }
+    hsum(_mm256_add_ps(t0, t1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+    match t {
+        WType::F32 => dot::<F32>(w, x),
+        WType::BF16 => dot::<Bf16>(w, x),
+        WType::F16 => dot::<F16>(w, x),
+        WType::I8 => dot_scaled::<I8>(w, x, scales, group),
+        WType::U8Offset => dot_scaled::<U8>(w, x, scales, group),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    let n = x.len().min(w.len());
+    // SAFETY: `w` holds n f32 values, i.e. 4n bytes.
+    let wb = std::slice::from_raw_parts(w.as_ptr() as *const u8, 4 * n);
+    dot::<F32>(wb, &x[..n])
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+    dequant_generic(t, w, scales, group, out)
+}

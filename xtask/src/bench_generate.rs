@@ -1,0 +1,290 @@
+//! `bench generate`: decode and prompt tokens/s of the CPU runtime on a synthetic 134M
+//! Llama (hidden 768, 12 layers, ffn 2048, vocab 32000) in f32, bf16, f16 and int8
+//! (channel, groups of 128 and 32), at 1 and 2 threads, against the memory-bandwidth limit
+//! and, given `--llama-bench`, against llama.cpp on the same weights (its GGUF files made
+//! from the same Hugging Face folder by its own converter and quantizer), run alternately.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::dtype::DType;
+use steerlm_convert::runtime::load::Model;
+use steerlm_convert::synth::{self, SynthSpec};
+
+use crate::bench::read_bandwidth;
+use crate::{flag, measure, num, release_binary};
+
+/// The llama.cpp tools of a local build (never fetched or vendored by this task).
+struct Peer {
+    bench: PathBuf,
+    /// GGUF per weight kind: f32, bf16, f16, q8_0.
+    gguf: Vec<(&'static str, PathBuf)>,
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+    let o = cmd.output().with_context(|| what.to_string())?;
+    if !o.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+/// The GGUF files of `hf` (bf16), made with llama.cpp's `convert_hf_to_gguf.py` (found
+/// above the llama-bench binary, or `--llama-convert`) and `llama-quantize` (next to it).
+fn peer(args: &[String], dir: &Path, hf: &Path) -> Result<Option<Peer>> {
+    let Some(bench) = flag(args, "--llama-bench").map(PathBuf::from) else {
+        return Ok(None);
+    };
+    let bench = std::fs::canonicalize(&bench).with_context(|| bench.display().to_string())?;
+    let bin = bench.parent().context("llama-bench path")?;
+    let quantize = bin.join("llama-quantize");
+    let convert = match flag(args, "--llama-convert") {
+        Some(c) => PathBuf::from(c),
+        None => bin
+            .ancestors()
+            .map(|a| a.join("convert_hf_to_gguf.py"))
+            .find(|p| p.exists())
+            .context("convert_hf_to_gguf.py not found above llama-bench; give --llama-convert")?,
+    };
+    let root = convert.parent().context("convert path")?;
+    let python = flag(args, "--python").unwrap_or("python3");
+    let mut gguf = Vec::new();
+    for kind in ["f32", "bf16", "f16"] {
+        let out = dir.join(format!("synth134m-{kind}.gguf"));
+        if !out.exists() {
+            run_ok(
+                Command::new(python)
+                    .env("PYTHONPATH", root.join("gguf-py"))
+                    .arg(&convert)
+                    .arg(hf)
+                    .args(["--outtype", kind, "--outfile"])
+                    .arg(&out),
+                "convert_hf_to_gguf.py",
+            )?;
+        }
+        gguf.push((kind, out));
+    }
+    let q8 = dir.join("synth134m-q8_0.gguf");
+    if !q8.exists() {
+        run_ok(
+            Command::new(&quantize).arg(&gguf[0].1).arg(&q8).arg("q8_0"),
+            "llama-quantize",
+        )?;
+    }
+    gguf.push(("q8_0", q8));
+    Ok(Some(Peer { bench, gguf }))
+}
+
+/// llama-bench's tokens/s for one test: `-p n` (prompt) or `-n n` (decode).
+fn llama_rate(p: &Peer, gguf: &Path, threads: usize, prompt: bool, n: u64) -> Result<f64> {
+    let (pp, tg) = if prompt { (n, 0) } else { (0, n) };
+    let o = Command::new(&p.bench)
+        .arg("-m")
+        .arg(gguf)
+        .args(["-t", &threads.to_string(), "-r", "1", "-o", "json"])
+        .args(["-p", &pp.to_string(), "-n", &tg.to_string()])
+        .output()?;
+    if !o.status.success() {
+        bail!("llama-bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let v: Value = serde_json::from_slice(&o.stdout).context("llama-bench JSON")?;
+    v[0]["avg_ts"].as_f64().context("llama-bench avg_ts")
+}
+
+/// Text whose encoding (with the BOS) is `n` tokens: words of a sentence while they fit,
+/// then shorter pieces.
+fn prompt_of(model: &Model, n: usize) -> Result<String> {
+    let words = [
+        "The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog.",
+    ];
+    let bos = usize::from(model.bos.is_some());
+    let len = |t: &str| model.tokenizer.encode(t).len() + bos;
+    let mut text = String::new();
+    let mut i = 0;
+    while len(&text) < n {
+        let cur = len(&text);
+        let sep = if text.is_empty() { "" } else { " " };
+        let next = [words[i % 9], "a", "."]
+            .iter()
+            .flat_map(|w| [format!("{text}{sep}{w}"), format!("{text}{w}")])
+            .find(|t| (cur + 1..=n).contains(&len(t)))
+            .with_context(|| format!("no prompt of exactly {n} tokens"))?;
+        text = next;
+        i += 1;
+    }
+    Ok(text)
+}
+
+/// Our rate: prompt tokens/s of `text`, or decode tokens/s of `n` tokens after "Hi".
+fn our_rate(bin: &Path, model: &Path, threads: usize, prompt: Option<&str>, n: u64) -> Result<f64> {
+    let (text, max) = match prompt {
+        Some(t) => (t, 1),
+        None => ("Hi", n),
+    };
+    let (_, _, o) = measure(
+        Command::new(bin)
+            .arg("generate")
+            .arg(model)
+            .args(["--raw", "--ignore-eos", "--json", "-q", "--prompt", text])
+            .args(["--max-tokens", &max.to_string()])
+            .args(["--threads", &threads.to_string()]),
+    )?;
+    if !o.status.success() {
+        bail!("generate failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let v: Value = serde_json::from_slice(&o.stdout)?;
+    let key = if prompt.is_some() {
+        "prompt_tokens_per_s"
+    } else {
+        "decode_tokens_per_s"
+    };
+    v["timing"][key].as_f64().context("timing")
+}
+
+/// The folders of the benchmark model, made if absent: (row name, folder, GGUF peer).
+fn models(bin: &Path, dir: &Path) -> Result<Vec<(&'static str, PathBuf, &'static str)>> {
+    std::fs::create_dir_all(dir)?;
+    let nemo = dir.join("synth134m.nemo");
+    if !nemo.exists() {
+        let spec = SynthSpec {
+            layers: 12,
+            hidden: 768,
+            heads: 12,
+            groups: 12,
+            ffn: 2048,
+            vocab: 32000,
+            tp: 1,
+            pp: 1,
+            dtype: DType::BF16,
+            make_vocab_size_divisible_by: 128,
+        };
+        synth::write(&spec, &nemo, |_| {})?;
+    }
+    let rows: [(&str, &[&str], &str); 6] = [
+        ("f32", &["nemo-to-safetensors", "--dtype", "fp32"], "f32"),
+        ("bf16", &["nemo-to-safetensors"], "bf16"),
+        ("f16", &["nemo-to-safetensors", "--dtype", "fp16"], "f16"),
+        ("int8", &["quantize", "--scheme", "int8"], "q8_0"),
+        (
+            "int8 g128",
+            &[
+                "quantize",
+                "--scheme",
+                "int8",
+                "--granularity",
+                "group",
+                "--group-size",
+                "128",
+            ],
+            "q8_0",
+        ),
+        (
+            "int8 g32",
+            &[
+                "quantize",
+                "--scheme",
+                "int8",
+                "--granularity",
+                "group",
+                "--group-size",
+                "32",
+            ],
+            "q8_0",
+        ),
+    ];
+    let bf16 = dir.join("synth134m-bf16");
+    let mut v = Vec::new();
+    for (name, cmd, peer) in rows {
+        let out = dir.join(format!("synth134m-{}", name.replace(' ', "-")));
+        if !out.exists() {
+            let input = if cmd[0] == "quantize" { &bf16 } else { &nemo };
+            let st = Command::new(bin)
+                .arg(cmd[0])
+                .arg(input)
+                .arg(&out)
+                .args(&cmd[1..])
+                .arg("-q")
+                .status()?;
+            if !st.success() {
+                bail!("{cmd:?} failed");
+            }
+        }
+        v.push((name, out, peer));
+    }
+    Ok(v)
+}
+
+pub fn generate(args: &[String]) -> Result<()> {
+    let dir = PathBuf::from(flag(args, "--dir").unwrap_or("target/bench"));
+    let tokens = num(args, "--tokens", 64)?;
+    let runs = num(args, "--runs", 2)?.max(1);
+    let bin = release_binary()?;
+    let models = models(&bin, &dir)?;
+    let peer = peer(args, &dir, &models[1].1)?;
+    let m = Model::open(&models[1].1, &OpenOptions::default())?;
+    let prompts = [256usize, 1024]
+        .into_iter()
+        .map(|n| prompt_of(&m, n).map(|t| (n, t)))
+        .collect::<Result<Vec<_>>>()?;
+    let max_t = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(2);
+    println!("kernel isa: {}", steerlm_convert::runtime::cpu::isa());
+    println!(
+        "{:<10} {:>3} {:<6} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "weights", "thr", "test", "ours t/s", "limit", "of limit", "llama", "ours/them"
+    );
+    for (name, path, gguf) in &models {
+        let g = peer
+            .as_ref()
+            .and_then(|p| p.gguf.iter().find(|(k, _)| k == gguf).map(|(_, f)| (p, f)));
+        let bpt = Model::open(path, &OpenOptions::default())?
+            .weights
+            .bytes_per_token() as f64;
+        for t in 1..=max_t {
+            let bw = read_bandwidth(t);
+            let mut tests: Vec<(String, Option<&str>, u64)> =
+                vec![(format!("tg{tokens}"), None, tokens)];
+            for p in &prompts {
+                tests.push((format!("pp{}", p.0), Some(p.1.as_str()), p.0 as u64));
+            }
+            for (test, text, n) in &tests {
+                let (mut ours, mut theirs) = (0f64, 0f64);
+                for _ in 0..runs {
+                    ours = ours.max(our_rate(&bin, path, t, *text, *n)?);
+                    if let Some((p, f)) = g {
+                        theirs = theirs.max(llama_rate(p, f, t, text.is_some(), *n)?);
+                    }
+                }
+                let limit = bw * 1e9 / bpt;
+                let (lim, of) = if text.is_none() {
+                    (
+                        format!("{limit:.1}"),
+                        format!("{:.0}%", 100.0 * ours / limit),
+                    )
+                } else {
+                    ("-".into(), "-".into())
+                };
+                let (them, ratio) = if g.is_some() {
+                    (format!("{theirs:.1}"), format!("{:.2}", ours / theirs))
+                } else {
+                    ("n/a".into(), "n/a".into())
+                };
+                println!(
+                    "{:<10} {:>3} {:<6} {:>9.1} {:>9} {:>9} {:>8} {:>9}",
+                    name, t, test, ours, lim, of, them, ratio
+                );
+            }
+        }
+    }
+    println!(
+        "best of {runs} alternated runs each. limit = memory read bandwidth at that thread count /\n\
+         weight bytes read per decoded token. llama: llama-bench on the GGUF of the same bf16\n\
+         folder (f32/bf16/f16 by convert_hf_to_gguf.py; every int8 row against its q8_0 by\n\
+         llama-quantize), same threads and token counts; tg = decode, pp = prompt."
+    );
+    Ok(())
+}

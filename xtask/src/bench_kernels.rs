@@ -1,0 +1,165 @@
+//! `bench kernels`: each weight-row kernel of the CPU runtime on its own, as bytes/s of
+//! weights read against the measured memory read bandwidth (the decode limit), and the
+//! batched product (the prompt's) as GFLOP/s.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use steerlm_convert::runtime::cpu::{self, WType};
+
+use crate::bench::read_bandwidth;
+
+/// A weight matrix in memory as the runtime sees it in a mapped file.
+struct Matrix {
+    t: WType,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl Matrix {
+    fn new(t: WType, rows: usize, cols: usize, group: usize) -> Matrix {
+        let n = rows * cols * t.size();
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut bytes = vec![0u8; n];
+        for b in bytes.chunks_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            for (i, v) in b.iter_mut().enumerate() {
+                *v = (s >> (8 * i)) as u8;
+            }
+        }
+        // Finite floats: clear each element's top exponent bit.
+        match t {
+            WType::BF16 | WType::F16 => bytes.chunks_mut(2).for_each(|e| e[1] &= 0x3f),
+            WType::F32 => bytes.chunks_mut(4).for_each(|e| e[3] &= 0x3f),
+            _ => {}
+        }
+        let group = if t.is_int8() { group } else { 0 };
+        let scales = if t.is_int8() {
+            vec![1.0 / 127.0; rows * cols.div_ceil(group)]
+        } else {
+            Vec::new()
+        };
+        Matrix {
+            t,
+            rows,
+            cols,
+            group,
+            bytes,
+            scales,
+        }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols * self.t.size()
+    }
+
+    /// `y = W x` over rows `r0..r1`.
+    fn matvec(&self, x: &[f32], r0: usize, r1: usize, y: &mut [f32]) {
+        let rb = self.row_bytes();
+        let g = if self.group == 0 {
+            0
+        } else {
+            self.cols.div_ceil(self.group)
+        };
+        // As the runtime does: int8 rows against activations permuted once per product.
+        let mut xp = Vec::new();
+        let permuted = cpu::permuted_applies(self.t, self.cols, self.group);
+        if permuted {
+            cpu::permute32(x, &mut xp);
+        }
+        for r in r0..r1 {
+            let sc = if g == 0 {
+                &[][..]
+            } else {
+                &self.scales[r * g..(r + 1) * g]
+            };
+            let w = &self.bytes[r * rb..(r + 1) * rb];
+            y[r - r0] = if permuted {
+                cpu::row_dot_permuted(self.t, w, &xp, sc, self.group)
+            } else {
+                cpu::row_dot(self.t, w, x, sc, self.group)
+            };
+        }
+    }
+}
+
+/// Seconds per pass of `y = W x` over every row, split by rows over `threads` threads
+/// that each make `reps` passes over their rows (one start, so that small matrices
+/// measure the kernel and not the thread start).
+fn time_matvec(m: &Matrix, threads: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..m.cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let mut y = vec![0f32; m.rows];
+    let per = m.rows.div_ceil(threads);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for (i, ys) in y.chunks_mut(per).enumerate() {
+            let x = &x;
+            s.spawn(move || {
+                for _ in 0..reps {
+                    m.matvec(x, i * per, i * per + ys.len(), ys);
+                    std::hint::black_box(&ys);
+                }
+            });
+        }
+    });
+    t0.elapsed().as_secs_f64() / reps as f64
+}
+
+pub fn kernels(_args: &[String]) -> Result<()> {
+    let max_t = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(2);
+    let bws: Vec<f64> = (1..=max_t).map(read_bandwidth).collect();
+    println!("kernel isa: {}", cpu::isa());
+    for (i, b) in bws.iter().enumerate() {
+        println!("memory read bandwidth: {b:.1} GB/s ({} threads)", i + 1);
+    }
+    println!(
+        "{:<14} {:>7} {:>12} {:>10} {:>14}",
+        "weights", "threads", "memory GB/s", "of limit", "in-cache GB/s"
+    );
+    let kinds: [(&str, WType, usize); 7] = [
+        ("f32", WType::F32, 0),
+        ("bf16", WType::BF16, 0),
+        ("f16", WType::F16, 0),
+        ("int8 channel", WType::I8, 4096),
+        ("int8 g128", WType::I8, 128),
+        ("int8 g32", WType::I8, 32),
+        ("int8 u8 g32", WType::U8Offset, 32),
+    ];
+    for (name, t, group) in kinds {
+        // 256 MiB of f32-equivalent work from memory; 256 KiB (L2) per thread in cache.
+        let cols = 4096;
+        let big = Matrix::new(t, (256 << 20) / 4 / cols, cols, group);
+        let small = Matrix::new(t, (256 << 10) * max_t / (cols * t.size()), cols, group);
+        for th in 1..=max_t {
+            let s = (0..3)
+                .map(|_| time_matvec(&big, th, 2))
+                .fold(f64::MAX, f64::min);
+            let gbs = big.bytes.len() as f64 / s / 1e9;
+            let sc = (0..20)
+                .map(|_| time_matvec(&small, th, 100))
+                .fold(f64::MAX, f64::min);
+            let gbc = small.bytes.len() as f64 / sc / 1e9;
+            println!(
+                "{:<14} {:>7} {:>12.1} {:>9.0}% {:>14.1}",
+                name,
+                th,
+                gbs,
+                100.0 * gbs / bws[th - 1],
+                gbc
+            );
+        }
+    }
+    println!(
+        "memory GB/s = weight bytes / time of one pass over a matrix far larger than the\n\
+         caches (the decode case); of limit = that / the read bandwidth at the same thread\n\
+         count; in-cache = the same kernel on 256 KiB of weights per thread (its compute ceiling)."
+    );
+    Ok(())
+}
