@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::container::mapped::Mapped;
+use crate::runtime::attention::{self, SendPtr};
 use crate::runtime::cpu::{self, WType};
 
 /// A strided block of a linear layer's weight: columns `col0..col0 + cols` of the band's
@@ -258,13 +259,6 @@ impl Linear {
     }
 }
 
-/// `y`'s pointer, shared by tasks that write disjoint rows of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used by tasks that write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// Weight bytes per tile of a batched product: big enough that packing the tokens for
 /// `gemm` is a small part of the work, small enough (as f32) to stay in L2/L3.
 const BATCH_TILE_BYTES: usize = 1 << 20;
@@ -390,7 +384,6 @@ impl Weights {
         let mut o = vec![0f32; t * h];
         let mut gu = vec![0f32; t * 2 * d.ffn];
         let mut act = vec![0f32; t * d.ffn];
-        let per_group = nh / nkv;
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, d.eps, &mut hbuf);
             l.qkv.matmul(ar, &hbuf, t, qkv_out, &mut qkv);
@@ -419,37 +412,14 @@ impl Weights {
                     vc[g].extend_from_slice(vr[g]);
                 }
             }
-            let (kc, vc) = (&cache.k[li], &cache.v[li]);
-            let scale = (hd as f32).sqrt();
-            attn.par_chunks_mut(hd).enumerate().for_each_init(
-                Vec::new,
-                |scores: &mut Vec<f32>, (idx, out)| {
-                    let (i, hh) = (idx / nh, idx % nh);
-                    let g = hh / per_group;
-                    let qv = &q[i * qdim + hh * hd..i * qdim + (hh + 1) * hd];
-                    let n = p0 + i + 1;
-                    let (kg, vg) = (&kc[g], &vc[g]);
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for kv in kg[..n * hd].chunks_exact(hd) {
-                        let s = cpu::dot_f32(qv, kv) / scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    out.fill(0.0);
-                    for (s, vv) in scores.iter().zip(vg.chunks_exact(hd)) {
-                        let w = s / sum;
-                        for (o, v) in out.iter_mut().zip(vv) {
-                            *o += w * v;
-                        }
-                    }
-                },
-            );
+            let shape = attention::Shape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                p0,
+                t,
+            };
+            attention::attend(&q, &cache.k[li], &cache.v[li], shape, &mut attn);
             l.o.matmul(ar, &attn, t, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rms_norm(&x, &l.mlp_norm, d.eps, &mut hbuf);

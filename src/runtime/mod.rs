@@ -1,6 +1,7 @@
 //! The built-in runtime: SentencePiece tokenizer, SteerLM prompts, and the Llama forward
 //! pass on the CPU over weights used in place from the mapped files.
 
+pub mod attention;
 pub mod compare;
 pub mod cpu;
 pub mod generate;

@@ -177,10 +177,10 @@ fn dequant_generic(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [
             .iter_mut()
             .enumerate()
             .for_each(|(i, o)| *o = bf16_at(w, i)),
-        WType::F16 => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-            bytemuck_f16(&w[..2 * n]).as_slice(),
-            out,
-        ),
+        WType::F16 => out
+            .iter_mut()
+            .zip(w[..2 * n].chunks_exact(2))
+            .for_each(|(o, e)| *o = c_f16(&[e[0], e[1]])),
         WType::U8Offset | WType::I8 => {
             let off = t == WType::U8Offset;
             for (g, chunk) in out.chunks_mut(group).enumerate() {
@@ -192,12 +192,6 @@ fn dequant_generic(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [
             }
         }
     }
-}
-
-fn bytemuck_f16(b: &[u8]) -> Vec<half::f16> {
-    b.chunks_exact(2)
-        .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-        .collect()
 }
 
 #[inline(always)]

@@ -252,10 +252,14 @@ pub unsafe fn dot_i8_permuted(
     let groups = n.div_ceil(group);
     assert!(scales.len() >= groups);
     let (wp, xq) = (w.as_ptr(), xp.as_ptr());
+    // Spans of at most 128 columns, each into fresh accumulators: one long chain of FMAs
+    // per row (a channel's) would wait on its own latency.
+    let sub = if group % 128 == 0 { 128 } else { group };
     let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for g in 0..groups {
-        let b = g * group;
-        let len = group.min(n - b);
+    let mut b = 0;
+    let mut k = 0;
+    while b < n {
+        let len = sub.min(n - b);
         // SAFETY: b + len <= n, asserted above.
         let s = if offset {
             span_i8x32::<true>(wp.add(b), xq.add(b), len)
@@ -263,12 +267,14 @@ pub unsafe fn dot_i8_permuted(
             span_i8x32::<false>(wp.add(b), xq.add(b), len)
         };
         // The span is `q · 2^24`: a power of two, so this scaling is exact.
-        let sc = _mm256_set1_ps(*scales.get_unchecked(g) * (1.0 / 16_777_216.0));
-        if g % 2 == 0 {
+        let sc = _mm256_set1_ps(*scales.get_unchecked(b / group) * (1.0 / 16_777_216.0));
+        if k % 2 == 0 {
             t0 = _mm256_fmadd_ps(s, sc, t0);
         } else {
             t1 = _mm256_fmadd_ps(s, sc, t1);
         }
+        b += len;
+        k += 1;
     }
     hsum(_mm256_add_ps(t0, t1))
 }
@@ -292,7 +298,53 @@ pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     dot::<F32>(wb, &x[..n])
 }
 
+/// `out[i] = w[i] · scale`, 8 at a time.
+#[inline(always)]
+unsafe fn convert<T: Load>(w: &[u8], scale: f32, out: &mut [f32]) {
+    let n = out.len();
+    assert!(w.len() >= n * T::SIZE);
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    let sc = _mm256_set1_ps(scale);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n elements of w and out.
+        let v = T::load8(wp.add(i * T::SIZE));
+        let v = if T::TYPE.is_int8() {
+            _mm256_mul_ps(v, sc)
+        } else {
+            v
+        };
+        _mm256_storeu_ps(op.add(i), v);
+        i += 8;
+    }
+    for j in i..n {
+        let mut one = [0f32; 1];
+        dequant_generic(
+            T::TYPE,
+            &w[j * T::SIZE..(j + 1) * T::SIZE],
+            &[scale],
+            1,
+            &mut one,
+        );
+        out[j] = one[0];
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
-    dequant_generic(t, w, scales, group, out)
+    match t {
+        WType::F32 => convert::<F32>(w, 1.0, out),
+        WType::BF16 => convert::<Bf16>(w, 1.0, out),
+        WType::F16 => convert::<F16>(w, 1.0, out),
+        WType::I8 | WType::U8Offset => {
+            for (g, chunk) in out.chunks_mut(group).enumerate() {
+                let b = &w[g * group..g * group + chunk.len()];
+                if t == WType::I8 {
+                    convert::<I8>(b, scales[g], chunk)
+                } else {
+                    convert::<U8>(b, scales[g], chunk)
+                }
+            }
+        }
+    }
 }
