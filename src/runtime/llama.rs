@@ -167,7 +167,8 @@ impl Linear {
             // int8: the activations in the order the kernel unpacks bytes, once per product.
             let permuted = cpu::permuted_applies(self.wtype, self.inp, self.group)
                 && self.bands.iter().flat_map(|b| &b.parts).all(|p| {
-                    p.col0 % 32 == 0 && cpu::permuted_applies(self.wtype, p.cols, self.group)
+                    p.col0.is_multiple_of(32)
+                        && cpu::permuted_applies(self.wtype, p.cols, self.group)
                 });
             let mut xp = Vec::new();
             if permuted {

@@ -259,8 +259,8 @@ pub fn permute32(x: &[f32], out: &mut Vec<f32>) {
 /// Whether [`row_dot_permuted`] takes int8 rows of `cols` columns in groups of `group`.
 pub fn permuted_applies(t: WType, cols: usize, group: usize) -> bool {
     t.is_int8()
-        && cols % 32 == 0
-        && group.min(cols) % 32 == 0
+        && cols.is_multiple_of(32)
+        && group.min(cols).is_multiple_of(32)
         && cfg!(target_arch = "x86_64")
         && wide()
 }

@@ -130,7 +130,7 @@ unsafe fn dot<T: Load>(w: &[u8], x: &[f32]) -> f32 {
 #[inline(always)]
 unsafe fn dot_scaled<T: Load>(w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
     let n = x.len();
-    if group % 8 != 0 || group >= n {
+    if !group.is_multiple_of(8) || group >= n {
         let mut total = 0f32;
         for (g, xs) in x.chunks(group).enumerate() {
             let base = g * group;
@@ -248,13 +248,17 @@ pub unsafe fn dot_i8_permuted(
 ) -> f32 {
     let n = xp.len();
     let group = group.min(n);
-    assert!(n % 32 == 0 && group % 32 == 0 && w.len() >= n);
+    assert!(n.is_multiple_of(32) && group.is_multiple_of(32) && w.len() >= n);
     let groups = n.div_ceil(group);
     assert!(scales.len() >= groups);
     let (wp, xq) = (w.as_ptr(), xp.as_ptr());
     // Spans of at most 128 columns, each into fresh accumulators: one long chain of FMAs
     // per row (a channel's) would wait on its own latency.
-    let sub = if group % 128 == 0 { 128 } else { group };
+    let sub = if group.is_multiple_of(128) {
+        128
+    } else {
+        group
+    };
     let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut b = 0;
     let mut k = 0;
