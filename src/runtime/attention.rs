@@ -101,26 +101,11 @@ fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
             // given: q rows i0..i1 of head hh (stride qdim), k and v n × hd, p rows × n,
             // out rows i0..i1 of head hh (stride qdim).
             unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    hd,
-                    p.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    q.as_ptr().add(i0 * qdim + hh * hd),
-                    1,
-                    qdim as isize,
-                    kg.as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                cpu::gemm_f32(
+                    (rows, n, hd),
+                    (p.as_mut_ptr(), 1, n as isize),
+                    (q.as_ptr().add(i0 * qdim + hh * hd), 1, qdim as isize),
+                    (kg.as_ptr(), hd as isize, 1),
                 );
             }
             for (r, row) in p.chunks_exact_mut(n).enumerate() {
@@ -142,26 +127,11 @@ fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
             let d = dst;
             // SAFETY: as above; no other task writes these rows of head hh.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    hd,
-                    n,
-                    d.0.add(i0 * qdim + hh * hd),
-                    1,
-                    qdim as isize,
-                    false,
-                    p.as_ptr(),
-                    1,
-                    n as isize,
-                    vg.as_ptr(),
-                    1,
-                    hd as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                cpu::gemm_f32(
+                    (rows, hd, n),
+                    (d.0.add(i0 * qdim + hh * hd), 1, qdim as isize),
+                    (p.as_ptr(), 1, n as isize),
+                    (vg.as_ptr(), 1, hd as isize),
                 );
             }
         });

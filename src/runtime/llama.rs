@@ -234,26 +234,11 @@ impl Linear {
                 // x t·inp, y t·rows from row r0 on, r0 + n <= rows), and no other task writes
                 // rows r0..r1 of y.
                 unsafe {
-                    gemm::gemm(
-                        n,
-                        t,
-                        self.inp,
-                        d.0.add(r0),
-                        rows as isize,
-                        1,
-                        false,
-                        tile.as_ptr(),
-                        1,
-                        self.inp as isize,
-                        x.as_ptr(),
-                        self.inp as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    cpu::gemm_f32(
+                        (n, t, self.inp),
+                        (d.0.add(r0), rows as isize, 1),
+                        (tile.as_ptr(), 1, self.inp as isize),
+                        (x.as_ptr(), self.inp as isize, 1),
                     )
                 }
             });

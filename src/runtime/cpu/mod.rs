@@ -279,6 +279,44 @@ pub fn row_dot_permuted(t: WType, w: &[u8], xp: &[f32], scales: &[f32], group: u
     unreachable!("permuted_applies is false off x86-64")
 }
 
+/// A matrix: its pointer and (column, row) strides in elements.
+pub type Mat<T> = (T, isize, isize);
+
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)` in f32 on the calling thread (`gemm`: cache
+/// blocking, SIMD, f32 accumulation); each matrix given by pointer and strides.
+///
+/// # Safety
+/// Every pointer must cover its matrix with the strides given, and `dst` must not overlap
+/// the others or be written by another thread meanwhile.
+pub unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<*mut f32>,
+    lhs: Mat<*const f32>,
+    rhs: Mat<*const f32>,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1,
+        dst.2,
+        false,
+        lhs.0,
+        lhs.1,
+        lhs.2,
+        rhs.0,
+        rhs.1,
+        rhs.2,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
 /// `Σ w[i]·x[i]` over f32 slices.
 #[inline]
 pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
