@@ -284,6 +284,12 @@ pub struct GenerateArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Decode int8 weights against activations rounded to int8 per block of 32 (as
+    /// llama.cpp's q8_0 does): faster on the CPU, but the logits move by that rounding
+    /// (`cargo xtask bench generate` reports how far). Off by default; the prompt, float
+    /// weights and `verify` always use f32 activations.
+    #[arg(long)]
+    pub int8_activations: bool,
     /// Write the logits of the prompt's last position (JSON array) to FILE (replaced if
     /// it exists): for checks against other implementations.
     #[arg(long, value_name = "FILE")]

@@ -25,6 +25,16 @@ fn levels() -> Vec<&'static str> {
 /// `generate` on `model` with the kernels forced to `isa`: (last-position logits, greedy
 /// ids).
 fn run_on(isa: &str, model: &Path, text: &str, tmp: &Path) -> (Vec<f32>, Vec<u32>) {
+    run_with(isa, model, text, tmp, &[])
+}
+
+fn run_with(
+    isa: &str,
+    model: &Path,
+    text: &str,
+    tmp: &Path,
+    extra: &[&str],
+) -> (Vec<f32>, Vec<u32>) {
     let logits = tmp.join(format!("logits-{isa}.json"));
     let out = assert_cmd::Command::cargo_bin("steerlm-convert")
         .unwrap()
@@ -35,6 +45,7 @@ fn run_on(isa: &str, model: &Path, text: &str, tmp: &Path) -> (Vec<f32>, Vec<u32
         .args(["--max-tokens", "16", "--prompt", text])
         .arg("--logits-out")
         .arg(&logits)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -108,6 +119,55 @@ fn int8_models_agree_on_every_kernel_path() {
                 assert!(d <= 1e-4, "{group:?} {isa} {}: {d} from generic", p["name"]);
                 assert_eq!(ids, base_ids, "{group:?} {isa} {}", p["name"]);
             }
+            // --int8-activations (opt-in): the prompt stays f32, so the prompt logits are
+            // the exact ones; decoding rounds the activations, which moves the greedy
+            // tokens' logits a little. Every path gives the same tokens as the portable one.
+            let a8 = ["--int8-activations"];
+            let (l0, a8_ids) = run_with("generic", &out, text, tmp.path(), &a8);
+            assert!(max_diff(&l0, &base) <= 1e-4, "{group:?}: a8 prompt logits");
+            let same = a8_ids.iter().zip(&base_ids).filter(|(a, b)| a == b).count();
+            assert!(
+                same >= 12,
+                "{group:?} {}: a8 kept {same}/16 tokens",
+                p["name"]
+            );
+            for isa in &levels[1..] {
+                let (_, ids) = run_with(isa, &out, text, tmp.path(), &a8);
+                assert_eq!(ids, a8_ids, "{group:?} {isa} {}: a8", p["name"]);
+            }
         }
     }
+}
+
+/// `--int8-activations` changes one decode step's logits (the path runs), by little (the
+/// activations' rounding), and the exact path is the default.
+#[test]
+fn int8_activations_move_decode_logits_a_little() {
+    use steerlm_convert::container::mapped::OpenOptions;
+    use steerlm_convert::runtime::load::Model;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int8");
+    let src = fixtures().join("models/gqa/hf");
+    let args = [
+        "quantize",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "-q",
+    ];
+    let (code, _, err) = run(&[&args[..], &["--scheme", "int8", "--device", "cpu"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let mut m = Model::open(&out, &OpenOptions::default()).unwrap();
+    assert!(!m.weights.a8, "exact by default");
+    let step = |m: &Model| {
+        let mut c = m.weights.new_cache();
+        m.weights.forward(&m.archive, &mut c, &[1, 17, 42]);
+        m.weights.forward(&m.archive, &mut c, &[99])
+    };
+    let exact = step(&m);
+    m.weights.a8 = true;
+    let a8 = step(&m);
+    let d = max_diff(&exact, &a8);
+    let range = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
+    eprintln!("--int8-activations: max |Δlogit| {d:.3e} (logits up to {range:.2})");
+    assert!(d > 0.0 && d < 0.05 * range.max(1.0), "{d} of {range}");
 }

@@ -60,7 +60,8 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         }
         None => None,
     };
-    let model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
+    let mut model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
+    model.weights.a8 = args.int8_activations;
     let (prompt, ends) = if args.raw {
         (text.to_string(), Vec::new())
     } else {
@@ -160,6 +161,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
                 "decode_tokens_per_s": decode_tps,
                 "threads": rayon::current_num_threads(),
                 "isa": cpu::isa(),
+                "int8_activations": args.int8_activations,
             },
         });
         serde_json::to_writer_pretty(&mut out, &doc)?;

@@ -158,49 +158,78 @@ impl Linear {
         }
     }
 
+    /// `y[r] = Σ_parts dot(part, row r of the part, its scales)` for rows `0..rows`, in
+    /// parallel over row tasks: one token's product.
+    fn decode_rows(
+        &self,
+        ar: &Mapped,
+        rows: usize,
+        y: &mut [f32],
+        dot: impl Fn(&Part, &[u8], &[f32]) -> f32 + Sync,
+    ) {
+        let tasks = self.tasks(rows);
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
+        let mut rest = &mut y[..];
+        for &(_, r0, r1) in &tasks {
+            let (a, b) = rest.split_at_mut(r1 - r0);
+            outs.push(a);
+            rest = b;
+        }
+        tasks
+            .par_iter()
+            .zip(outs.into_par_iter())
+            .for_each(|(&(bi, r0, r1), ys)| {
+                let b = &self.bands[bi];
+                self.for_rows(ar, bi, r0, r1, |r, parts| {
+                    let mut acc = 0f32;
+                    for (p, w) in parts {
+                        acc += dot(p, w, self.scales(p, b, r));
+                    }
+                    ys[r - r0] = acc;
+                });
+            });
+    }
+
     /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
     /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
     pub fn matmul(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
+        self.matmul_a(ar, x, t, rows, y, false)
+    }
+
+    /// [`Linear::matmul`]; with `a8`, int8 weights meet int8 activations when decoding
+    /// (`cpu::QAct`, opt-in: a different rounding).
+    pub fn matmul_a(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32], a8: bool) {
         debug_assert_eq!(x.len(), t * self.inp);
         debug_assert_eq!(y.len(), t * rows);
+        let parts = || self.bands.iter().flat_map(|b| &b.parts);
+        if t == 1
+            && a8
+            && parts().all(|p| {
+                p.col0.is_multiple_of(32) && cpu::a8_applies(self.wtype, p.cols, self.group)
+            })
+        {
+            let qa = cpu::QAct::of(x);
+            return self.decode_rows(ar, rows, y, |p, w, sc| {
+                let c = p.col0..p.col0 + p.cols;
+                let s = p.col0 / 32..(p.col0 + p.cols) / 32;
+                cpu::row_dot_a8(self.wtype, w, &qa.q[c], &qa.s[s], sc, self.group)
+            });
+        }
         if t == 1 {
             // int8: the activations in the order the kernel unpacks bytes, once per product.
-            let permuted = cpu::permuted_applies(self.wtype, self.inp, self.group)
-                && self.bands.iter().flat_map(|b| &b.parts).all(|p| {
-                    p.col0.is_multiple_of(32)
-                        && cpu::permuted_applies(self.wtype, p.cols, self.group)
-                });
-            let mut xp = Vec::new();
-            if permuted {
+            if parts().all(|p| {
+                p.col0.is_multiple_of(32) && cpu::permuted_applies(self.wtype, p.cols, self.group)
+            }) {
+                let mut xp = Vec::new();
                 cpu::permute32(x, &mut xp);
-            }
-            let tasks = self.tasks(rows);
-            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
-            let mut rest = &mut y[..];
-            for &(_, r0, r1) in &tasks {
-                let (a, b) = rest.split_at_mut(r1 - r0);
-                outs.push(a);
-                rest = b;
-            }
-            tasks
-                .par_iter()
-                .zip(outs.into_par_iter())
-                .for_each(|(&(bi, r0, r1), ys)| {
-                    let b = &self.bands[bi];
-                    self.for_rows(ar, bi, r0, r1, |r, parts| {
-                        let mut acc = 0f32;
-                        for (p, w) in parts {
-                            let (sc, cols) = (self.scales(p, b, r), p.col0..p.col0 + p.cols);
-                            acc += if permuted {
-                                cpu::row_dot_permuted(self.wtype, w, &xp[cols], sc, self.group)
-                            } else {
-                                cpu::row_dot(self.wtype, w, &x[cols], sc, self.group)
-                            };
-                        }
-                        ys[r - r0] = acc;
-                    });
+                return self.decode_rows(ar, rows, y, |p, w, sc| {
+                    let c = p.col0..p.col0 + p.cols;
+                    cpu::row_dot_permuted(self.wtype, w, &xp[c], sc, self.group)
                 });
-            return;
+            }
+            return self.decode_rows(ar, rows, y, |p, w, sc| {
+                cpu::row_dot(self.wtype, w, &x[p.col0..p.col0 + p.cols], sc, self.group)
+            });
         }
         // A batch: each tile of rows is read and converted to f32 once, then multiplied
         // with every token at once by the `gemm` crate (cache blocking, SIMD, f32
@@ -295,6 +324,8 @@ pub struct Weights {
     pub norm: Vec<f32>,
     pub lm_head: Linear,
     pub qkv_order: QkvOrder,
+    /// Decode int8 layers against int8 activations (`--int8-activations`; opt-in).
+    pub a8: bool,
 }
 
 /// Keys and values of the positions seen so far.
@@ -372,7 +403,7 @@ impl Weights {
         let mut act = vec![0f32; t * d.ffn];
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, d.eps, &mut hbuf);
-            l.qkv.matmul(ar, &hbuf, t, qkv_out, &mut qkv);
+            l.qkv.matmul_a(ar, &hbuf, t, qkv_out, &mut qkv, self.a8);
             let mut q = vec![0f32; t * qdim];
             let kc = &mut cache.k[li];
             let vc = &mut cache.v[li];
@@ -406,10 +437,11 @@ impl Weights {
                 t,
             };
             attention::attend(&q, &cache.k[li], &cache.v[li], shape, &mut attn);
-            l.o.matmul(ar, &attn, t, h, &mut o);
+            l.o.matmul_a(ar, &attn, t, h, &mut o, self.a8);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rms_norm(&x, &l.mlp_norm, d.eps, &mut hbuf);
-            l.gate_up.matmul(ar, &hbuf, t, 2 * d.ffn, &mut gu);
+            l.gate_up
+                .matmul_a(ar, &hbuf, t, 2 * d.ffn, &mut gu, self.a8);
             for i in 0..t {
                 let row = &gu[i * 2 * d.ffn..(i + 1) * 2 * d.ffn];
                 let (g, u) = row.split_at(d.ffn);
@@ -417,7 +449,7 @@ impl Weights {
                     act[i * d.ffn + j] = silu(g[j]) * u[j];
                 }
             }
-            l.down.matmul(ar, &act, t, h, &mut o);
+            l.down.matmul_a(ar, &act, t, h, &mut o, self.a8);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         cache.len = p0 + t;
@@ -425,7 +457,8 @@ impl Weights {
         let mut normed = vec![0f32; h];
         rms_norm(last, &self.norm, d.eps, &mut normed);
         let mut logits = vec![0f32; d.vocab];
-        self.lm_head.matmul(ar, &normed, 1, d.vocab, &mut logits);
+        self.lm_head
+            .matmul_a(ar, &normed, 1, d.vocab, &mut logits, self.a8);
         logits
     }
 }

@@ -202,6 +202,7 @@ impl Model {
             norm: vector(&one(Kind::FinalNorm, 0))?,
             lm_head,
             qkv_order: QkvOrder::Separate,
+            a8: false,
         };
         check_shapes(&weights, &file)?;
         let source = match view.grid() {

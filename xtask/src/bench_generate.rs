@@ -118,20 +118,30 @@ fn prompt_of(model: &Model, n: usize) -> Result<String> {
     Ok(text)
 }
 
-/// Our rate: prompt tokens/s of `text`, or decode tokens/s of `n` tokens after "Hi".
-fn our_rate(bin: &Path, model: &Path, threads: usize, prompt: Option<&str>, n: u64) -> Result<f64> {
+/// Our rate: prompt tokens/s of `text`, or decode tokens/s of `n` tokens after "Hi"
+/// (with `--int8-activations` when `a8`); and the generated ids.
+fn our_rate(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    prompt: Option<&str>,
+    n: u64,
+    a8: bool,
+) -> Result<(f64, Vec<u64>)> {
     let (text, max) = match prompt {
         Some(t) => (t, 1),
         None => ("Hi", n),
     };
-    let (_, _, o) = measure(
-        Command::new(bin)
-            .arg("generate")
-            .arg(model)
-            .args(["--raw", "--ignore-eos", "--json", "-q", "--prompt", text])
-            .args(["--max-tokens", &max.to_string()])
-            .args(["--threads", &threads.to_string()]),
-    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("generate")
+        .arg(model)
+        .args(["--raw", "--ignore-eos", "--json", "-q", "--prompt", text])
+        .args(["--max-tokens", &max.to_string()])
+        .args(["--threads", &threads.to_string()]);
+    if a8 {
+        cmd.arg("--int8-activations");
+    }
+    let (_, _, o) = measure(&mut cmd)?;
     if !o.status.success() {
         bail!("generate failed: {}", String::from_utf8_lossy(&o.stderr));
     }
@@ -141,7 +151,11 @@ fn our_rate(bin: &Path, model: &Path, threads: usize, prompt: Option<&str>, n: u
     } else {
         "decode_tokens_per_s"
     };
-    v["timing"][key].as_f64().context("timing")
+    let ids = v["generated_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    Ok((v["timing"][key].as_f64().context("timing")?, ids))
 }
 
 /// The folders of the benchmark model, made if absent: (row name, folder, GGUF peer).
@@ -234,7 +248,7 @@ pub fn generate(args: &[String]) -> Result<()> {
         .min(2);
     println!("kernel isa: {}", steerlm_convert::runtime::cpu::isa());
     println!(
-        "{:<10} {:>3} {:<6} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "{:<10} {:>3} {:<8} {:>9} {:>9} {:>9} {:>8} {:>9}",
         "weights", "thr", "test", "ours t/s", "limit", "of limit", "llama", "ours/them"
     );
     for (name, path, gguf) in &models {
@@ -246,15 +260,20 @@ pub fn generate(args: &[String]) -> Result<()> {
             .bytes_per_token() as f64;
         for t in 1..=max_t {
             let bw = read_bandwidth(t);
-            let mut tests: Vec<(String, Option<&str>, u64)> =
-                vec![(format!("tg{tokens}"), None, tokens)];
+            let mut tests: Vec<(String, Option<&str>, u64, bool)> =
+                vec![(format!("tg{tokens}"), None, tokens, false)];
             for p in &prompts {
-                tests.push((format!("pp{}", p.0), Some(p.1.as_str()), p.0 as u64));
+                tests.push((format!("pp{}", p.0), Some(p.1.as_str()), p.0 as u64, false));
             }
-            for (test, text, n) in &tests {
-                let (mut ours, mut theirs) = (0f64, 0f64);
+            if name.starts_with("int8") {
+                tests.push((format!("tg{tokens}a8"), None, tokens, true));
+            }
+            let mut exact_ids = Vec::new();
+            for (test, text, n, a8) in &tests {
+                let (mut ours, mut theirs, mut ids) = (0f64, 0f64, Vec::new());
                 for _ in 0..runs {
-                    ours = ours.max(our_rate(&bin, path, t, *text, *n)?);
+                    let (r, i) = our_rate(&bin, path, t, *text, *n, *a8)?;
+                    (ours, ids) = (ours.max(r), i);
                     if let Some((p, f)) = g {
                         theirs = theirs.max(llama_rate(p, f, t, text.is_some(), *n)?);
                     }
@@ -273,8 +292,17 @@ pub fn generate(args: &[String]) -> Result<()> {
                 } else {
                     ("n/a".into(), "n/a".into())
                 };
+                let note = if *a8 {
+                    let same = ids.iter().zip(&exact_ids).filter(|(a, b)| a == b).count();
+                    format!("  {same}/{} tokens as f32 activations", exact_ids.len())
+                } else {
+                    String::new()
+                };
+                if text.is_none() && !a8 {
+                    exact_ids = ids;
+                }
                 println!(
-                    "{:<10} {:>3} {:<6} {:>9.1} {:>9} {:>9} {:>8} {:>9}",
+                    "{:<10} {:>3} {:<8} {:>9.1} {:>9} {:>9} {:>8} {:>9}{note}",
                     name, t, test, ours, lim, of, them, ratio
                 );
             }
@@ -284,7 +312,8 @@ pub fn generate(args: &[String]) -> Result<()> {
         "best of {runs} alternated runs each. limit = memory read bandwidth at that thread count /\n\
          weight bytes read per decoded token. llama: llama-bench on the GGUF of the same bf16\n\
          folder (f32/bf16/f16 by convert_hf_to_gguf.py; every int8 row against its q8_0 by\n\
-         llama-quantize), same threads and token counts; tg = decode, pp = prompt."
+         llama-quantize), same threads and token counts; tg = decode, pp = prompt; a8 =\n\
+         generate --int8-activations (opt-in), its greedy tokens compared with the exact run's."
     );
     Ok(())
 }

@@ -279,6 +279,71 @@ pub fn row_dot_permuted(t: WType, w: &[u8], xp: &[f32], scales: &[f32], group: u
     unreachable!("permuted_applies is false off x86-64")
 }
 
+/// Activations quantized to int8 per block of 32 values, as llama.cpp's q8_0 does: scale
+/// `max |x| / 127`, values rounded to nearest. Only with `--int8-activations` (opt-in:
+/// the products then differ from the f32 ones by the activations' rounding).
+#[derive(Debug, Default, Clone)]
+pub struct QAct {
+    pub q: Vec<i8>,
+    /// One scale per block of 32.
+    pub s: Vec<f32>,
+}
+
+impl QAct {
+    /// Quantizes `x` (`x.len() % 32 == 0`).
+    pub fn of(x: &[f32]) -> QAct {
+        let mut a = QAct {
+            q: vec![0; x.len()],
+            s: vec![0.0; x.len() / 32],
+        };
+        for ((xb, qb), s) in x
+            .chunks_exact(32)
+            .zip(a.q.chunks_exact_mut(32))
+            .zip(&mut a.s)
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *s = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        a
+    }
+}
+
+/// Whether [`row_dot_a8`] takes int8 rows of `cols` columns in groups of `group`.
+pub fn a8_applies(t: WType, cols: usize, group: usize) -> bool {
+    t.is_int8() && cols.is_multiple_of(32) && group.min(cols).is_multiple_of(32)
+}
+
+/// `Σ_b xs[b] · scale[g(b)] · Σ_{i∈b} q_i · xq_i` over blocks of 32: an int8 row against
+/// quantized activations, the block sums in exact integers. Only where [`a8_applies`].
+#[inline]
+pub fn row_dot_a8(t: WType, w: &[u8], xq: &[i8], xs: &[f32], scales: &[f32], group: usize) -> f32 {
+    assert!(a8_applies(t, xq.len(), group) && w.len() >= xq.len());
+    let off = t == WType::U8Offset;
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: AVX2 + FMA + F16C (checked in `wide`).
+        return unsafe { x86::dot_a8(off, w, xq, xs, scales, group) };
+    }
+    let group = group.min(xq.len());
+    let mut total = 0f32;
+    for (b, (wb, xb)) in w.chunks_exact(32).zip(xq.chunks_exact(32)).enumerate() {
+        let sum: i32 = wb
+            .iter()
+            .zip(xb)
+            .map(|(&u, &x)| {
+                let q = if off { (u ^ 0x80) as i8 } else { u as i8 };
+                q as i32 * x as i32
+            })
+            .sum();
+        total += sum as f32 * (xs[b] * scales[b * 32 / group]);
+    }
+    total
+}
+
 /// A matrix: its pointer and (column, row) strides in elements.
 pub type Mat<T> = (T, isize, isize);
 
@@ -425,6 +490,53 @@ mod tests {
                         let got = row_dot_permuted(t, &b, &xp, &scales, group);
                         assert!((got as f64 - exact).abs() < tol, "{t:?} n {n} g {group}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The int8-activation kernel: AVX2 against the portable one (both exact integer
+    /// block sums) and against the f32 product within the activations' rounding.
+    #[test]
+    fn a8_kernel_agrees() {
+        for n in [32usize, 768, 4096] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 29 % 31) as f32 - 15.0) / 7.0)
+                .collect();
+            let q: Vec<i8> = (0..n).map(|i| ((i * 97 + 13) % 256) as u8 as i8).collect();
+            let a = QAct::of(&x);
+            for group in [32usize, 128, n] {
+                if n % group.min(n) != 0 {
+                    continue;
+                }
+                let scales: Vec<f32> = (0..n.div_ceil(group))
+                    .map(|g| 0.01 + g as f32 / 64.0)
+                    .collect();
+                let exact: f64 = (0..n)
+                    .map(|i| q[i] as f64 * scales[i / group] as f64 * x[i] as f64)
+                    .sum();
+                let portable: f64 = (0..n)
+                    .map(|i| {
+                        q[i] as f64 * a.q[i] as f64 * a.s[i / 32] as f64 * scales[i / group] as f64
+                    })
+                    .sum();
+                let bound: f64 = (0..n)
+                    .map(|i| {
+                        (q[i] as f64 * scales[i / group] as f64).abs() * a.s[i / 32] as f64 / 2.0
+                    })
+                    .sum();
+                let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
+                let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+                for (t, b) in [(WType::U8Offset, offset), (WType::I8, signed)] {
+                    let got = row_dot_a8(t, &b, &a.q, &a.s, &scales, group) as f64;
+                    assert!(
+                        (got - portable).abs() < 1e-4 * (1.0 + portable.abs()),
+                        "{t:?} {n} {group}"
+                    );
+                    assert!(
+                        (got - exact).abs() <= bound * 1.001 + 1e-4,
+                        "{t:?} {n} {group}"
+                    );
                 }
             }
         }

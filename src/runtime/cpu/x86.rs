@@ -283,6 +283,46 @@ pub unsafe fn dot_i8_permuted(
     hsum(_mm256_add_ps(t0, t1))
 }
 
+/// An int8 row against int8 activations (`crate::runtime::cpu::QAct`): per block of 32,
+/// `|q|` (unsigned) times the activations with `q`'s sign, multiplied and added in pairs
+/// to 16 bits (at most 2·128·127, no saturation), then to 32 bits, then scaled in f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_a8(
+    offset: bool,
+    w: &[u8],
+    xq: &[i8],
+    xs: &[f32],
+    scales: &[f32],
+    group: usize,
+) -> f32 {
+    let n = xq.len();
+    let group = group.min(n);
+    assert!(w.len() >= n && xs.len() >= n / 32 && scales.len() >= n.div_ceil(group));
+    let ones = _mm256_set1_epi16(1);
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (wp, xp) = (w.as_ptr(), xq.as_ptr());
+    let mut b = 0;
+    while b + 32 <= n {
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b + 512) as *const i8);
+        // SAFETY: b + 32 <= n bytes of w and xq.
+        let mut v = _mm256_loadu_si256(wp.add(b) as *const __m256i);
+        if offset {
+            v = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+        }
+        let xv = _mm256_loadu_si256(xp.add(b) as *const __m256i);
+        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v));
+        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        let sc = _mm256_set1_ps(*xs.get_unchecked(b / 32) * *scales.get_unchecked(b / group));
+        if (b / 32) % 2 == 0 {
+            t0 = _mm256_fmadd_ps(p, sc, t0);
+        } else {
+            t1 = _mm256_fmadd_ps(p, sc, t1);
+        }
+        b += 32;
+    }
+    hsum(_mm256_add_ps(t0, t1))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
     match t {
