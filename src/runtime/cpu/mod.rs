@@ -459,27 +459,40 @@ mod tests {
         assert!((dot_f32(&w, &x) as f64 - exact_f32(&w, &x)).abs() < 1e-4);
     }
 
+    /// Activations and int8 values (every byte value) of a row of `n`.
+    fn int8_case(n: usize) -> (Vec<f32>, Vec<i8>) {
+        let x = (0..n)
+            .map(|i| ((i * 29 % 31) as f32 - 15.0) / 7.0)
+            .collect();
+        let q = (0..n).map(|i| ((i * 97 + 13) % 256) as u8 as i8).collect();
+        (x, q)
+    }
+
+    /// Scales of a row of `n` in groups of `group`, and `Σ q·scale·x` in f64.
+    fn scaled_exact(x: &[f32], q: &[i8], group: usize) -> (Vec<f32>, f64) {
+        let n = x.len();
+        let scales: Vec<f32> = (0..n.div_ceil(group))
+            .map(|g| 0.01 + g as f32 / 64.0)
+            .collect();
+        let exact = (0..n)
+            .map(|i| q[i] as f64 * scales[i / group] as f64 * x[i] as f64)
+            .sum();
+        (scales, exact)
+    }
+
     /// The permuted int8 kernel against the plain one and an f64 sum: both formats,
     /// groups of 32, 64, 128 and one per row (channel), rows of 32 to 4096 columns.
     #[test]
     fn permuted_int8_agrees() {
         for n in [32usize, 96, 128, 768, 4096] {
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 29 % 31) as f32 - 15.0) / 7.0)
-                .collect();
-            let q: Vec<i8> = (0..n).map(|i| ((i * 97 + 13) % 256) as u8 as i8).collect();
+            let (x, q) = int8_case(n);
             let mut xp = Vec::new();
             permute32(&x, &mut xp);
             for group in [32usize, 64, 128, n] {
                 if n % group.min(n) != 0 {
                     continue;
                 }
-                let scales: Vec<f32> = (0..n.div_ceil(group))
-                    .map(|g| 0.01 + g as f32 / 64.0)
-                    .collect();
-                let exact: f64 = (0..n)
-                    .map(|i| q[i] as f64 * scales[i / group] as f64 * x[i] as f64)
-                    .sum();
+                let (scales, exact) = scaled_exact(&x, &q, group);
                 let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
                 let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
                 for (t, b) in [(WType::I8, signed), (WType::U8Offset, offset)] {
@@ -500,21 +513,13 @@ mod tests {
     #[test]
     fn a8_kernel_agrees() {
         for n in [32usize, 768, 4096] {
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 29 % 31) as f32 - 15.0) / 7.0)
-                .collect();
-            let q: Vec<i8> = (0..n).map(|i| ((i * 97 + 13) % 256) as u8 as i8).collect();
+            let (x, q) = int8_case(n);
             let a = QAct::of(&x);
             for group in [32usize, 128, n] {
                 if n % group.min(n) != 0 {
                     continue;
                 }
-                let scales: Vec<f32> = (0..n.div_ceil(group))
-                    .map(|g| 0.01 + g as f32 / 64.0)
-                    .collect();
-                let exact: f64 = (0..n)
-                    .map(|i| q[i] as f64 * scales[i / group] as f64 * x[i] as f64)
-                    .sum();
+                let (scales, exact) = scaled_exact(&x, &q, group);
                 let portable: f64 = (0..n)
                     .map(|i| {
                         q[i] as f64 * a.q[i] as f64 * a.s[i / 32] as f64 * scales[i / group] as f64

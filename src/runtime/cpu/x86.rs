@@ -64,12 +64,7 @@ impl Load for U8 {
 #[inline(always)]
 unsafe fn span<T: Load>(wp: *const u8, xp: *const f32, n: usize, ahead: usize) -> __m256 {
     let es = T::SIZE;
-    let (mut a0, mut a1, mut a2, mut a3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
+    let [mut a0, mut a1, mut a2, mut a3] = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
         // Streams cross 4 KiB pages of the mapped file, where the hardware prefetcher
@@ -211,12 +206,7 @@ unsafe fn span_i8x32<const OFFSET: bool>(wp: *const u8, xp: *const f32, n: usize
         )
     };
     let (m0, m1, m2, m3) = (top(0), top(1), top(2), top(3));
-    let (mut a0, mut a1, mut a2, mut a3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
+    let [mut a0, mut a1, mut a2, mut a3] = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i < n {
         _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + 512) as *const i8);
