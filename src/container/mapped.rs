@@ -237,9 +237,10 @@ impl Mapped {
     }
 
     /// Checks a record's stored CRC-32 against its bytes, once per record (never under
-    /// `no_crc`). The bytes are read with `pread` in 8 MiB chunks hashed in parallel and
-    /// combined: nothing is mapped, so resident memory does not grow, and the pages are left
-    /// in the page cache for the copy that follows.
+    /// `no_crc`). The bytes are hashed from the mapping in 8 MiB chunks, in parallel, and
+    /// combined: each chunk is mapped in one call and unmapped once hashed, so resident
+    /// memory does not grow, nothing is copied, and the pages stay in the page cache for the
+    /// copy that follows.
     pub fn check_record(&self, rec: &Checksummed) -> std::result::Result<(), String> {
         if !self.crc
             || self
@@ -251,28 +252,28 @@ impl Mapped {
             return Ok(());
         }
         use rayon::prelude::*;
-        use std::os::unix::fs::FileExt;
         const CHUNK: u64 = 8 << 20;
-        let (file, start) = self
-            .file_at(rec.offset)
-            .ok_or_else(|| format!("record `{}` lies outside the input", rec.name))?;
-        let parts: Vec<std::io::Result<crc32fast::Hasher>> = (0..rec.len.div_ceil(CHUNK))
+        let inside = self
+            .locate(rec.offset)
+            .is_some_and(|(i, start)| start as u64 + rec.len <= self.maps[i].1.len() as u64);
+        if !inside {
+            return Err(format!("record `{}` lies outside the input", rec.name));
+        }
+        let parts: Vec<crc32fast::Hasher> = (0..rec.len.div_ceil(CHUNK))
             .into_par_iter()
-            .map_init(
-                || vec![0u8; CHUNK as usize],
-                |buf, c| {
-                    let at = c * CHUNK;
-                    let n = CHUNK.min(rec.len - at) as usize;
-                    file.read_exact_at(&mut buf[..n], start + at)?;
-                    let mut h = crc32fast::Hasher::new();
-                    h.update(&buf[..n]);
-                    Ok(h)
-                },
-            )
+            .map(|c| {
+                let at = rec.offset + c * CHUNK;
+                let n = CHUNK.min(rec.len - c * CHUNK);
+                self.populate(at, n);
+                let mut h = crc32fast::Hasher::new();
+                h.update(self.slice(at, n));
+                self.release(at, n);
+                h
+            })
             .collect();
         let mut h = crc32fast::Hasher::new();
-        for p in parts {
-            h.combine(&p.map_err(|e| format!("record `{}`: {e}", rec.name))?);
+        for p in &parts {
+            h.combine(p);
         }
         let got = h.finalize();
         if got != rec.crc32 {
