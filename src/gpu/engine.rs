@@ -10,7 +10,7 @@ use cudarc::driver::{
 
 use super::nvrtc::Nvrtc;
 use crate::dtype::DType;
-use crate::quant::engine::{CastBatch, Engine, QBatch, RowSource};
+use crate::quant::engine::{recycled, CastBatch, Engine, QBatch, RowSource};
 use crate::quant::int8::{ErrStats, RowError};
 
 pub(super) const BLOCK: u32 = 256;
@@ -238,8 +238,9 @@ impl Engine for CudaEngine {
         rows: usize,
         group: usize,
         scale_dtype: DType,
+        reuse: Vec<u8>,
     ) -> Result<QBatch, (usize, RowError)> {
-        self.quantize_on_device(src, r0, rows, group, scale_dtype)
+        self.quantize_on_device(src, r0, rows, group, scale_dtype, reuse)
             .unwrap_or_else(|msg| Err((r0, RowError::Device(msg))))
     }
 
@@ -249,8 +250,9 @@ impl Engine for CudaEngine {
         r0: usize,
         rows: usize,
         to: DType,
+        reuse: Vec<u8>,
     ) -> Result<CastBatch, String> {
-        self.cast_on_device(src, r0, rows, to)
+        self.cast_on_device(src, r0, rows, to, reuse)
     }
 }
 
@@ -263,11 +265,12 @@ impl CudaEngine {
         rows: usize,
         group: usize,
         scale_dtype: DType,
+        reuse: Vec<u8>,
     ) -> Result<Result<QBatch, (usize, RowError)>, String> {
         let cols = src.cols;
         let ng = cols.div_ceil(group);
         let esz = src.dtype.size();
-        let mut q = vec![0u8; rows * cols];
+        let mut q = recycled(reuse, rows * cols);
         let mut scales = vec![0f32; rows * ng];
         let mut stats = ErrStats::default();
         let mut lanes = self.lanes.lock().expect("not poisoned");
@@ -376,10 +379,11 @@ impl CudaEngine {
         r0: usize,
         rows: usize,
         to: DType,
+        reuse: Vec<u8>,
     ) -> Result<CastBatch, String> {
         let cols = src.cols;
         let n_all = rows * cols;
-        let mut bytes = vec![0u8; n_all * to.size()];
+        let mut bytes = recycled(reuse, n_all * to.size());
         let mut stats = ErrStats::default();
         let mut overflow = 0u64;
         let mut non_finite: Option<(usize, usize)> = None;

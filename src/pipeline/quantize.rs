@@ -244,6 +244,8 @@ fn run(
     let bytes_out: u64 = specs.iter().map(TensorSpec::nbytes).sum();
     let bar = Progress::bytes(bytes_in, "quantizing", opts.progress);
     let mut pending: HashMap<usize, Vec<f32>> = HashMap::new();
+    // The batches' byte buffers, passed from batch to batch and tensor to tensor.
+    let mut buffers: Vec<Vec<u8>> = Vec::new();
     let mut reports: Vec<TensorReport> = Vec::new();
     for (shard, name) in shards.iter().zip(&names) {
         let (path, mut w) = safetensors_write::create_shard(dir.path(), name, &specs, shard)?;
@@ -253,11 +255,21 @@ fn run(
             match outs[oi].1 {
                 Out::Main(si) => {
                     let s = &sources[si];
-                    let st = write_main(s, jobs[si], opts, &mut w, &bar, &mut pending, si, file)
-                        .map_err(|e| match e {
-                            WriteError::Io(e) => Error::io(&path, e),
-                            WriteError::Other(e) => e,
-                        })?;
+                    let st = write_main(
+                        s,
+                        jobs[si],
+                        opts,
+                        &mut w,
+                        &bar,
+                        &mut pending,
+                        si,
+                        file,
+                        &mut buffers,
+                    )
+                    .map_err(|e| match e {
+                        WriteError::Io(e) => Error::io(&path, e),
+                        WriteError::Other(e) => e,
+                    })?;
                     let written_as = match jobs[si] {
                         Job::Copy => "copy".to_string(),
                         Job::Cast(d) => d.short_name().to_string(),
@@ -449,6 +461,7 @@ fn write_main(
     pending: &mut HashMap<usize, Vec<f32>>,
     si: usize,
     file: &str,
+    buffers: &mut Vec<Vec<u8>>,
 ) -> std::result::Result<ErrStats, WriteError> {
     s.check().map_err(WriteError::Other)?;
     let mut stats = ErrStats::default();
@@ -486,8 +499,9 @@ fn write_main(
             msg,
         })
     };
-    // Compute batch k + 1 while batch k is written: (bytes, input ranges to release).
-    let compute = |r0: usize| -> std::result::Result<Batch, WriteError> {
+    // Compute batch k + 1 while batch k is written: (bytes, input ranges to release). The
+    // two batches' byte buffers take turns.
+    let compute = |r0: usize, reuse: Vec<u8>| -> std::result::Result<Batch, WriteError> {
         let n = step.min(s.rows - r0);
         let segs = s.segs_of(r0, n);
         for &(o, len) in segs.iter().filter(|x| x.1 >= 256 << 10) {
@@ -497,7 +511,7 @@ fn write_main(
             Job::Cast(to) => {
                 let cb = opts
                     .engine
-                    .cast(s, r0, n, to)
+                    .cast(s, r0, n, to, reuse)
                     .map_err(|e| tensor_err(format!("GPU failure: {e}")))?;
                 if let Some((row, col)) = cb.non_finite {
                     return Err(tensor_err(format!(
@@ -517,7 +531,7 @@ fn write_main(
             Job::Int8 { group } => {
                 let qb = opts
                     .engine
-                    .quantize(s, r0, n, group, s.dtype)
+                    .quantize(s, r0, n, group, s.dtype, reuse)
                     .map_err(|(row, e)| {
                         tensor_err(match e {
                             RowError::NonFinite { col, value } => format!(
@@ -538,20 +552,26 @@ fn write_main(
     let mut r0 = 0;
     while r0 < s.rows || written.is_some() {
         let prev = written.take();
-        let (next, wrote) = rayon::join(
-            || (r0 < s.rows).then(|| compute(r0)),
-            || -> std::io::Result<()> {
-                if let Some((bytes, segs)) = &prev {
-                    w.write_all(bytes)?;
-                    for &(o, len) in segs {
-                        s.ar.release(o, len);
-                        bar.inc(len);
-                    }
+        let reuse = buffers.pop().unwrap_or_default();
+        let ((next, unused), wrote) = rayon::join(
+            || match r0 < s.rows {
+                true => (Some(compute(r0, reuse)), None),
+                false => (None, Some(reuse)),
+            },
+            || -> std::io::Result<Option<Vec<u8>>> {
+                let Some((bytes, segs)) = prev else {
+                    return Ok(None);
+                };
+                w.write_all(&bytes)?;
+                for &(o, len) in &segs {
+                    s.ar.release(o, len);
+                    bar.inc(len);
                 }
-                Ok(())
+                Ok(Some(bytes))
             },
         );
-        wrote?;
+        buffers.extend(unused);
+        buffers.extend(wrote?);
         if let Some(res) = next {
             let (bytes, sc, st, segs) = res?;
             stats.merge(&st);

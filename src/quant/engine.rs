@@ -20,7 +20,8 @@ pub struct QBatch {
 /// Where the arithmetic runs. Both engines implement the same scheme bit for bit.
 pub trait Engine: Sync {
     fn name(&self) -> String;
-    /// Quantizes `rows` rows of `cols` values read by `src`.
+    /// Quantizes `rows` rows of `cols` values read by `src`. `reuse` is an earlier
+    /// batch's buffer, taken for this batch's bytes (see [`recycled`]).
     fn quantize(
         &self,
         src: &RowSource<'_>,
@@ -28,16 +29,26 @@ pub trait Engine: Sync {
         rows: usize,
         group: usize,
         scale_dtype: DType,
+        reuse: Vec<u8>,
     ) -> std::result::Result<QBatch, (usize, RowError)>;
-    /// Casts rows `r0..r0+rows` to `to`.
-    /// Casts rows `r0..r0+rows` to `to`; `Err` is a device failure.
+    /// Casts rows `r0..r0+rows` to `to`, into `reuse` (as for `quantize`); `Err` is a
+    /// device failure.
     fn cast(
         &self,
         src: &RowSource<'_>,
         r0: usize,
         rows: usize,
         to: DType,
+        reuse: Vec<u8>,
     ) -> std::result::Result<CastBatch, String>;
+}
+
+/// `v` as a buffer of `n` bytes whose contents the caller overwrites. Batches pass their
+/// buffers on, so that each batch does not map, zero and unmap fresh pages of its own
+/// (with several threads, each unmapping also interrupts the others to flush their TLBs).
+pub fn recycled(mut v: Vec<u8>, n: usize) -> Vec<u8> {
+    v.resize(n, 0);
+    v
 }
 
 /// A batch of cast rows.
@@ -195,10 +206,11 @@ impl Engine for CpuEngine {
         rows: usize,
         group: usize,
         scale_dtype: DType,
+        reuse: Vec<u8>,
     ) -> std::result::Result<QBatch, (usize, RowError)> {
         let cols = src.cols;
         let ng = cols.div_ceil(group);
-        let mut q = vec![0u8; rows * cols];
+        let mut q = recycled(reuse, rows * cols);
         let mut scales = vec![0f32; rows * ng];
         let results: Vec<std::result::Result<ErrStats, (usize, RowError)>> = q
             .par_chunks_mut(cols)
@@ -228,10 +240,11 @@ impl Engine for CpuEngine {
         r0: usize,
         rows: usize,
         to: DType,
+        reuse: Vec<u8>,
     ) -> std::result::Result<CastBatch, String> {
         let cols = src.cols;
         let osz = to.size();
-        let mut bytes = vec![0u8; rows * cols * osz];
+        let mut bytes = recycled(reuse, rows * cols * osz);
         let parts: Vec<(u64, ErrStats, Option<usize>)> = bytes
             .par_chunks_mut(cols * osz)
             .enumerate()

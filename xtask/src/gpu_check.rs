@@ -94,10 +94,10 @@ pub fn run() -> Result<()> {
                     continue;
                 }
                 let t0 = std::time::Instant::now();
-                let a = cpu.quantize(&src, 0, rows, group, dt);
+                let a = cpu.quantize(&src, 0, rows, group, dt, Vec::new());
                 let tc = t0.elapsed().as_secs_f64();
                 let t1 = std::time::Instant::now();
-                let b = gpu.quantize(&src, 0, rows, group, dt);
+                let b = gpu.quantize(&src, 0, rows, group, dt, Vec::new());
                 let tg = t1.elapsed().as_secs_f64();
                 let ok = match (&a, &b) {
                     (Ok(x), Ok(y)) => {
@@ -130,10 +130,10 @@ pub fn run() -> Result<()> {
                     continue;
                 }
                 let a = cpu
-                    .cast(&src, 0, rows, to)
+                    .cast(&src, 0, rows, to, Vec::new())
                     .map_err(|e| anyhow::anyhow!(e))?;
                 let b = gpu
-                    .cast(&src, 0, rows, to)
+                    .cast(&src, 0, rows, to, Vec::new())
                     .map_err(|e| anyhow::anyhow!(e))?;
                 let ok =
                     a.bytes == b.bytes && a.overflow == b.overflow && a.non_finite == b.non_finite;
@@ -159,11 +159,11 @@ pub fn run() -> Result<()> {
     let (ar, off) = tensor_file(&tmp, &vals, DType::F32, rows, cols)?;
     let src = RowSource::plain(&ar, "w", DType::F32, rows, cols, off);
     let a = cpu
-        .quantize(&src, 0, rows, cols, DType::F32)
+        .quantize(&src, 0, rows, cols, DType::F32, Vec::new())
         .err()
         .map(|e| e.0);
     let b = gpu
-        .quantize(&src, 0, rows, cols, DType::F32)
+        .quantize(&src, 0, rows, cols, DType::F32, Vec::new())
         .err()
         .map(|e| e.0);
     println!("non-finite input: cpu refuses at row {a:?}, gpu at row {b:?}");
