@@ -66,8 +66,18 @@ pub fn quantize(args: &[String]) -> Result<()> {
         devices.push("cuda");
     }
     println!(
-        "{:<26} {:>7} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9}",
-        "archive", "scheme", "device", "output", "cp+sync s", "ours s", "vs cp", "GB/s in", "RSS"
+        "{:<26} {:>7} {:>6} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "archive",
+        "scheme",
+        "device",
+        "output",
+        "cp+sync s",
+        "out GB",
+        "ours s",
+        "vs cp",
+        "of limit",
+        "GB/s in",
+        "RSS"
     );
     for scheme in ["int8", "fp16"] {
         for device in &devices {
@@ -87,18 +97,26 @@ pub fn quantize(args: &[String]) -> Result<()> {
                         .args(["--scheme", scheme, "--device", device, "-q"]);
                     c
                 };
-                let (cp_s, s, rss) = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
+                let a = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
+                // The disk's limit only binds the disk rows.
+                let of_limit = if target == "disk" {
+                    format!("{:.0}%", 100.0 * a.disk_limit_s(size) / a.s)
+                } else {
+                    "-".into()
+                };
                 println!(
-                    "{:<26} {:>7} {:>6} {:>9} {:>9.2} {:>9.2} {:>8.2} {:>9.2} {:>6.0} MB",
+                    "{:<26} {:>7} {:>6} {:>9} {:>9.2} {:>8.2} {:>9.2} {:>8.2} {:>8} {:>9.2} {:>6.0} MB",
                     p.file_name().unwrap().to_string_lossy(),
                     scheme,
                     device,
                     target,
-                    cp_s,
-                    s,
-                    s / cp_s,
-                    size as f64 / 1e9 / s,
-                    rss as f64 / 1e6
+                    a.cp_s,
+                    a.out_bytes as f64 / 1e9,
+                    a.s,
+                    a.s / a.cp_s,
+                    of_limit,
+                    size as f64 / 1e9 / a.s,
+                    a.rss as f64 / 1e6
                 );
             }
         }
@@ -113,6 +131,8 @@ pub fn quantize(args: &[String]) -> Result<()> {
     );
     println!(
         "GB/s in = archive bytes / wall time of the whole command (open, quantize, write, fsync).\n\
+         of limit = (out GB at the rate cp + sync wrote the archive) / ours s: the disk's limit\n\
+         for an output of that size, as a fraction of the time taken (100% = at the disk's rate).\n\
          The tmpfs rows write the output to /dev/shm: the quantizer without the disk.\n\
          Against memory: the quantizer reads each input byte once and writes half (int8) or\n\
          all (fp16) of it; {bwn:.1} GB/s is this machine's read bandwidth."

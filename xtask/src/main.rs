@@ -327,28 +327,63 @@ fn layer_list(args: &[String]) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The best of runs alternated with `cp` + `sync` of the same input.
+pub(crate) struct Against {
+    /// Best `cp` + `sync` seconds.
+    pub cp_s: f64,
+    /// Best seconds of the command.
+    pub s: f64,
+    /// Its largest peak RSS.
+    pub rss: u64,
+    /// Bytes the command wrote (the output's size).
+    pub out_bytes: u64,
+}
+
+impl Against {
+    /// Seconds the disk needs for the command's output at the rate `cp` + `sync` wrote
+    /// the input (`src_bytes` in `cp_s`): the physical limit of a command whose output is
+    /// `out_bytes`.
+    pub fn disk_limit_s(&self, src_bytes: u64) -> f64 {
+        self.cp_s * self.out_bytes as f64 / src_bytes as f64
+    }
+}
+
 /// Alternates `cp` + `sync` of `src` with the command `cmd()` (which writes `out`) `runs`
-/// times, as the disk is noisy; returns (best cp seconds, best command seconds, its peak RSS).
+/// times, as the disk is noisy.
 pub(crate) fn best_against_cp(
     src: &Path,
     dir: &Path,
     out: &Path,
     runs: u64,
     cmd: &mut dyn FnMut() -> Command,
-) -> Result<(f64, f64, u64)> {
-    let (mut cp_s, mut best, mut rss) = (f64::MAX, f64::MAX, 0u64);
+) -> Result<Against> {
+    let mut a = Against {
+        cp_s: f64::MAX,
+        s: f64::MAX,
+        rss: 0,
+        out_bytes: 0,
+    };
     for _ in 0..runs {
-        cp_s = cp_s.min(cp_sync_seconds(src, dir)?);
+        a.cp_s = a.cp_s.min(cp_sync_seconds(src, dir)?);
         remove(out);
         let (s, r, o) = measure(&mut cmd())?;
+        a.out_bytes = tree_bytes(out);
         remove(out);
         if !o.status.success() {
             bail!("{:?} failed: {}", cmd(), String::from_utf8_lossy(&o.stderr));
         }
-        best = best.min(s);
-        rss = rss.max(r);
+        a.s = a.s.min(s);
+        a.rss = a.rss.max(r);
     }
-    Ok((cp_s, best, rss))
+    Ok(a)
+}
+
+/// Bytes of a file, or of every file under a folder.
+fn tree_bytes(p: &Path) -> u64 {
+    match std::fs::read_dir(p) {
+        Ok(rd) => rd.flatten().map(|e| tree_bytes(&e.path())).sum(),
+        Err(_) => std::fs::metadata(p).map_or(0, |m| m.len()),
+    }
 }
 
 /// `--runs N`: repetitions whose best time is kept (default 3).
@@ -399,7 +434,8 @@ fn bench_convert(args: &[String]) -> Result<()> {
             c.arg("nemo-to-safetensors").arg(&p).arg(&out).arg("-q");
             c
         };
-        let (cp_s, ours_s, ours_rss) = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
+        let a = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
+        let (cp_s, ours_s, ours_rss) = (a.cp_s, a.s, a.rss);
         let (torch_s, torch_rss) = if has_torch {
             let (s, r, o) = measure(Command::new(&python).arg(&peer).arg(&p).arg(&out))?;
             remove(&out);
@@ -471,7 +507,8 @@ fn bench_reshard(args: &[String]) -> Result<()> {
                         .args(["--tp", tp, "--format", format, "-q"]);
                     c
                 };
-                let (cp_s, s, rss) = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
+                let a = best_against_cp(&p, &dir, &out, runs(args)?, &mut cmd)?;
+                let (cp_s, s, rss) = (a.cp_s, a.s, a.rss);
                 println!(
                     "{:<24} {:>8.2} {:>7} {:>12} {:>9.2} {:>9.2} {:>7.2} {:>7.0} MB",
                     p.file_name().unwrap().to_string_lossy(),
