@@ -53,7 +53,11 @@ pub struct FileSink {
     pub copied: u64,
     /// File offset of the first byte written through this sink.
     base: u64,
-    /// Bytes of `written` (from `base`) handed to writeback, and those waited for.
+    /// The file's position past `base` (bytes in `buf` not counted), and the furthest
+    /// it has been: a sink that seeks back to patch a header writes back only once.
+    pos: u64,
+    high: u64,
+    /// Bytes past `base` handed to writeback, and those waited for.
     started: u64,
     waited: u64,
     /// False once the file system refused `sync_file_range`: then the kernel decides.
@@ -79,6 +83,8 @@ impl FileSink {
             written: 0,
             copied: 0,
             base,
+            pos: 0,
+            high: 0,
             started: 0,
             waited: 0,
             writeback: true,
@@ -93,9 +99,10 @@ impl FileSink {
         Ok(self.file)
     }
 
-    /// Bytes actually in the file (written minus still buffered).
-    fn on_file(&self) -> u64 {
-        self.written - self.buf.len() as u64
+    /// The file's position moved on by `n` bytes just written to it.
+    fn advance(&mut self, n: u64) {
+        self.pos += n;
+        self.high = self.high.max(self.pos);
     }
 
     /// Bytes handed to writeback, and bytes waited for, so far.
@@ -107,7 +114,7 @@ impl FileSink {
     /// more, and waits for the oldest windows while more than `in_flight` bytes are on
     /// their way.
     fn write_back(&mut self) -> std::io::Result<()> {
-        let end = self.on_file();
+        let end = self.high;
         if !self.writeback || end - self.started < self.window {
             return Ok(());
         }
@@ -156,6 +163,7 @@ impl Write for FileSink {
         }
         if data.len() >= self.buf.capacity() {
             self.file.write_all(data)?;
+            self.advance(data.len() as u64);
             self.written += data.len() as u64;
             self.write_back()?;
         } else {
@@ -166,6 +174,7 @@ impl Write for FileSink {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.write_all(&self.buf)?;
+        self.advance(self.buf.len() as u64);
         self.buf.clear();
         self.write_back()
     }
@@ -208,10 +217,25 @@ impl Sink for FileSink {
             }
             left -= n as u64;
         }
+        self.advance(len);
         self.written += len;
         self.copied += len;
         self.write_back()?;
         Ok(true)
+    }
+}
+
+/// Seeking flushes the buffer first; asking for the position does not.
+impl std::io::Seek for FileSink {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        if to == std::io::SeekFrom::Current(0) {
+            return Ok(self.base + self.pos + self.buf.len() as u64);
+        }
+        self.flush()?;
+        let at = self.file.seek(to)?;
+        // Before `base` (where writeback does not look) counts as its start.
+        self.pos = at.saturating_sub(self.base);
+        Ok(at)
     }
 }
 
@@ -243,6 +267,41 @@ mod tests {
         w.write_all(&[7u8; 3 << 20]).unwrap();
         w.flush().unwrap();
         w.written_back()
+    }
+
+    #[test]
+    fn a_file_sink_seeks_back_to_patch_and_writes_back_once() {
+        use std::io::{Seek, SeekFrom};
+        let f = tempfile::tempfile().unwrap();
+        let (window, in_flight) = (4 << 10, 16 << 10);
+        let mut w = FileSink::with_windows(f, window, in_flight);
+        let mut expect = Vec::new();
+        for i in 0..40u32 {
+            // A record: a header to patch, its data, then the patch.
+            let at = w.stream_position().unwrap();
+            assert_eq!(at, expect.len() as u64);
+            w.write_all(&[0u8; 4]).unwrap();
+            let data: Vec<u8> = (0..3001 + i * 97).map(|j| (j % 241) as u8).collect();
+            w.write_all(&data).unwrap();
+            let end = w.stream_position().unwrap();
+            w.seek(SeekFrom::Start(at)).unwrap();
+            w.write_all(&i.to_le_bytes()).unwrap();
+            assert_eq!(w.stream_position().unwrap(), at + 4);
+            w.seek(SeekFrom::Start(end)).unwrap();
+            expect.extend_from_slice(&i.to_le_bytes());
+            expect.extend_from_slice(&data);
+            let (started, waited) = w.written_back();
+            assert!(started <= expect.len() as u64 && waited <= started);
+            assert!(started - waited <= in_flight);
+        }
+        w.flush().unwrap();
+        let len = expect.len() as u64;
+        assert!(w.written_back().0 + window > len);
+        let mut f = w.into_file().unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+        assert_eq!(got, expect);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! of every merge rule, and write per-rank safetensors folders or a `.nemo` NeMo loads.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -348,7 +348,7 @@ fn write_nemo(w: &Writing, out: &Path) -> Result<Vec<String>> {
     let file = AtomicFile::create(out, opts.force)?;
     let io = |e: std::io::Error| Error::io(file.path(), e);
     let f = File::create(file.path()).map_err(io)?;
-    let mut t = TarWriter::new(BufWriter::with_capacity(16 << 20, f));
+    let mut t = TarWriter::new(FileSink::new(f));
     t.dir(".").map_err(io)?;
     t.file("./model_config.yaml", yaml.as_bytes()).map_err(io)?;
     let mut dirs = Vec::new();
@@ -438,7 +438,7 @@ fn write_nemo(w: &Writing, out: &Path) -> Result<Vec<String>> {
         rank_names.push(member);
     }
     let w = t.finish().map_err(io)?;
-    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    let f = w.into_file().map_err(io)?;
     f.sync_all().map_err(io)?;
     file.commit()?;
     Ok(rank_names)
