@@ -500,7 +500,7 @@ fn write_main(
         })
     };
     // Compute batch k + 1 while batch k is written: (bytes, input ranges to release). The
-    // two batches' byte buffers take turns.
+    // written batch's buffer goes back to `buffers` for the next one.
     let compute = |r0: usize, reuse: Vec<u8>| -> std::result::Result<Batch, WriteError> {
         let n = step.min(s.rows - r0);
         let segs = s.segs_of(r0, n);
@@ -554,9 +554,12 @@ fn write_main(
         let prev = written.take();
         let reuse = buffers.pop().unwrap_or_default();
         let ((next, unused), wrote) = rayon::join(
-            || match r0 < s.rows {
-                true => (Some(compute(r0, reuse)), None),
-                false => (None, Some(reuse)),
+            || {
+                if r0 < s.rows {
+                    (Some(compute(r0, reuse)), None)
+                } else {
+                    (None, Some(reuse))
+                }
             },
             || -> std::io::Result<Option<Vec<u8>>> {
                 let Some((bytes, segs)) = prev else {
