@@ -18,6 +18,12 @@ fn levels() -> Vec<&'static str> {
         && std::is_x86_feature_detected!("f16c")
     {
         v.push("avx2");
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            v.push("avx512");
+        }
     }
     v
 }

@@ -1,17 +1,23 @@
-//! The one CPU-feature check every kernel dispatches on. `STEERLM_ISA=generic|avx2` (or
-//! `STEERLM_NO_SIMD`, any value, for generic) forces a path everywhere, so that tests can
-//! compare every path with the others.
+//! The one CPU-feature check every kernel dispatches on. `STEERLM_ISA=generic|avx2|avx512`
+//! (or `STEERLM_NO_SIMD`, any value, for generic) forces a path everywhere, so that tests
+//! can compare every path with the others.
 
 use std::sync::OnceLock;
 
 /// The instruction-set level the kernels use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Levels are ordered: each includes the one below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Portable Rust, whatever the CPU.
     Generic,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
+    /// AVX2's set plus AVX-512 F, BW and VL: the runtime's dot products and row
+    /// conversions 16 lanes wide (the conversion commands stay on AVX2).
+    Avx512,
 }
+
+const LEVELS: [Level; 3] = [Level::Generic, Level::Avx2, Level::Avx512];
 
 /// The best level this CPU supports.
 pub fn detected() -> Level {
@@ -20,13 +26,25 @@ pub fn detected() -> Level {
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
     {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            return Level::Avx512;
+        }
         return Level::Avx2;
     }
     Level::Generic
 }
 
-/// Detected once per process. `STEERLM_ISA=generic|avx2` forces a level (to test every
-/// kernel path on one machine); one the CPU lacks is refused with a warning and the
+/// Every level this CPU runs, lowest first.
+pub fn available() -> Vec<Level> {
+    let best = detected();
+    LEVELS.into_iter().filter(|l| *l <= best).collect()
+}
+
+/// Detected once per process. `STEERLM_ISA=generic|avx2|avx512` forces a level (to test
+/// every kernel path on one machine); one the CPU lacks is refused with a warning and the
 /// detected level is used.
 pub fn level() -> Level {
     static L: OnceLock<Level> = OnceLock::new();
@@ -35,13 +53,16 @@ pub fn level() -> Level {
             return Level::Generic;
         }
         let best = detected();
-        match std::env::var("STEERLM_ISA").ok().as_deref() {
-            None | Some("") => best,
-            Some("generic") => Level::Generic,
-            Some("avx2") if best == Level::Avx2 => Level::Avx2,
-            Some(other) => {
+        let Some(want) = std::env::var("STEERLM_ISA").ok().filter(|v| !v.is_empty()) else {
+            return best;
+        };
+        match available().into_iter().find(|l| l.as_str() == want) {
+            Some(l) => l,
+            None => {
+                let names: Vec<&str> = available().iter().map(|l| l.as_str()).collect();
                 eprintln!(
-                    "warning: STEERLM_ISA={other}: not a level this CPU runs (generic, avx2); using {}",
+                    "warning: STEERLM_ISA={want}: not a level this CPU runs ({}); using {}",
+                    names.join(", "),
                     best.as_str()
                 );
                 best
@@ -53,7 +74,13 @@ pub fn level() -> Level {
 /// True when the AVX2 + FMA + F16C kernels may run.
 #[inline]
 pub fn avx2() -> bool {
-    level() == Level::Avx2
+    level() >= Level::Avx2
+}
+
+/// True when the AVX-512 kernels may run.
+#[inline]
+pub fn avx512() -> bool {
+    level() >= Level::Avx512
 }
 
 impl Level {
@@ -61,6 +88,7 @@ impl Level {
         match self {
             Level::Generic => "generic",
             Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
         }
     }
 }

@@ -2,14 +2,16 @@
 //! file, any alignment) with f32 activations, and rows dequantized to f32.
 //!
 //! Every kernel is written once as plain Rust with 16 independent f32 lanes, which the
-//! compiler turns into SIMD. On x86-64 the same code is compiled a second time with AVX2 +
-//! FMA + F16C enabled and chosen at run time, so one binary runs everywhere and uses the
-//! wide units where they exist. Accumulation is always in f32.
+//! compiler turns into SIMD. On x86-64 there are also AVX2 + FMA + F16C kernels and
+//! AVX-512 ones, chosen at run time (`crate::dtype::simd`), so one binary runs everywhere
+//! and uses the wide units where they exist. Accumulation is always in f32.
 
 // Kernels index lanes explicitly: that is what lets the compiler vectorize them.
 #![allow(clippy::needless_range_loop)]
 
 use std::sync::OnceLock;
+
+use crate::dtype::simd::{self, Level};
 
 /// How a weight row is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,36 +210,50 @@ fn row_dot_generic(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) 
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
+/// How far ahead of the weights being read the kernels ask for them, in bytes: a page, so
+/// that a stream goes on across the 4 KiB page boundaries where the hardware prefetcher
+/// stops (`STEERLM_PREFETCH` overrides; `cargo xtask bench kernels` measures the effect).
 fn prefetch_distance() -> usize {
     static D: OnceLock<usize> = OnceLock::new();
     *D.get_or_init(|| {
         std::env::var("STEERLM_PREFETCH")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(256)
+            .unwrap_or(4096)
     })
 }
 
 fn wide() -> bool {
-    crate::dtype::simd::avx2()
+    simd::avx2()
 }
 
 /// Which instruction set the kernels use.
 pub fn isa() -> &'static str {
-    crate::dtype::simd::level().as_str()
+    simd::level().as_str()
 }
 
 /// `Σ w[i]·x[i]` over one stored row (`x.len()` elements); int8 rows are scaled per
 /// group of `group` columns by `scales`.
 #[inline]
 pub fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+    row_dot_on(simd::level(), t, w, x, scales, group)
+}
+
+/// [`row_dot`] on level `l`, one this CPU runs (`simd::available`).
+#[inline]
+fn row_dot_on(l: Level, t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked once in `wide`).
-        return unsafe { x86::row_dot(t, w, x, scales, group) };
+    match l {
+        // SAFETY: the CPU has the level's features (it is one `simd` detected).
+        Level::Avx512 => return unsafe { avx512::row_dot(t, w, x, scales, group) },
+        Level::Avx2 => return unsafe { x86::row_dot(t, w, x, scales, group) },
+        Level::Generic => {}
     }
+    let _ = l;
     row_dot_generic(t, w, x, scales, group)
 }
 
@@ -256,13 +272,15 @@ pub fn permute32(x: &[f32], out: &mut Vec<f32>) {
     }
 }
 
-/// Whether [`row_dot_permuted`] takes int8 rows of `cols` columns in groups of `group`.
+/// Whether [`row_dot_permuted`] takes int8 rows of `cols` columns in groups of `group`:
+/// at the AVX2 level only (with AVX-512 the sign extension is cheap and [`row_dot`]
+/// reads the activations as they are).
 pub fn permuted_applies(t: WType, cols: usize, group: usize) -> bool {
     t.is_int8()
         && cols.is_multiple_of(32)
         && group.min(cols).is_multiple_of(32)
         && cfg!(target_arch = "x86_64")
-        && wide()
+        && simd::level() == Level::Avx2
 }
 
 /// [`row_dot`] of an int8 row with activations in [`permute32`] order (same result up to
@@ -385,22 +403,38 @@ pub unsafe fn gemm_f32(
 /// `Σ w[i]·x[i]` over f32 slices.
 #[inline]
 pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    dot_f32_on(simd::level(), w, x)
+}
+
+#[inline]
+fn dot_f32_on(l: Level, w: &[f32], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: as above.
-        return unsafe { x86::dot_f32(w, x) };
+    match l {
+        // SAFETY: as in `row_dot_on`.
+        Level::Avx512 => return unsafe { avx512::dot_f32(w, x) },
+        Level::Avx2 => return unsafe { x86::dot_f32(w, x) },
+        Level::Generic => {}
     }
+    let _ = l;
     dot_f32_generic(w, x)
 }
 
 /// One stored row as f32 (`out.len()` elements), int8 multiplied by its scales.
 #[inline]
 pub fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+    dequant_on(simd::level(), t, w, scales, group, out)
+}
+
+#[inline]
+fn dequant_on(l: Level, t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: as above.
-        return unsafe { x86::dequant(t, w, scales, group, out) };
+    match l {
+        // SAFETY: as in `row_dot_on`.
+        Level::Avx512 => return unsafe { avx512::dequant(t, w, scales, group, out) },
+        Level::Avx2 => return unsafe { x86::dequant(t, w, scales, group, out) },
+        Level::Generic => {}
     }
+    let _ = l;
     dequant_generic(t, w, scales, group, out)
 }
 
@@ -428,16 +462,21 @@ mod tests {
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
             .collect();
-        for (t, b) in [
-            (WType::F32, bytes_f32(&w)),
-            (WType::BF16, bf),
-            (WType::F16, hf),
-        ] {
-            let got = row_dot(t, &b, &x, &[], 0);
-            assert!((got as f64 - exact).abs() < 1e-4, "{t:?}: {got} vs {exact}");
-            let mut row = vec![0f32; n];
-            dequant(t, &b, &[], 0, &mut row);
-            assert_eq!(row, w, "{t:?}");
+        for l in simd::available() {
+            for (t, b) in [
+                (WType::F32, bytes_f32(&w)),
+                (WType::BF16, bf.clone()),
+                (WType::F16, hf.clone()),
+            ] {
+                let got = row_dot_on(l, t, &b, &x, &[], 0);
+                assert!(
+                    (got as f64 - exact).abs() < 1e-4,
+                    "{l:?} {t:?}: {got} vs {exact}"
+                );
+                let mut row = vec![0f32; n];
+                dequant_on(l, t, &b, &[], 0, &mut row);
+                assert_eq!(row, w, "{l:?} {t:?}");
+            }
         }
         // int8 with groups of 64: q = i % 255 - 127, scales 0.5, 0.25, …
         let q: Vec<i8> = (0..n).map(|i| (i % 255) as i16 as i8).collect();
@@ -447,16 +486,22 @@ mod tests {
             .sum();
         let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
         let offset: Vec<u8> = q.iter().map(|v| (*v as i16 + 128) as u8).collect();
-        for (t, b) in [(WType::I8, signed), (WType::U8Offset, offset)] {
-            let got = row_dot(t, &b, &x, &scales, 64);
-            assert!((got as f64 - exact).abs() < 1e-3, "{t:?}: {got} vs {exact}");
-            let mut row = vec![0f32; n];
-            dequant(t, &b, &scales, 64, &mut row);
-            for i in 0..n {
-                assert_eq!(row[i], q[i] as f32 * scales[i / 64]);
+        for l in simd::available() {
+            for (t, b) in [(WType::I8, &signed), (WType::U8Offset, &offset)] {
+                let got = row_dot_on(l, t, b, &x, &scales, 64);
+                assert!(
+                    (got as f64 - exact).abs() < 1e-3,
+                    "{l:?} {t:?}: {got} vs {exact}"
+                );
+                let mut row = vec![0f32; n];
+                dequant_on(l, t, b, &scales, 64, &mut row);
+                for i in 0..n {
+                    assert_eq!(row[i], q[i] as f32 * scales[i / 64], "{l:?} {t:?} {i}");
+                }
             }
+            let got = dot_f32_on(l, &w, &x) as f64;
+            assert!((got - exact_f32(&w, &x)).abs() < 1e-4, "{l:?}");
         }
-        assert!((dot_f32(&w, &x) as f64 - exact_f32(&w, &x)).abs() < 1e-4);
     }
 
     /// Activations and int8 values (every byte value) of a row of `n`.
@@ -480,11 +525,12 @@ mod tests {
         (scales, exact)
     }
 
-    /// The permuted int8 kernel against the plain one and an f64 sum: both formats,
-    /// groups of 32, 64, 128 and one per row (channel), rows of 32 to 4096 columns.
+    /// The int8 kernels of every level, and the permuted one, against an f64 sum: both
+    /// formats, groups of 32, 64, 128 and one per row (channel), rows of 32 to 4096
+    /// columns.
     #[test]
     fn permuted_int8_agrees() {
-        for n in [32usize, 96, 128, 768, 4096] {
+        for n in [32usize, 96, 128, 200, 768, 4096] {
             let (x, q) = int8_case(n);
             let mut xp = Vec::new();
             permute32(&x, &mut xp);
@@ -496,9 +542,12 @@ mod tests {
                 let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
                 let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
                 for (t, b) in [(WType::I8, signed), (WType::U8Offset, offset)] {
-                    let plain = row_dot(t, &b, &x, &scales, group);
                     let tol = 1e-5 * (1.0 + exact.abs());
-                    assert!((plain as f64 - exact).abs() < tol, "{t:?} n {n} g {group}");
+                    for l in simd::available() {
+                        let plain = row_dot_on(l, t, &b, &x, &scales, group);
+                        let what = format!("{l:?} {t:?} n {n} g {group}");
+                        assert!((plain as f64 - exact).abs() < tol, "{what}");
+                    }
                     if permuted_applies(t, n, group) {
                         let got = row_dot_permuted(t, &b, &xp, &scales, group);
                         assert!((got as f64 - exact).abs() < tol, "{t:?} n {n} g {group}");

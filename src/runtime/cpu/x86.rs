@@ -167,7 +167,12 @@ unsafe fn dot_scaled<T: Load>(w: &[u8], x: &[f32], scales: &[f32], group: usize)
 /// on these cores.
 /// SAFETY: `n` (a multiple of 32) elements of `w` and `xp` are readable.
 #[inline(always)]
-unsafe fn span_i8x32<const OFFSET: bool>(wp: *const u8, xp: *const f32, n: usize) -> __m256 {
+unsafe fn span_i8x32<const OFFSET: bool>(
+    wp: *const u8,
+    xp: *const f32,
+    n: usize,
+    ahead: usize,
+) -> __m256 {
     let top = |j: i8| {
         let z = -128i8; // 0x80: a zero byte
         _mm256_setr_epi8(
@@ -209,7 +214,7 @@ unsafe fn span_i8x32<const OFFSET: bool>(wp: *const u8, xp: *const f32, n: usize
     let [mut a0, mut a1, mut a2, mut a3] = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i < n {
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + 512) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + ahead) as *const i8);
         let mut v = _mm256_loadu_si256(wp.add(i) as *const __m256i);
         if OFFSET {
             v = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
@@ -242,6 +247,7 @@ pub unsafe fn dot_i8_permuted(
     let groups = n.div_ceil(group);
     assert!(scales.len() >= groups);
     let (wp, xq) = (w.as_ptr(), xp.as_ptr());
+    let ahead = prefetch_distance();
     // Spans of at most 128 columns, each into fresh accumulators: one long chain of FMAs
     // per row (a channel's) would wait on its own latency.
     let sub = if group.is_multiple_of(128) {
@@ -256,9 +262,9 @@ pub unsafe fn dot_i8_permuted(
         let len = sub.min(n - b);
         // SAFETY: b + len <= n, asserted above.
         let s = if offset {
-            span_i8x32::<true>(wp.add(b), xq.add(b), len)
+            span_i8x32::<true>(wp.add(b), xq.add(b), len, ahead)
         } else {
-            span_i8x32::<false>(wp.add(b), xq.add(b), len)
+            span_i8x32::<false>(wp.add(b), xq.add(b), len, ahead)
         };
         // The span is `q · 2^24`: a power of two, so this scaling is exact.
         let sc = _mm256_set1_ps(*scales.get_unchecked(b / group) * (1.0 / 16_777_216.0));
@@ -291,9 +297,10 @@ pub unsafe fn dot_a8(
     let ones = _mm256_set1_epi16(1);
     let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (wp, xp) = (w.as_ptr(), xq.as_ptr());
+    let ahead = prefetch_distance();
     let mut b = 0;
     while b + 32 <= n {
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b + 512) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b + ahead) as *const i8);
         // SAFETY: b + 32 <= n bytes of w and xq.
         let mut v = _mm256_loadu_si256(wp.add(b) as *const __m256i);
         if offset {
