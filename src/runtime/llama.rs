@@ -127,6 +127,27 @@ impl Linear {
         v
     }
 
+    /// f32 rows `r0..r1` of band `b` as they lie in the mapping (pointer, row stride in
+    /// values) when the band is one part of whole rows, aligned for f32: a prompt's
+    /// product then reads them in place instead of copying them to a tile.
+    fn f32_in_place(
+        &self,
+        ar: &Mapped,
+        b: &Band,
+        r0: usize,
+        r1: usize,
+    ) -> Option<(*const f32, usize)> {
+        let [p] = &b.parts[..] else { return None };
+        if self.wtype != WType::F32 || p.col0 != 0 || p.cols != self.inp || p.stride % 4 != 0 {
+            return None;
+        }
+        let first = (r0 - b.row0) as u64;
+        let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * 4) as u64;
+        let w = ar.slice(p.offset + first * p.stride, len);
+        let ptr = w.as_ptr() as *const f32;
+        ptr.is_aligned().then_some((ptr, (p.stride / 4) as usize))
+    }
+
     /// Runs `f(row, [(part, bytes of the row in that part)])` over rows `r0..r1` of band
     /// `bi`, slicing each part's rows from the archive once.
     fn for_rows(
@@ -243,6 +264,20 @@ impl Linear {
             .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(bi, r0, r1)| {
                 let b = &self.bands[bi];
                 let n = r1 - r0;
+                let d = dst;
+                if let Some((w, stride)) = self.f32_in_place(ar, b, r0, r1) {
+                    // SAFETY: as below, with the rows read in place: n rows of inp f32
+                    // values, `stride` apart, inside the mapping.
+                    unsafe {
+                        cpu::gemm_f32(
+                            (n, t, self.inp),
+                            (d.0.add(r0), rows as isize, 1),
+                            (w, 1, stride as isize),
+                            (x.as_ptr(), self.inp as isize, 1),
+                        )
+                    }
+                    return;
+                }
                 tile.resize(n * self.inp, 0.0);
                 self.for_rows(ar, bi, r0, r1, |r, parts| {
                     let row = &mut tile[(r - r0) * self.inp..(r - r0 + 1) * self.inp];
@@ -256,7 +291,6 @@ impl Linear {
                         );
                     }
                 });
-                let d = dst;
                 // y[tok·rows + r0 + i] (i < n) = Σ_k tile[i, k] · x[tok, k]: dst (n × t) with
                 // row stride 1 and column stride rows, tile (n × inp) row-major, xᵀ (inp × t).
                 // SAFETY: every pointer covers its matrix with the strides given (tile n·inp,
@@ -442,13 +476,16 @@ impl Weights {
             rms_norm(&x, &l.mlp_norm, d.eps, &mut hbuf);
             l.gate_up
                 .matmul_a(ar, &hbuf, t, 2 * d.ffn, &mut gu, self.a8);
-            for i in 0..t {
-                let row = &gu[i * 2 * d.ffn..(i + 1) * 2 * d.ffn];
-                let (g, u) = row.split_at(d.ffn);
-                for j in 0..d.ffn {
-                    act[i * d.ffn + j] = silu(g[j]) * u[j];
-                }
-            }
+            // Per token, in parallel for a prompt (the exponentials are a serial tail).
+            act.par_chunks_mut(d.ffn)
+                .zip(gu.par_chunks(2 * d.ffn))
+                .with_min_len(8)
+                .for_each(|(a, row)| {
+                    let (g, u) = row.split_at(d.ffn);
+                    for j in 0..d.ffn {
+                        a[j] = silu(g[j]) * u[j];
+                    }
+                });
             l.down.matmul_a(ar, &act, t, h, &mut o, self.a8);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
@@ -467,16 +504,19 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// transformers' `LlamaRMSNorm` in f32, row by row.
+/// transformers' `LlamaRMSNorm` in f32, row by row (rows in parallel for a prompt).
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
-    for (xr, or) in x.chunks(h).zip(out.chunks_mut(h)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-        let r = 1.0 / (ss + eps).sqrt();
-        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
-            *o = g * (v * r);
-        }
-    }
+    x.par_chunks(h)
+        .zip(out.par_chunks_mut(h))
+        .with_min_len(16)
+        .for_each(|(xr, or)| {
+            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let r = 1.0 / (ss + eps).sqrt();
+            for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+                *o = g * (v * r);
+            }
+        });
 }
 
 /// Rotate-half RoPE of one head (the convention of both Megatron and Hugging Face Llama).

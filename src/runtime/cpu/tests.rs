@@ -1,0 +1,159 @@
+//! The kernels of every level this CPU runs against f64 sums and each other.
+
+use super::*;
+
+fn bytes_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn kernels_agree_with_f64_sums() {
+    let n = 301;
+    let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 19) as f32 - 9.0) / 8.0).collect();
+    let w: Vec<f32> = (0..n)
+        .map(|i| ((i * 11 % 23) as f32 - 11.0) / 16.0)
+        .collect();
+    let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let bf: Vec<u8> = w
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+        .collect();
+    let hf: Vec<u8> = w
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+        .collect();
+    for l in simd::available() {
+        for (t, b) in [
+            (WType::F32, bytes_f32(&w)),
+            (WType::BF16, bf.clone()),
+            (WType::F16, hf.clone()),
+        ] {
+            let got = row_dot_on(l, t, &b, &x, &[], 0);
+            assert!(
+                (got as f64 - exact).abs() < 1e-4,
+                "{l:?} {t:?}: {got} vs {exact}"
+            );
+            let mut row = vec![0f32; n];
+            dequant_on(l, t, &b, &[], 0, &mut row);
+            assert_eq!(row, w, "{l:?} {t:?}");
+        }
+    }
+    // int8 with groups of 64: q = i % 255 - 127, scales 0.5, 0.25, …
+    let q: Vec<i8> = (0..n).map(|i| (i % 255) as i16 as i8).collect();
+    let scales: Vec<f32> = (0..n.div_ceil(64)).map(|g| 1.0 / (2 << g) as f32).collect();
+    let exact: f64 = (0..n)
+        .map(|i| q[i] as f64 * scales[i / 64] as f64 * x[i] as f64)
+        .sum();
+    let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+    let offset: Vec<u8> = q.iter().map(|v| (*v as i16 + 128) as u8).collect();
+    for l in simd::available() {
+        for (t, b) in [(WType::I8, &signed), (WType::U8Offset, &offset)] {
+            let got = row_dot_on(l, t, b, &x, &scales, 64);
+            assert!(
+                (got as f64 - exact).abs() < 1e-3,
+                "{l:?} {t:?}: {got} vs {exact}"
+            );
+            let mut row = vec![0f32; n];
+            dequant_on(l, t, b, &scales, 64, &mut row);
+            for i in 0..n {
+                assert_eq!(row[i], q[i] as f32 * scales[i / 64], "{l:?} {t:?} {i}");
+            }
+        }
+        let got = dot_f32_on(l, &w, &x) as f64;
+        assert!((got - exact_f32(&w, &x)).abs() < 1e-4, "{l:?}");
+    }
+}
+
+/// Activations and int8 values (every byte value) of a row of `n`.
+fn int8_case(n: usize) -> (Vec<f32>, Vec<i8>) {
+    let x = (0..n)
+        .map(|i| ((i * 29 % 31) as f32 - 15.0) / 7.0)
+        .collect();
+    let q = (0..n).map(|i| ((i * 97 + 13) % 256) as u8 as i8).collect();
+    (x, q)
+}
+
+/// Scales of a row of `n` in groups of `group`, and `Σ q·scale·x` in f64.
+fn scaled_exact(x: &[f32], q: &[i8], group: usize) -> (Vec<f32>, f64) {
+    let n = x.len();
+    let scales: Vec<f32> = (0..n.div_ceil(group))
+        .map(|g| 0.01 + g as f32 / 64.0)
+        .collect();
+    let exact = (0..n)
+        .map(|i| q[i] as f64 * scales[i / group] as f64 * x[i] as f64)
+        .sum();
+    (scales, exact)
+}
+
+/// The int8 kernels of every level, and the permuted one, against an f64 sum: both
+/// formats, groups of 32, 64, 128 and one per row (channel), rows of 32 to 4096
+/// columns.
+#[test]
+fn permuted_int8_agrees() {
+    for n in [32usize, 96, 128, 200, 768, 4096] {
+        let (x, q) = int8_case(n);
+        let mut xp = Vec::new();
+        permute32(&x, &mut xp);
+        for group in [32usize, 64, 128, n] {
+            if n % group.min(n) != 0 {
+                continue;
+            }
+            let (scales, exact) = scaled_exact(&x, &q, group);
+            let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+            let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
+            for (t, b) in [(WType::I8, signed), (WType::U8Offset, offset)] {
+                let tol = 1e-5 * (1.0 + exact.abs());
+                for l in simd::available() {
+                    let plain = row_dot_on(l, t, &b, &x, &scales, group);
+                    let what = format!("{l:?} {t:?} n {n} g {group}");
+                    assert!((plain as f64 - exact).abs() < tol, "{what}");
+                }
+                if permuted_applies(t, n, group) {
+                    let got = row_dot_permuted(t, &b, &xp, &scales, group);
+                    assert!((got as f64 - exact).abs() < tol, "{t:?} n {n} g {group}");
+                }
+            }
+        }
+    }
+}
+
+/// The int8-activation kernel: AVX2 against the portable one (both exact integer
+/// block sums) and against the f32 product within the activations' rounding.
+#[test]
+fn a8_kernel_agrees() {
+    for n in [32usize, 768, 4096] {
+        let (x, q) = int8_case(n);
+        let a = QAct::of(&x);
+        for group in [32usize, 128, n] {
+            if n % group.min(n) != 0 {
+                continue;
+            }
+            let (scales, exact) = scaled_exact(&x, &q, group);
+            let portable: f64 = (0..n)
+                .map(|i| {
+                    q[i] as f64 * a.q[i] as f64 * a.s[i / 32] as f64 * scales[i / group] as f64
+                })
+                .sum();
+            let bound: f64 = (0..n)
+                .map(|i| (q[i] as f64 * scales[i / group] as f64).abs() * a.s[i / 32] as f64 / 2.0)
+                .sum();
+            let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
+            let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+            for (t, b) in [(WType::U8Offset, offset), (WType::I8, signed)] {
+                let got = row_dot_a8(t, &b, &a.q, &a.s, &scales, group) as f64;
+                assert!(
+                    (got - portable).abs() < 1e-4 * (1.0 + portable.abs()),
+                    "{t:?} {n} {group}"
+                );
+                assert!(
+                    (got - exact).abs() <= bound * 1.001 + 1e-4,
+                    "{t:?} {n} {group}"
+                );
+            }
+        }
+    }
+}
+
+fn exact_f32(w: &[f32], x: &[f32]) -> f64 {
+    w.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
