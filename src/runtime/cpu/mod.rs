@@ -209,6 +209,52 @@ fn row_dot_generic(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) 
     total
 }
 
+/// The public kernels of one x86 level, made from its module's `dot`, `dot_scaled` and
+/// `convert` (generic over that module's load trait: `F32`, `Bf16`, `F16`, `I8`, `U8`)
+/// with the level's target features enabled.
+#[cfg(target_arch = "x86_64")]
+macro_rules! entry_points {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+            match t {
+                WType::F32 => dot::<F32>(w, x),
+                WType::BF16 => dot::<Bf16>(w, x),
+                WType::F16 => dot::<F16>(w, x),
+                WType::I8 => dot_scaled::<I8>(w, x, scales, group),
+                WType::U8Offset => dot_scaled::<U8>(w, x, scales, group),
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+            let n = x.len().min(w.len());
+            // SAFETY: `w` holds n f32 values, i.e. 4n bytes.
+            let wb = std::slice::from_raw_parts(w.as_ptr() as *const u8, 4 * n);
+            dot::<F32>(wb, &x[..n])
+        }
+
+        #[target_feature(enable = $features)]
+        pub unsafe fn dequant(t: WType, w: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+            match t {
+                WType::F32 => convert::<F32>(w, 1.0, out),
+                WType::BF16 => convert::<Bf16>(w, 1.0, out),
+                WType::F16 => convert::<F16>(w, 1.0, out),
+                WType::I8 | WType::U8Offset => {
+                    for (g, chunk) in out.chunks_mut(group).enumerate() {
+                        let b = &w[g * group..g * group + chunk.len()];
+                        if t == WType::I8 {
+                            convert::<I8>(b, scales[g], chunk)
+                        } else {
+                            convert::<U8>(b, scales[g], chunk)
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
