@@ -240,3 +240,56 @@ unsafe fn convert<T: Load16>(w: &[u8], scale: f32, out: &mut [f32]) {
 }
 
 entry_points!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+
+/// An int8 row against int8 activations (`crate::runtime::cpu::QAct`) with AVX-512 VNNI:
+/// two blocks of 32 per step, `|q|` (unsigned) times the activations with `q`'s sign,
+/// four products summed to 32 bits per lane by `vpdpbusd` (at most 4·128·127, exact),
+/// then each block's eight lanes scaled by its own activation and weight scales in f32.
+/// SAFETY: AVX-512 F/BW/VL and VNNI are present.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn dot_a8(
+    offset: bool,
+    w: &[u8],
+    xq: &[i8],
+    xs: &[f32],
+    scales: &[f32],
+    group: usize,
+) -> f32 {
+    let n = xq.len();
+    let group = group.min(n);
+    assert!(n.is_multiple_of(32) && w.len() >= n && xs.len() >= n / 32);
+    assert!(scales.len() >= n.div_ceil(group));
+    let ahead = prefetch_distance();
+    let flip = _mm512_set1_epi8(if offset { -128 } else { 0 });
+    let (wp, xp) = (w.as_ptr(), xq.as_ptr());
+    let scale = |b: usize| *xs.get_unchecked(b) * *scales.get_unchecked(b * 32 / group);
+    let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut b = 0;
+    let mut step = 0;
+    while b * 32 < n {
+        // Two blocks, or the last one alone (the upper half masked off: not read, zero).
+        let two = (b + 2) * 32 <= n;
+        let m: __mmask64 = if two { !0 } else { 0xffff_ffff };
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b * 32 + ahead) as *const i8);
+        // SAFETY: the bytes the mask keeps lie within the n asserted above.
+        let v = _mm512_xor_si512(
+            _mm512_maskz_loadu_epi8(m, wp.add(b * 32) as *const i8),
+            flip,
+        );
+        let v = _mm512_maskz_mov_epi8(m, v);
+        let x = _mm512_maskz_loadu_epi8(m, xp.add(b * 32));
+        let neg = _mm512_movepi8_mask(v);
+        let xsgn = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(v), xsgn);
+        let hi = if two { scale(b + 1) } else { 0.0 };
+        let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(scale(b)), _mm512_set1_ps(hi));
+        if step % 2 == 0 {
+            t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), sc, t0);
+        } else {
+            t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), sc, t1);
+        }
+        b += 2;
+        step += 1;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(t0, t1))
+}

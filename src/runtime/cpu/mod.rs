@@ -273,10 +273,6 @@ fn prefetch_distance() -> usize {
     })
 }
 
-fn wide() -> bool {
-    simd::avx2()
-}
-
 /// Which instruction set the kernels use.
 pub fn isa() -> &'static str {
     simd::level().as_str()
@@ -386,12 +382,41 @@ pub fn a8_applies(t: WType, cols: usize, group: usize) -> bool {
 #[inline]
 pub fn row_dot_a8(t: WType, w: &[u8], xq: &[i8], xs: &[f32], scales: &[f32], group: usize) -> f32 {
     assert!(a8_applies(t, xq.len(), group) && w.len() >= xq.len());
+    row_dot_a8_on(simd::level(), t, w, xq, xs, scales, group)
+}
+
+/// Whether the CPU has AVX-512 VNNI (the a8 kernel's `vpdpbusd`).
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`row_dot_a8`] on level `l`: VNNI at the AVX-512 level where the CPU has it, the AVX2
+/// kernel otherwise, or portable.
+fn row_dot_a8_on(
+    l: Level,
+    t: WType,
+    w: &[u8],
+    xq: &[i8],
+    xs: &[f32],
+    scales: &[f32],
+    group: usize,
+) -> f32 {
     let off = t == WType::U8Offset;
     #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: AVX2 + FMA + F16C (checked in `wide`).
-        return unsafe { x86::dot_a8(off, w, xq, xs, scales, group) };
+    {
+        if l == Level::Avx512 && vnni() {
+            // SAFETY: AVX-512 F/BW/VL (the level) and VNNI (checked just now).
+            return unsafe { avx512::dot_a8(off, w, xq, xs, scales, group) };
+        }
+        if l >= Level::Avx2 {
+            // SAFETY: AVX2 + FMA + F16C (the level).
+            return unsafe { x86::dot_a8(off, w, xq, xs, scales, group) };
+        }
     }
+    let _ = l;
     let group = group.min(xq.len());
     let mut total = 0f32;
     for (b, (wb, xb)) in w.chunks_exact(32).zip(xq.chunks_exact(32)).enumerate() {

@@ -117,11 +117,12 @@ fn permuted_int8_agrees() {
     }
 }
 
-/// The int8-activation kernel: AVX2 against the portable one (both exact integer
-/// block sums) and against the f32 product within the activations' rounding.
+/// The int8-activation kernels of every level (portable, AVX2, AVX-512 VNNI where the
+/// CPU has it) against the exact sum of the same integer block products, and against the
+/// f32 product within the activations' rounding; odd block counts included.
 #[test]
 fn a8_kernel_agrees() {
-    for n in [32usize, 768, 4096] {
+    for n in [32usize, 96, 160, 768, 4096] {
         let (x, q) = int8_case(n);
         let a = QAct::of(&x);
         for group in [32usize, 128, n] {
@@ -140,15 +141,17 @@ fn a8_kernel_agrees() {
             let offset: Vec<u8> = q.iter().map(|v| (*v as u8) ^ 0x80).collect();
             let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
             for (t, b) in [(WType::U8Offset, offset), (WType::I8, signed)] {
-                let got = row_dot_a8(t, &b, &a.q, &a.s, &scales, group) as f64;
-                assert!(
-                    (got - portable).abs() < 1e-4 * (1.0 + portable.abs()),
-                    "{t:?} {n} {group}"
-                );
-                assert!(
-                    (got - exact).abs() <= bound * 1.001 + 1e-4,
-                    "{t:?} {n} {group}"
-                );
+                for l in simd::available() {
+                    let got = row_dot_a8_on(l, t, &b, &a.q, &a.s, &scales, group) as f64;
+                    assert!(
+                        (got - portable).abs() < 1e-4 * (1.0 + portable.abs()),
+                        "{l:?} {t:?} {n} {group}"
+                    );
+                    assert!(
+                        (got - exact).abs() <= bound * 1.001 + 1e-4,
+                        "{l:?} {t:?} {n} {group}"
+                    );
+                }
             }
         }
     }
