@@ -77,12 +77,6 @@ pub fn avx2() -> bool {
     level() >= Level::Avx2
 }
 
-/// True when the AVX-512 kernels may run.
-#[inline]
-pub fn avx512() -> bool {
-    level() >= Level::Avx512
-}
-
 impl Level {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -141,11 +141,16 @@ impl Linear {
         if self.wtype != WType::F32 || p.col0 != 0 || p.cols != self.inp || p.stride % 4 != 0 {
             return None;
         }
-        let first = (r0 - b.row0) as u64;
-        let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * 4) as u64;
-        let w = ar.slice(p.offset + first * p.stride, len);
-        let ptr = w.as_ptr() as *const f32;
+        let ptr = self.part_rows(ar, b, p, r0, r1).as_ptr() as *const f32;
         ptr.is_aligned().then_some((ptr, (p.stride / 4) as usize))
+    }
+
+    /// The bytes of part `p`'s rows `r0..r1` of band `b`, from the first row's start to the
+    /// last row's end.
+    fn part_rows<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r0: usize, r1: usize) -> &'a [u8] {
+        let first = (r0 - b.row0) as u64;
+        let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * self.wtype.size()) as u64;
+        ar.slice(p.offset + first * p.stride, len)
     }
 
     /// Runs `f(row, [(part, bytes of the row in that part)])` over rows `r0..r1` of band
@@ -162,11 +167,7 @@ impl Linear {
         let bases: Vec<(&Part, &[u8])> = b
             .parts
             .iter()
-            .map(|p| {
-                let first = (r0 - b.row0) as u64;
-                let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * self.wtype.size()) as u64;
-                (p, ar.slice(p.offset + first * p.stride, len))
-            })
+            .map(|p| (p, self.part_rows(ar, b, p, r0, r1)))
             .collect();
         let mut row: Vec<(&Part, &[u8])> = bases.clone();
         for r in r0..r1 {
