@@ -3,9 +3,25 @@
 //! scores = Q Kᵀ, then out = P V), so that each key and value is read once per tile rather
 //! than once per query.
 
+use std::cell::Cell;
+
 use rayon::prelude::*;
 
 use crate::runtime::cpu;
+
+thread_local! {
+    /// A tile's scores (the prompt path), kept by each thread between calls.
+    static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's score buffer (taken out of its slot meanwhile, so a nested
+/// call gets a fresh one rather than a conflict).
+fn with_scores<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    let mut v = SCORES.take();
+    let r = f(&mut v);
+    SCORES.set(v);
+    r
+}
 
 /// `ptr` of an output that tasks write in disjoint parts.
 #[derive(Clone, Copy)]
@@ -31,49 +47,71 @@ const TILE: usize = 64;
 
 /// `out` (`t × heads·head_dim`) = softmax(q kᵀ / √head_dim, causal) v, with `q` laid out
 /// like `out` and `k[g]`, `v[g]` the `positions × head_dim` keys and values of group `g`.
-pub fn attend(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
-    // A few queries over a short context: one at a time; otherwise the products.
-    if s.t < TILE / 4 && s.p0 < 4 * TILE {
-        per_query(q, k, v, s, out)
+/// `scores` is the caller's buffer for the per-query path (decoding), kept between calls
+/// and sized once for every position the cache has room for.
+pub fn attend(
+    q: &[f32],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    s: Shape,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    // One query, or a few over a short context: one at a time; otherwise the products.
+    if s.t == 1 || (s.t < TILE / 4 && s.p0 < 4 * TILE) {
+        per_query(q, k, v, s, out, scores)
     } else {
         tiled(q, k, v, s, out)
     }
 }
 
-fn per_query(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
+fn per_query(
+    q: &[f32],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    s: Shape,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
     let (hd, nh) = (s.head_dim, s.heads);
     let qdim = nh * hd;
     let per_group = nh / s.kv_heads;
     let scale = (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, out)| {
+    // A row of scores per query and head, as long as the longest query's context; room
+    // for every position the cache has room for, so decoding does not grow it.
+    let n_max = s.p0 + s.t;
+    let room = k.first().map_or(0, |g| g.capacity() / hd).max(n_max);
+    scores.clear();
+    scores.reserve(nh * s.t * room);
+    scores.resize(nh * s.t * n_max, 0.0);
+    out.par_chunks_mut(hd)
+        .zip(scores.par_chunks_mut(n_max))
+        .enumerate()
+        .for_each(|(idx, (out, row))| {
             let (i, hh) = (idx / nh, idx % nh);
             let g = hh / per_group;
             let qv = &q[i * qdim + hh * hd..i * qdim + (hh + 1) * hd];
             let n = s.p0 + i + 1;
             let (kg, vg) = (&k[g], &v[g]);
-            scores.clear();
+            let row = &mut row[..n];
             let mut max = f32::NEG_INFINITY;
-            for kv in kg[..n * hd].chunks_exact(hd) {
-                let sc = cpu::dot_f32(qv, kv) / scale;
-                max = max.max(sc);
-                scores.push(sc);
+            for (sc, kv) in row.iter_mut().zip(kg[..n * hd].chunks_exact(hd)) {
+                *sc = cpu::dot_f32(qv, kv) / scale;
+                max = max.max(*sc);
             }
             let mut sum = 0f32;
-            for sc in scores.iter_mut() {
+            for sc in row.iter_mut() {
                 *sc = (*sc - max).exp();
                 sum += *sc;
             }
             out.fill(0.0);
-            for (sc, vv) in scores.iter().zip(vg.chunks_exact(hd)) {
+            for (sc, vv) in row.iter().zip(vg.chunks_exact(hd)) {
                 let w = sc / sum;
                 for (o, v) in out.iter_mut().zip(vv) {
                     *o += w * v;
                 }
             }
-        },
-    );
+        });
 }
 
 fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
@@ -85,9 +123,8 @@ fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
     let scale = (hd as f32).sqrt();
     let tiles = s.t.div_ceil(TILE);
     let dst = SendPtr(out.as_mut_ptr());
-    (0..nh * tiles)
-        .into_par_iter()
-        .for_each_init(Vec::new, |p: &mut Vec<f32>, task| {
+    (0..nh * tiles).into_par_iter().for_each(|task| {
+        with_scores(|p| {
             let (hh, tile) = (task / tiles, task % tiles);
             let (i0, i1) = (tile * TILE, ((tile + 1) * TILE).min(s.t));
             let rows = i1 - i0;
@@ -134,7 +171,8 @@ fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
                     (vg.as_ptr(), 1, hd as isize),
                 );
             }
-        });
+        })
+    });
 }
 
 #[cfg(test)]
@@ -163,7 +201,7 @@ mod tests {
                 .map(|g| (0..n * 16).map(|i| f(i + 3 * g, 29)).collect())
                 .collect();
             let (mut a, mut b) = (vec![0f32; s.t * 64], vec![0f32; s.t * 64]);
-            per_query(&q, &k, &v, s, &mut a);
+            per_query(&q, &k, &v, s, &mut a, &mut Vec::new());
             tiled(&q, &k, &v, s, &mut b);
             let d = a
                 .iter()

@@ -96,6 +96,8 @@ pub fn generate(
     let w = &model.weights;
     let ends: Vec<&str> = opts.end_strings.iter().map(String::as_str).collect();
     let mut cache = w.new_cache();
+    // The whole run's positions at once: decoding then never grows the cache.
+    cache.reserve((prompt_ids.len() + opts.max_tokens).min(w.dims.max_positions));
     let t0 = Instant::now();
     let prompt_logits = w.forward(&model.archive, &mut cache, prompt_ids);
     let prompt_secs = t0.elapsed().as_secs_f64();
@@ -162,7 +164,7 @@ pub fn generate(
         {
             break Stop::Cancelled;
         }
-        logits = w.forward(&model.archive, &mut cache, &[next]);
+        w.forward_into(&model.archive, &mut cache, &[next], &mut logits);
         steps += 1;
     };
     if !matches!(stop, Stop::EndString(_)) && text.len() > shown {

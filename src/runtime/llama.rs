@@ -1,317 +1,15 @@
 //! The Llama decoder on the CPU: embeddings, RMSNorm, RoPE, grouped-query attention with a
 //! KV cache, SwiGLU MLP, final norm and `lm_head`, with weights used in place from the
-//! mapped files.
+//! mapped files (`linear`).
 //!
-//! A linear layer is a set of *bands* (row ranges) each made of *parts* (column ranges),
-//! every part a strided block of the mapped file. A Hugging Face tensor is one band of one
-//! part; a column-parallel NeMo tensor is one band per TP rank; a row-parallel one is one
-//! band with a part per rank, whose partial products are summed. So a `.nemo` runs on its
-//! shards as stored, with no merged copy.
+//! Decoding allocates nothing per token: the buffers of a forward pass live with the KV
+//! cache and are reused, and the products keep their work split (`linear::Plan`).
 
 use rayon::prelude::*;
 
 use crate::container::mapped::Mapped;
-use crate::runtime::attention::{self, SendPtr};
-use crate::runtime::cpu::{self, WType};
-
-/// A strided block of a linear layer's weight: columns `col0..col0 + cols` of the band's
-/// rows, row `r` of the band at `offset + r·stride`.
-#[derive(Debug, Clone)]
-pub struct Part {
-    pub col0: usize,
-    pub cols: usize,
-    pub offset: u64,
-    pub stride: u64,
-    /// int8 only: `rows × cols/group` scales, row-major.
-    pub scales: Vec<f32>,
-}
-
-/// Rows `row0..row0 + rows`, their columns split into parts.
-#[derive(Debug, Clone)]
-pub struct Band {
-    pub row0: usize,
-    pub rows: usize,
-    pub parts: Vec<Part>,
-}
-
-/// A weight matrix `[out, inp]` (or an embedding table) laid over the mapped file.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    pub name: String,
-    pub out: usize,
-    pub inp: usize,
-    pub wtype: WType,
-    /// Columns per scale (int8).
-    pub group: usize,
-    pub bands: Vec<Band>,
-}
-
-impl Linear {
-    /// Bytes of weights (and scales) one pass over every row reads.
-    pub fn bytes(&self) -> u64 {
-        let w = (self.out * self.inp * self.wtype.size()) as u64;
-        let s: usize = self
-            .bands
-            .iter()
-            .flat_map(|b| b.parts.iter().map(|p| p.scales.len() * 4))
-            .sum();
-        w + s as u64
-    }
-
-    fn band(&self, r: usize) -> &Band {
-        let i = self.bands.partition_point(|b| b.row0 + b.rows <= r);
-        &self.bands[i]
-    }
-
-    fn part_row<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r: usize) -> &'a [u8] {
-        let local = (r - b.row0) as u64;
-        ar.slice(
-            p.offset + local * p.stride,
-            (p.cols * self.wtype.size()) as u64,
-        )
-    }
-
-    fn scales<'a>(&self, p: &'a Part, b: &Band, r: usize) -> &'a [f32] {
-        if p.scales.is_empty() {
-            return &[];
-        }
-        let g = p.cols.div_ceil(self.group);
-        let local = r - b.row0;
-        &p.scales[local * g..(local + 1) * g]
-    }
-
-    /// Row `r` as f32.
-    pub fn row(&self, ar: &Mapped, r: usize, out: &mut [f32]) {
-        let b = self.band(r);
-        for p in &b.parts {
-            let w = self.part_row(ar, b, p, r);
-            cpu::dequant(
-                self.wtype,
-                w,
-                self.scales(p, b, r),
-                self.group,
-                &mut out[p.col0..p.col0 + p.cols],
-            );
-        }
-    }
-
-    /// Row ranges of about 128 KiB of weights, each within one band: the unit of
-    /// parallel work for one token.
-    fn tasks(&self, rows: usize) -> Vec<(usize, usize, usize)> {
-        self.tasks_of(rows, 128 << 10)
-    }
-
-    /// Row ranges of about `bytes` of weights (fewer where that leaves the threads too few
-    /// tasks to share evenly), each within one band, of equal size within a band.
-    fn tasks_of(&self, rows: usize, bytes: usize) -> Vec<(usize, usize, usize)> {
-        let row_bytes = (self.inp * self.wtype.size()).max(1);
-        let per = (bytes / row_bytes).clamp(4, 4096);
-        let want = 4 * rayon::current_num_threads();
-        let mut v = Vec::new();
-        for (bi, b) in self.bands.iter().enumerate() {
-            let end = (b.row0 + b.rows).min(rows);
-            if end <= b.row0 {
-                continue;
-            }
-            let n = end - b.row0;
-            let share = want.div_ceil(self.bands.len());
-            let count = n.div_ceil(per).max(share.min(n.div_ceil(4))).max(1);
-            let size = n.div_ceil(count);
-            let mut r = b.row0;
-            while r < end {
-                let k = size.min(end - r);
-                v.push((bi, r, r + k));
-                r += k;
-            }
-        }
-        v
-    }
-
-    /// f32 rows `r0..r1` of band `b` as they lie in the mapping (pointer, row stride in
-    /// values) when the band is one part of whole rows, aligned for f32: a prompt's
-    /// product then reads them in place instead of copying them to a tile.
-    fn f32_in_place(
-        &self,
-        ar: &Mapped,
-        b: &Band,
-        r0: usize,
-        r1: usize,
-    ) -> Option<(*const f32, usize)> {
-        let [p] = &b.parts[..] else { return None };
-        if self.wtype != WType::F32 || p.col0 != 0 || p.cols != self.inp || p.stride % 4 != 0 {
-            return None;
-        }
-        let ptr = self.part_rows(ar, b, p, r0, r1).as_ptr() as *const f32;
-        ptr.is_aligned().then_some((ptr, (p.stride / 4) as usize))
-    }
-
-    /// The bytes of part `p`'s rows `r0..r1` of band `b`, from the first row's start to the
-    /// last row's end.
-    fn part_rows<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r0: usize, r1: usize) -> &'a [u8] {
-        let first = (r0 - b.row0) as u64;
-        let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * self.wtype.size()) as u64;
-        ar.slice(p.offset + first * p.stride, len)
-    }
-
-    /// Runs `f(row, [(part, bytes of the row in that part)])` over rows `r0..r1` of band
-    /// `bi`, slicing each part's rows from the archive once.
-    fn for_rows(
-        &self,
-        ar: &Mapped,
-        bi: usize,
-        r0: usize,
-        r1: usize,
-        mut f: impl FnMut(usize, &[(&Part, &[u8])]),
-    ) {
-        let b = &self.bands[bi];
-        let bases: Vec<(&Part, &[u8])> = b
-            .parts
-            .iter()
-            .map(|p| (p, self.part_rows(ar, b, p, r0, r1)))
-            .collect();
-        let mut row: Vec<(&Part, &[u8])> = bases.clone();
-        for r in r0..r1 {
-            let k = (r - r0) as u64;
-            for (slot, (p, base)) in row.iter_mut().zip(&bases) {
-                let at = (k * p.stride) as usize;
-                *slot = (p, &base[at..at + p.cols * self.wtype.size()]);
-            }
-            f(r, &row);
-        }
-    }
-
-    /// `y[r] = Σ_parts dot(part, row r of the part, its scales)` for rows `0..rows`, in
-    /// parallel over row tasks: one token's product.
-    fn decode_rows(
-        &self,
-        ar: &Mapped,
-        rows: usize,
-        y: &mut [f32],
-        dot: impl Fn(&Part, &[u8], &[f32]) -> f32 + Sync,
-    ) {
-        let tasks = self.tasks(rows);
-        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
-        let mut rest = &mut y[..];
-        for &(_, r0, r1) in &tasks {
-            let (a, b) = rest.split_at_mut(r1 - r0);
-            outs.push(a);
-            rest = b;
-        }
-        tasks
-            .par_iter()
-            .zip(outs.into_par_iter())
-            .for_each(|(&(bi, r0, r1), ys)| {
-                let b = &self.bands[bi];
-                self.for_rows(ar, bi, r0, r1, |r, parts| {
-                    let mut acc = 0f32;
-                    for (p, w) in parts {
-                        acc += dot(p, w, self.scales(p, b, r));
-                    }
-                    ys[r - r0] = acc;
-                });
-            });
-    }
-
-    /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
-    /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
-    pub fn matmul(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
-        self.matmul_a(ar, x, t, rows, y, false)
-    }
-
-    /// [`Linear::matmul`]; with `a8`, int8 weights meet int8 activations when decoding
-    /// (`cpu::QAct`, opt-in: a different rounding).
-    pub fn matmul_a(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32], a8: bool) {
-        debug_assert_eq!(x.len(), t * self.inp);
-        debug_assert_eq!(y.len(), t * rows);
-        let parts = || self.bands.iter().flat_map(|b| &b.parts);
-        if t == 1
-            && a8
-            && parts().all(|p| {
-                p.col0.is_multiple_of(32) && cpu::a8_applies(self.wtype, p.cols, self.group)
-            })
-        {
-            let qa = cpu::QAct::of(x);
-            return self.decode_rows(ar, rows, y, |p, w, sc| {
-                let c = p.col0..p.col0 + p.cols;
-                let s = p.col0 / 32..(p.col0 + p.cols) / 32;
-                cpu::row_dot_a8(self.wtype, w, &qa.q[c], &qa.s[s], sc, self.group)
-            });
-        }
-        if t == 1 {
-            // int8: the activations in the order the kernel unpacks bytes, once per product.
-            if parts().all(|p| {
-                p.col0.is_multiple_of(32) && cpu::permuted_applies(self.wtype, p.cols, self.group)
-            }) {
-                let mut xp = Vec::new();
-                cpu::permute32(x, &mut xp);
-                return self.decode_rows(ar, rows, y, |p, w, sc| {
-                    let c = p.col0..p.col0 + p.cols;
-                    cpu::row_dot_permuted(self.wtype, w, &xp[c], sc, self.group)
-                });
-            }
-            return self.decode_rows(ar, rows, y, |p, w, sc| {
-                cpu::row_dot(self.wtype, w, &x[p.col0..p.col0 + p.cols], sc, self.group)
-            });
-        }
-        // A batch: each tile of rows is read and converted to f32 once, then multiplied
-        // with every token at once by the `gemm` crate (cache blocking, SIMD, f32
-        // accumulation).
-        let tasks = self.tasks_of(rows, BATCH_TILE_BYTES);
-        // Each task writes its rows' column of every token straight into y (token-major);
-        // the tasks' rows are disjoint.
-        let dst = SendPtr(y.as_mut_ptr());
-        tasks
-            .par_iter()
-            .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(bi, r0, r1)| {
-                let b = &self.bands[bi];
-                let n = r1 - r0;
-                let d = dst;
-                if let Some((w, stride)) = self.f32_in_place(ar, b, r0, r1) {
-                    // SAFETY: as below, with the rows read in place: n rows of inp f32
-                    // values, `stride` apart, inside the mapping.
-                    unsafe {
-                        cpu::gemm_f32(
-                            (n, t, self.inp),
-                            (d.0.add(r0), rows as isize, 1),
-                            (w, 1, stride as isize),
-                            (x.as_ptr(), self.inp as isize, 1),
-                        )
-                    }
-                    return;
-                }
-                tile.resize(n * self.inp, 0.0);
-                self.for_rows(ar, bi, r0, r1, |r, parts| {
-                    let row = &mut tile[(r - r0) * self.inp..(r - r0 + 1) * self.inp];
-                    for (p, w) in parts {
-                        cpu::dequant(
-                            self.wtype,
-                            w,
-                            self.scales(p, b, r),
-                            self.group,
-                            &mut row[p.col0..p.col0 + p.cols],
-                        );
-                    }
-                });
-                // y[tok·rows + r0 + i] (i < n) = Σ_k tile[i, k] · x[tok, k]: dst (n × t) with
-                // row stride 1 and column stride rows, tile (n × inp) row-major, xᵀ (inp × t).
-                // SAFETY: every pointer covers its matrix with the strides given (tile n·inp,
-                // x t·inp, y t·rows from row r0 on, r0 + n <= rows), and no other task writes
-                // rows r0..r1 of y.
-                unsafe {
-                    cpu::gemm_f32(
-                        (n, t, self.inp),
-                        (d.0.add(r0), rows as isize, 1),
-                        (tile.as_ptr(), 1, self.inp as isize),
-                        (x.as_ptr(), self.inp as isize, 1),
-                    )
-                }
-            });
-    }
-}
-
-/// Weight bytes per tile of a batched product: big enough that packing the tokens for
-/// `gemm` is a small part of the work, small enough (as f32) to stay in L2/L3.
-const BATCH_TILE_BYTES: usize = 1 << 20;
+use crate::runtime::attention;
+pub use crate::runtime::linear::{Band, Linear, Part};
 
 /// How the fused QKV output is ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,13 +61,52 @@ pub struct Weights {
     pub a8: bool,
 }
 
-/// Keys and values of the positions seen so far.
+/// Keys and values of the positions seen so far, and the buffers a forward pass works in.
 /// Head-major: `k[layer][group]` holds `positions × head_dim` values, so attention streams
 /// each head's keys and values contiguously.
 pub struct Cache {
     k: Vec<Vec<Vec<f32>>>,
     v: Vec<Vec<Vec<f32>>>,
     pub len: usize,
+    head_dim: usize,
+    work: Scratch,
+}
+
+impl Cache {
+    /// Room for `positions` positions in all, so that decoding up to there never grows
+    /// the cache.
+    pub fn reserve(&mut self, positions: usize) {
+        let n = positions * self.head_dim;
+        for g in self.k.iter_mut().chain(self.v.iter_mut()).flatten() {
+            g.reserve(n.saturating_sub(g.len()));
+        }
+    }
+}
+
+/// A forward pass's buffers, sized on each call (they grow to the largest batch seen and
+/// are reused, so a decode step allocates nothing).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    last: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// `v` as `n` zeros, in its own memory where it has room.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.clear();
+    v.resize(n, 0.0);
+    v
 }
 
 impl Weights {
@@ -400,46 +137,64 @@ impl Weights {
             k: vec![heads.clone(); self.layers.len()],
             v: vec![heads; self.layers.len()],
             len: 0,
+            head_dim: self.dims.head_dim,
+            work: Scratch::default(),
         }
     }
 
     /// Runs `tokens` (at positions `cache.len..`) through the model and returns the
     /// logits of the last one.
     pub fn forward(&self, ar: &Mapped, cache: &mut Cache, tokens: &[u32]) -> Vec<f32> {
+        let mut logits = vec![0f32; self.dims.vocab];
+        self.forward_into(ar, cache, tokens, &mut logits);
+        logits
+    }
+
+    /// [`Weights::forward`] into `logits` (`vocab` values), with the cache's buffers: after
+    /// the first call of a given batch size it allocates nothing (the cache aside, which
+    /// grows unless [`Cache::reserve`]d).
+    pub fn forward_into(&self, ar: &Mapped, cache: &mut Cache, tokens: &[u32], logits: &mut [f32]) {
         let d = &self.dims;
         let t = tokens.len();
         let (h, hd, nh, nkv) = (d.hidden, d.head_dim, d.heads, d.kv_heads);
         let qdim = nh * hd;
         let kvdim = nkv * hd;
         let p0 = cache.len;
-        let mut x = vec![0f32; t * h];
+        let w = &mut cache.work;
+        let x = sized(&mut w.x, t * h);
         for (i, &tok) in tokens.iter().enumerate() {
             self.embed.row(ar, tok as usize, &mut x[i * h..(i + 1) * h]);
         }
-        let inv_freq = &d.inv_freq;
         // cos/sin per position, as transformers computes them (f32 products).
         let half = hd / 2;
-        let mut cos = vec![0f32; t * half];
-        let mut sin = vec![0f32; t * half];
+        let cos = sized(&mut w.cos, t * half);
+        let sin = sized(&mut w.sin, t * half);
         for i in 0..t {
             let pos = (p0 + i) as f32;
-            for j in 0..half {
-                let a = pos * inv_freq[j];
+            for (j, f) in d.inv_freq[..half].iter().enumerate() {
+                let a = pos * f;
                 cos[i * half + j] = a.cos();
                 sin[i * half + j] = a.sin();
             }
         }
-        let mut hbuf = vec![0f32; t * h];
+        let hbuf = sized(&mut w.h, t * h);
         let qkv_out = qdim + 2 * kvdim;
-        let mut qkv = vec![0f32; t * qkv_out];
-        let mut attn = vec![0f32; t * qdim];
-        let mut o = vec![0f32; t * h];
-        let mut gu = vec![0f32; t * 2 * d.ffn];
-        let mut act = vec![0f32; t * d.ffn];
+        let qkv = sized(&mut w.qkv, t * qkv_out);
+        let q = sized(&mut w.q, t * qdim);
+        let kt = sized(&mut w.k, hd);
+        let attn = sized(&mut w.attn, t * qdim);
+        let o = sized(&mut w.o, t * h);
+        let gu = sized(&mut w.gu, t * 2 * d.ffn);
+        let act = sized(&mut w.act, t * d.ffn);
+        let heads = Heads {
+            order: self.qkv_order,
+            nh,
+            nkv,
+            hd,
+        };
         for (li, l) in self.layers.iter().enumerate() {
-            rms_norm(&x, &l.attn_norm, d.eps, &mut hbuf);
-            l.qkv.matmul_a(ar, &hbuf, t, qkv_out, &mut qkv, self.a8);
-            let mut q = vec![0f32; t * qdim];
+            rms_norm(x, &l.attn_norm, d.eps, hbuf);
+            l.qkv.matmul_a(ar, hbuf, t, qkv_out, qkv, self.a8);
             let kc = &mut cache.k[li];
             let vc = &mut cache.v[li];
             for g in 0..nkv {
@@ -448,20 +203,18 @@ impl Weights {
             }
             for i in 0..t {
                 let row = &qkv[i * qkv_out..(i + 1) * qkv_out];
-                let (qr, kr, vr) = split_qkv(row, self.qkv_order, nh, nkv, hd);
                 let (c, s) = (
                     &cos[i * half..(i + 1) * half],
                     &sin[i * half..(i + 1) * half],
                 );
                 let qt = &mut q[i * qdim..(i + 1) * qdim];
                 for hh in 0..nh {
-                    rope(qr[hh], c, s, &mut qt[hh * hd..(hh + 1) * hd]);
+                    rope(heads.q(row, hh), c, s, &mut qt[hh * hd..(hh + 1) * hd]);
                 }
-                let mut kt = vec![0f32; hd];
                 for g in 0..nkv {
-                    rope(kr[g], c, s, &mut kt);
-                    kc[g].extend_from_slice(&kt);
-                    vc[g].extend_from_slice(vr[g]);
+                    rope(heads.k(row, g), c, s, kt);
+                    kc[g].extend_from_slice(kt);
+                    vc[g].extend_from_slice(heads.v(row, g));
                 }
             }
             let shape = attention::Shape {
@@ -471,12 +224,11 @@ impl Weights {
                 p0,
                 t,
             };
-            attention::attend(&q, &cache.k[li], &cache.v[li], shape, &mut attn);
-            l.o.matmul_a(ar, &attn, t, h, &mut o, self.a8);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            rms_norm(&x, &l.mlp_norm, d.eps, &mut hbuf);
-            l.gate_up
-                .matmul_a(ar, &hbuf, t, 2 * d.ffn, &mut gu, self.a8);
+            attention::attend(q, &cache.k[li], &cache.v[li], shape, attn, &mut w.scores);
+            l.o.matmul_a(ar, attn, t, h, o, self.a8);
+            x.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
+            rms_norm(x, &l.mlp_norm, d.eps, hbuf);
+            l.gate_up.matmul_a(ar, hbuf, t, 2 * d.ffn, gu, self.a8);
             // Per token, in parallel for a prompt (the exponentials are a serial tail).
             act.par_chunks_mut(d.ffn)
                 .zip(gu.par_chunks(2 * d.ffn))
@@ -487,17 +239,14 @@ impl Weights {
                         a[j] = silu(g[j]) * u[j];
                     }
                 });
-            l.down.matmul_a(ar, &act, t, h, &mut o, self.a8);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            l.down.matmul_a(ar, act, t, h, o, self.a8);
+            x.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
         }
         cache.len = p0 + t;
-        let last = &x[(t - 1) * h..t * h];
-        let mut normed = vec![0f32; h];
-        rms_norm(last, &self.norm, d.eps, &mut normed);
-        let mut logits = vec![0f32; d.vocab];
+        let normed = sized(&mut w.last, h);
+        rms_norm(&x[(t - 1) * h..t * h], &self.norm, d.eps, normed);
         self.lm_head
-            .matmul_a(ar, &normed, 1, d.vocab, &mut logits, self.a8);
-        logits
+            .matmul_a(ar, normed, 1, d.vocab, &mut logits[..d.vocab], self.a8);
     }
 }
 
@@ -530,42 +279,44 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     }
 }
 
-type Heads<'a> = Vec<&'a [f32]>;
-
-fn split_qkv(
-    row: &[f32],
+/// Where each head's query, key and value lie in a token's fused QKV output.
+struct Heads {
     order: QkvOrder,
     nh: usize,
     nkv: usize,
     hd: usize,
-) -> (Heads<'_>, Heads<'_>, Heads<'_>) {
-    let mut q = Vec::with_capacity(nh);
-    let mut k = Vec::with_capacity(nkv);
-    let mut v = Vec::with_capacity(nkv);
-    match order {
-        QkvOrder::Separate => {
-            for hh in 0..nh {
-                q.push(&row[hh * hd..(hh + 1) * hd]);
-            }
-            let kb = nh * hd;
-            let vb = kb + nkv * hd;
-            for g in 0..nkv {
-                k.push(&row[kb + g * hd..kb + (g + 1) * hd]);
-                v.push(&row[vb + g * hd..vb + (g + 1) * hd]);
-            }
-        }
-        QkvOrder::Grouped => {
-            let per = nh / nkv;
-            let gsz = (per + 2) * hd;
-            for g in 0..nkv {
-                let base = g * gsz;
-                for j in 0..per {
-                    q.push(&row[base + j * hd..base + (j + 1) * hd]);
+}
+
+impl Heads {
+    /// The start of query head `hh`, key `g` (`which` 1) or value `g` (`which` 2).
+    fn at(&self, which: usize, i: usize) -> usize {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        match self.order {
+            QkvOrder::Separate => match which {
+                0 => i * hd,
+                1 => (nh + i) * hd,
+                _ => (nh + nkv + i) * hd,
+            },
+            QkvOrder::Grouped => {
+                let per = nh / nkv;
+                match which {
+                    0 => ((i / per) * (per + 2) + i % per) * hd,
+                    1 => (i * (per + 2) + per) * hd,
+                    _ => (i * (per + 2) + per + 1) * hd,
                 }
-                k.push(&row[base + per * hd..base + (per + 1) * hd]);
-                v.push(&row[base + (per + 1) * hd..base + (per + 2) * hd]);
             }
         }
     }
-    (q, k, v)
+
+    fn q<'a>(&self, row: &'a [f32], hh: usize) -> &'a [f32] {
+        &row[self.at(0, hh)..][..self.hd]
+    }
+
+    fn k<'a>(&self, row: &'a [f32], g: usize) -> &'a [f32] {
+        &row[self.at(1, g)..][..self.hd]
+    }
+
+    fn v<'a>(&self, row: &'a [f32], g: usize) -> &'a [f32] {
+        &row[self.at(2, g)..][..self.hd]
+    }
 }

@@ -248,6 +248,7 @@ fn linear_of(view: &View, t: &Tensor) -> Result<Linear> {
                 scales: p.scales,
             }],
         }],
+        plan: Default::default(),
     })
 }
 
@@ -333,6 +334,7 @@ fn linear_from_rows(t: &Tensor) -> Result<Linear> {
         wtype: wt,
         group: cols,
         bands,
+        plan: Default::default(),
     })
 }
 
@@ -369,6 +371,7 @@ fn stack(name: &str, parts: Vec<Linear>, file: &str) -> Result<Linear> {
         wtype,
         group,
         bands,
+        plan: Default::default(),
     })
 }
 

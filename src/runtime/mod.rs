@@ -5,6 +5,7 @@ pub mod attention;
 pub mod compare;
 pub mod cpu;
 pub mod generate;
+pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod sample;

@@ -104,16 +104,36 @@ unsafe fn span<T: Load16>(wp: *const u8, xp: *const f32, n: usize, ahead: usize)
 /// `Σ w·x` over `x.len()` elements.
 #[inline(always)]
 unsafe fn dot<T: Load16>(w: &[u8], x: &[f32]) -> f32 {
+    assert!(w.len() >= x.len() * T::SIZE);
+    // The elements before the weights' first vector boundary are summed apart, so that no
+    // load of the loop straddles two cache lines (stored rows lie at any offset).
+    let head = aligned_head(T::SIZE, w.as_ptr() as usize).min(x.len());
+    let mut total = 0f32;
+    if head > 0 {
+        total = dot_generic(T::TYPE, &w[..head * T::SIZE], &x[..head]);
+    }
+    let (w, x) = (&w[head * T::SIZE..], &x[head..]);
     let n = x.len();
-    assert!(w.len() >= n * T::SIZE);
     let n16 = n / 16 * 16;
     // SAFETY: n16 <= n elements of both are in bounds (asserted above).
     let s = span::<T>(w.as_ptr(), x.as_ptr(), n16, prefetch_distance());
-    let mut total = _mm512_reduce_add_ps(s);
+    total += _mm512_reduce_add_ps(s);
     if n16 < n {
         total += dot_generic(T::TYPE, &w[n16 * T::SIZE..n * T::SIZE], &x[n16..n]);
     }
     total
+}
+
+/// How many elements of `size` bytes at address `at` come before the next boundary of 16
+/// of them (a vector's weights): none where `at` is not a multiple of `size`.
+pub(super) fn aligned_head(size: usize, at: usize) -> usize {
+    let width = 16 * size;
+    let mis = at % width;
+    if mis.is_multiple_of(size) {
+        (width - mis) % width / size
+    } else {
+        0
+    }
 }
 
 /// One group's `Σ w·x` (`G` a multiple of 16) as 16 lanes: a product, then FMAs into it,

@@ -299,6 +299,19 @@ fn row_dot_on(l: Level, t: WType, w: &[u8], x: &[f32], scales: &[f32], group: us
     row_dot_generic(t, w, x, scales, group)
 }
 
+/// How many leading elements [`row_dot`] sums apart for a row of `cols` columns stored
+/// at address `at` before its loads fall on vector boundaries (at the AVX-512 level, for
+/// rows it sums in one piece); 0 elsewhere. Activations placed so that element `head` is
+/// 64-byte aligned then meet aligned weights.
+pub fn aligned_head(t: WType, cols: usize, group: usize, at: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() == Level::Avx512 && (!t.is_int8() || group >= cols) {
+        return avx512::aligned_head(t.size(), at).min(cols);
+    }
+    let _ = (t, cols, group, at);
+    0
+}
+
 /// Activations reordered for [`row_dot_permuted`]: within each block of 32, lane `k` of
 /// vector `j` holds element `4k + j` (the order in which the int8 kernel unpacks the
 /// block's bytes). Needs `x.len() % 32 == 0`.
@@ -350,16 +363,31 @@ pub struct QAct {
 }
 
 impl QAct {
+    /// No values yet (a buffer for [`QAct::fill`]).
+    pub const fn new() -> QAct {
+        QAct {
+            q: Vec::new(),
+            s: Vec::new(),
+        }
+    }
+
     /// Quantizes `x` (`x.len() % 32 == 0`).
     pub fn of(x: &[f32]) -> QAct {
-        let mut a = QAct {
-            q: vec![0; x.len()],
-            s: vec![0.0; x.len() / 32],
-        };
+        let mut a = QAct::new();
+        a.fill(x);
+        a
+    }
+
+    /// Quantizes `x` into this buffer, reusing its memory.
+    pub fn fill(&mut self, x: &[f32]) {
+        self.q.clear();
+        self.q.resize(x.len(), 0);
+        self.s.clear();
+        self.s.resize(x.len() / 32, 0.0);
         for ((xb, qb), s) in x
             .chunks_exact(32)
-            .zip(a.q.chunks_exact_mut(32))
-            .zip(&mut a.s)
+            .zip(self.q.chunks_exact_mut(32))
+            .zip(&mut self.s)
         {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             *s = amax / 127.0;
@@ -368,7 +396,6 @@ impl QAct {
                 *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
             }
         }
-        a
     }
 }
 

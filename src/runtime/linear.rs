@@ -1,0 +1,378 @@
+//! A linear layer over the mapped files, and its products: one token (decode) or a batch
+//! of tokens (a prompt).
+//!
+//! A linear layer is a set of *bands* (row ranges) each made of *parts* (column ranges),
+//! every part a strided block of the mapped file. A Hugging Face tensor is one band of one
+//! part; a column-parallel NeMo tensor is one band per TP rank; a row-parallel one is one
+//! band with a part per rank, whose partial products are summed. So a `.nemo` runs on its
+//! shards as stored, with no merged copy.
+//!
+//! A decode product allocates nothing: its split into row tasks is worked out on the first
+//! token and kept ([`Plan`]), each task writes its own rows of the output, and the
+//! activations' reordered or quantized copies live in per-thread buffers that are reused.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::container::mapped::Mapped;
+use crate::runtime::attention::SendPtr;
+use crate::runtime::cpu::{self, WType};
+
+/// A strided block of a linear layer's weight: columns `col0..col0 + cols` of the band's
+/// rows, row `r` of the band at `offset + r·stride`.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub col0: usize,
+    pub cols: usize,
+    pub offset: u64,
+    pub stride: u64,
+    /// int8 only: `rows × cols/group` scales, row-major.
+    pub scales: Vec<f32>,
+}
+
+/// Rows `row0..row0 + rows`, their columns split into parts.
+#[derive(Debug, Clone)]
+pub struct Band {
+    pub row0: usize,
+    pub rows: usize,
+    pub parts: Vec<Part>,
+}
+
+/// A row task: rows `r0..r1` of band `band`.
+type Task = (usize, usize, usize);
+
+/// How one token's product over rows `0..rows` is split into tasks for `threads` threads:
+/// worked out once, then reused by every token.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    threads: usize,
+    rows: usize,
+    tasks: Vec<Task>,
+}
+
+/// A weight matrix `[out, inp]` (or an embedding table) laid over the mapped file.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub name: String,
+    pub out: usize,
+    pub inp: usize,
+    pub wtype: WType,
+    /// Columns per scale (int8).
+    pub group: usize,
+    pub bands: Vec<Band>,
+    /// The decode split, made on first use.
+    pub plan: OnceLock<Plan>,
+}
+
+thread_local! {
+    /// The activations in [`cpu::permute32`] order, kept between products.
+    static PERMUTED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The activations copied for each part of a float or int8 product, placed to meet
+    /// the part's weights on vector boundaries, and where each copy starts.
+    static ALIGNED: Cell<(Vec<f32>, Vec<usize>)> = const { Cell::new((Vec::new(), Vec::new())) };
+    /// The activations quantized for `--int8-activations`, kept between products.
+    static QUANTIZED: Cell<cpu::QAct> = const { Cell::new(cpu::QAct::new()) };
+}
+
+impl Linear {
+    /// Bytes of weights (and scales) one pass over every row reads.
+    pub fn bytes(&self) -> u64 {
+        let w = (self.out * self.inp * self.wtype.size()) as u64;
+        let s: usize = self
+            .bands
+            .iter()
+            .flat_map(|b| b.parts.iter().map(|p| p.scales.len() * 4))
+            .sum();
+        w + s as u64
+    }
+
+    fn band(&self, r: usize) -> &Band {
+        let i = self.bands.partition_point(|b| b.row0 + b.rows <= r);
+        &self.bands[i]
+    }
+
+    fn part_row<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r: usize) -> &'a [u8] {
+        let local = (r - b.row0) as u64;
+        ar.slice(
+            p.offset + local * p.stride,
+            (p.cols * self.wtype.size()) as u64,
+        )
+    }
+
+    fn scales<'a>(&self, p: &'a Part, b: &Band, r: usize) -> &'a [f32] {
+        if p.scales.is_empty() {
+            return &[];
+        }
+        let g = p.cols.div_ceil(self.group);
+        let local = r - b.row0;
+        &p.scales[local * g..(local + 1) * g]
+    }
+
+    /// Row `r` as f32.
+    pub fn row(&self, ar: &Mapped, r: usize, out: &mut [f32]) {
+        let b = self.band(r);
+        for p in &b.parts {
+            let w = self.part_row(ar, b, p, r);
+            cpu::dequant(
+                self.wtype,
+                w,
+                self.scales(p, b, r),
+                self.group,
+                &mut out[p.col0..p.col0 + p.cols],
+            );
+        }
+    }
+
+    /// Row ranges of about `bytes` of weights (fewer where that leaves the threads too few
+    /// tasks to share evenly), each within one band, of equal size within a band.
+    fn tasks_of(&self, rows: usize, bytes: usize) -> Vec<Task> {
+        let row_bytes = (self.inp * self.wtype.size()).max(1);
+        let per = (bytes / row_bytes).clamp(4, 4096);
+        let want = 4 * rayon::current_num_threads();
+        let mut v = Vec::new();
+        for (bi, b) in self.bands.iter().enumerate() {
+            let end = (b.row0 + b.rows).min(rows);
+            if end <= b.row0 {
+                continue;
+            }
+            let n = end - b.row0;
+            let share = want.div_ceil(self.bands.len());
+            let count = n.div_ceil(per).max(share.min(n.div_ceil(4))).max(1);
+            let size = n.div_ceil(count);
+            let mut r = b.row0;
+            while r < end {
+                let k = size.min(end - r);
+                v.push((bi, r, r + k));
+                r += k;
+            }
+        }
+        v
+    }
+
+    /// f32 rows `r0..r1` of band `b` as they lie in the mapping (pointer, row stride in
+    /// values) when the band is one part of whole rows, aligned for f32: a prompt's
+    /// product then reads them in place instead of copying them to a tile.
+    fn f32_in_place(
+        &self,
+        ar: &Mapped,
+        b: &Band,
+        r0: usize,
+        r1: usize,
+    ) -> Option<(*const f32, usize)> {
+        let [p] = &b.parts[..] else { return None };
+        if self.wtype != WType::F32 || p.col0 != 0 || p.cols != self.inp || p.stride % 4 != 0 {
+            return None;
+        }
+        let ptr = self.part_rows(ar, b, p, r0, r1).as_ptr() as *const f32;
+        ptr.is_aligned().then_some((ptr, (p.stride / 4) as usize))
+    }
+
+    /// The bytes of part `p`'s rows `r0..r1` of band `b`, from the first row's start to the
+    /// last row's end.
+    fn part_rows<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r0: usize, r1: usize) -> &'a [u8] {
+        let first = (r0 - b.row0) as u64;
+        let len = (r1 - r0 - 1) as u64 * p.stride + (p.cols * self.wtype.size()) as u64;
+        ar.slice(p.offset + first * p.stride, len)
+    }
+
+    /// Runs `f(row, bytes of the row in part p)` over rows `r0..r1` of band `b`, slicing
+    /// the part's rows from the archive once.
+    fn each_row(
+        &self,
+        ar: &Mapped,
+        (b, p): (&Band, &Part),
+        r0: usize,
+        r1: usize,
+        mut f: impl FnMut(usize, &[u8]),
+    ) {
+        let base = self.part_rows(ar, b, p, r0, r1);
+        let len = p.cols * self.wtype.size();
+        for r in r0..r1 {
+            let at = ((r - r0) as u64 * p.stride) as usize;
+            f(r, &base[at..at + len]);
+        }
+    }
+
+    /// `y[r] = Σ_parts dot(part, row r of the part, its scales)` for rows `0..rows`, in
+    /// parallel over the plan's row tasks: one token's product.
+    fn decode_rows(
+        &self,
+        ar: &Mapped,
+        rows: usize,
+        y: &mut [f32],
+        dot: impl Fn(usize, &Part, &[u8], &[f32]) -> f32 + Sync,
+    ) {
+        assert_eq!(y.len(), rows);
+        let threads = rayon::current_num_threads();
+        let plan = self.plan.get_or_init(|| Plan {
+            threads,
+            rows,
+            tasks: self.tasks_of(rows, DECODE_TASK_BYTES),
+        });
+        let fresh;
+        let tasks = if plan.threads == threads && plan.rows == rows {
+            &plan.tasks[..]
+        } else {
+            fresh = self.tasks_of(rows, DECODE_TASK_BYTES);
+            &fresh[..]
+        };
+        let dst = SendPtr(y.as_mut_ptr());
+        tasks.par_iter().for_each(|&(bi, r0, r1)| {
+            let d = dst;
+            // SAFETY: the tasks' row ranges are disjoint and lie within 0..rows, the
+            // length of y, which nothing else touches meanwhile.
+            let ys = unsafe { std::slice::from_raw_parts_mut(d.0.add(r0), r1 - r0) };
+            let b = &self.bands[bi];
+            let first = self.bands[..bi]
+                .iter()
+                .map(|b| b.parts.len())
+                .sum::<usize>();
+            for (k, p) in b.parts.iter().enumerate() {
+                self.each_row(ar, (b, p), r0, r1, |r, w| {
+                    let v = dot(first + k, p, w, self.scales(p, b, r));
+                    let slot = &mut ys[r - r0];
+                    *slot = if k == 0 { v } else { *slot + v };
+                });
+            }
+        });
+    }
+
+    /// Copies each part's columns of `x` into `xa`, one copy per part of every band in
+    /// order (its start in `at`), each placed so that the element where the kernel's loads
+    /// of the band's first row become aligned (`cpu::aligned_head`) lies on a 64-byte
+    /// boundary. Rows a multiple of 64 bytes apart then all meet their copy aligned.
+    fn place(&self, ar: &Mapped, x: &[f32], xa: &mut Vec<f32>, at: &mut Vec<usize>) {
+        let parts = || {
+            self.bands
+                .iter()
+                .flat_map(|b| b.parts.iter().map(move |p| (b, p)))
+        };
+        xa.clear();
+        xa.resize(parts().map(|(_, p)| p.cols + 16).sum(), 0.0);
+        at.clear();
+        let base = xa.as_ptr() as usize / 4;
+        let mut end = 0;
+        for (b, p) in parts() {
+            let row = self.part_row(ar, b, p, b.row0).as_ptr() as usize;
+            let head = cpu::aligned_head(self.wtype, p.cols, self.group, row);
+            let s = end + (16 - (base + end + head) % 16) % 16;
+            xa[s..s + p.cols].copy_from_slice(&x[p.col0..p.col0 + p.cols]);
+            at.push(s);
+            end = s + p.cols;
+        }
+    }
+
+    /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
+    /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
+    pub fn matmul(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
+        self.matmul_a(ar, x, t, rows, y, false)
+    }
+
+    /// [`Linear::matmul`]; with `a8`, int8 weights meet int8 activations when decoding
+    /// (`cpu::QAct`, opt-in: a different rounding).
+    pub fn matmul_a(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32], a8: bool) {
+        debug_assert_eq!(x.len(), t * self.inp);
+        debug_assert_eq!(y.len(), t * rows);
+        let parts = || self.bands.iter().flat_map(|b| &b.parts);
+        if t == 1
+            && a8
+            && parts().all(|p| {
+                p.col0.is_multiple_of(32) && cpu::a8_applies(self.wtype, p.cols, self.group)
+            })
+        {
+            // Taken out of the thread's slot for the product, and put back after it.
+            let mut qa = QUANTIZED.take();
+            qa.fill(x);
+            self.decode_rows(ar, rows, y, |_, p, w, sc| {
+                let c = p.col0..p.col0 + p.cols;
+                let s = p.col0 / 32..(p.col0 + p.cols) / 32;
+                cpu::row_dot_a8(self.wtype, w, &qa.q[c], &qa.s[s], sc, self.group)
+            });
+            QUANTIZED.set(qa);
+            return;
+        }
+        if t == 1 {
+            // int8: the activations in the order the kernel unpacks bytes, once per product.
+            if parts().all(|p| {
+                p.col0.is_multiple_of(32) && cpu::permuted_applies(self.wtype, p.cols, self.group)
+            }) {
+                let mut xp = PERMUTED.take();
+                cpu::permute32(x, &mut xp);
+                self.decode_rows(ar, rows, y, |_, p, w, sc| {
+                    let c = p.col0..p.col0 + p.cols;
+                    cpu::row_dot_permuted(self.wtype, w, &xp[c], sc, self.group)
+                });
+                PERMUTED.set(xp);
+                return;
+            }
+            let (mut xa, mut at) = ALIGNED.take();
+            self.place(ar, x, &mut xa, &mut at);
+            self.decode_rows(ar, rows, y, |k, p, w, sc| {
+                cpu::row_dot(self.wtype, w, &xa[at[k]..at[k] + p.cols], sc, self.group)
+            });
+            ALIGNED.set((xa, at));
+            return;
+        }
+        self.prompt_rows(ar, x, t, rows, y)
+    }
+
+    /// A batch: each tile of rows is read and converted to f32 once, then multiplied with
+    /// every token at once by the `gemm` crate (cache blocking, SIMD, f32 accumulation).
+    fn prompt_rows(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
+        let tasks = self.tasks_of(rows, BATCH_TILE_BYTES);
+        // Each task writes its rows' column of every token straight into y (token-major);
+        // the tasks' rows are disjoint.
+        let dst = SendPtr(y.as_mut_ptr());
+        tasks
+            .par_iter()
+            .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(bi, r0, r1)| {
+                let b = &self.bands[bi];
+                let n = r1 - r0;
+                let d = dst;
+                if let Some((w, stride)) = self.f32_in_place(ar, b, r0, r1) {
+                    // SAFETY: as below, with the rows read in place: n rows of inp f32
+                    // values, `stride` apart, inside the mapping.
+                    unsafe {
+                        cpu::gemm_f32(
+                            (n, t, self.inp),
+                            (d.0.add(r0), rows as isize, 1),
+                            (w, 1, stride as isize),
+                            (x.as_ptr(), self.inp as isize, 1),
+                        )
+                    }
+                    return;
+                }
+                tile.resize(n * self.inp, 0.0);
+                for p in &b.parts {
+                    self.each_row(ar, (b, p), r0, r1, |r, w| {
+                        let at = (r - r0) * self.inp + p.col0;
+                        let sc = self.scales(p, b, r);
+                        cpu::dequant(self.wtype, w, sc, self.group, &mut tile[at..at + p.cols]);
+                    });
+                }
+                // y[tok·rows + r0 + i] (i < n) = Σ_k tile[i, k] · x[tok, k]: dst (n × t) with
+                // row stride 1 and column stride rows, tile (n × inp) row-major, xᵀ (inp × t).
+                // SAFETY: every pointer covers its matrix with the strides given (tile n·inp,
+                // x t·inp, y t·rows from row r0 on, r0 + n <= rows), and no other task writes
+                // rows r0..r1 of y.
+                unsafe {
+                    cpu::gemm_f32(
+                        (n, t, self.inp),
+                        (d.0.add(r0), rows as isize, 1),
+                        (tile.as_ptr(), 1, self.inp as isize),
+                        (x.as_ptr(), self.inp as isize, 1),
+                    )
+                }
+            });
+    }
+}
+
+/// Weight bytes per task of a decode product: about 128 KiB, or fewer where that leaves
+/// the threads too few tasks.
+const DECODE_TASK_BYTES: usize = 128 << 10;
+
+/// Weight bytes per tile of a batched product: big enough that packing the tokens for
+/// `gemm` is a small part of the work, small enough (as f32) to stay in L2/L3.
+const BATCH_TILE_BYTES: usize = 1 << 20;
