@@ -9,21 +9,21 @@ use anyhow::Result;
 use crate::{best_against_cp, flag, num, release_binary, runs, synth_if_absent};
 
 /// Memory read bandwidth in GB/s with `threads` threads: the best of 3 passes of each of
-/// two ways to sum a 1 GiB buffer (already in memory) with independent accumulators, the
-/// hardware prefetcher alone and with a software prefetch a page ahead (what the kernels
-/// do), so that the limit is the fastest read this machine shows.
+/// three ways to sum a 1 GiB buffer (already in memory) with independent accumulators, the
+/// hardware prefetcher alone, and with a software prefetch a page ahead into L1 or into L2
+/// (what the AVX-512 kernels do), so that the limit is the fastest read this machine shows.
 pub fn read_bandwidth(threads: usize) -> f64 {
     let n = 1usize << 27;
     let v: Vec<u64> = (0..n as u64).collect();
     let mut best = f64::MAX;
-    for ahead in [0usize, 4096] {
+    for (ahead, l2) in [(0usize, false), (4096, false), (4096, true)] {
         for _ in 0..3 {
             let t = Instant::now();
             let chunk = n / threads;
             let total: u64 = std::thread::scope(|s| {
                 let hs: Vec<_> = v
                     .chunks(chunk)
-                    .map(|c| s.spawn(move || sum_lines(c, ahead)))
+                    .map(|c| s.spawn(move || sum_lines(c, ahead, l2)))
                     .collect();
                 hs.into_iter()
                     .map(|h| h.join().unwrap())
@@ -37,15 +37,24 @@ pub fn read_bandwidth(threads: usize) -> f64 {
 }
 
 /// The wrapping sum of `c` a cache line at a time, asking for the line `ahead` bytes on
-/// first (0: no software prefetch).
-fn sum_lines(c: &[u64], ahead: usize) -> u64 {
+/// first (0: no software prefetch), into L2 only where `l2`.
+fn sum_lines(c: &[u64], ahead: usize, l2: bool) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+    let _ = l2;
     let mut acc = [0u64; 8];
     for w in c.chunks_exact(8) {
         #[cfg(target_arch = "x86_64")]
         if ahead > 0 {
             let p = (w.as_ptr() as *const i8).wrapping_add(ahead);
             // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
+            unsafe {
+                if l2 {
+                    _mm_prefetch::<_MM_HINT_T1>(p)
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(p)
+                }
+            };
         }
         for l in 0..8 {
             acc[l] = acc[l].wrapping_add(w[l]);

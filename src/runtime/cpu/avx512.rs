@@ -73,7 +73,7 @@ unsafe fn span<T: Load16>(wp: *const u8, xp: *const f32, n: usize, ahead: usize)
         // past the page boundaries where the hardware prefetcher stops.
         let mut line = 0;
         while line < 64 * es {
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead + line) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead + line) as *const i8);
             line += 64;
         }
         a0 = _mm512_fmadd_ps(T::load16(wp.add(i * es)), _mm512_loadu_ps(xp.add(i)), a0);
@@ -148,7 +148,7 @@ unsafe fn group_sum<T: Load16, const G: usize>(
     let es = T::SIZE;
     let mut line = 0;
     while line < G * es {
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(ahead + line) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + line) as *const i8);
         line += 64;
     }
     let mut p = _mm512_mul_ps(T::load16(wp), _mm512_loadu_ps(xp));
@@ -290,7 +290,7 @@ pub unsafe fn dot_a8(
         // Two blocks, or the last one alone (the upper half masked off: not read, zero).
         let two = (b + 2) * 32 <= n;
         let m: __mmask64 = if two { !0 } else { 0xffff_ffff };
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b * 32 + ahead) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(b * 32 + ahead) as *const i8);
         // SAFETY: the bytes the mask keeps lie within the n asserted above.
         let v = _mm512_xor_si512(
             _mm512_maskz_loadu_epi8(m, wp.add(b * 32) as *const i8),
