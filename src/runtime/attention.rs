@@ -3,25 +3,9 @@
 //! scores = Q Kᵀ, then out = P V), so that each key and value is read once per tile rather
 //! than once per query.
 
-use std::cell::Cell;
-
 use rayon::prelude::*;
 
 use crate::runtime::cpu;
-
-thread_local! {
-    /// A tile's scores (the prompt path), kept by each thread between calls.
-    static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's score buffer (taken out of its slot meanwhile, so a nested
-/// call gets a fresh one rather than a conflict).
-fn with_scores<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
-    let mut v = SCORES.take();
-    let r = f(&mut v);
-    SCORES.set(v);
-    r
-}
 
 /// `ptr` of an output that tasks write in disjoint parts.
 #[derive(Clone, Copy)]
@@ -123,8 +107,9 @@ fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
     let scale = (hd as f32).sqrt();
     let tiles = s.t.div_ceil(TILE);
     let dst = SendPtr(out.as_mut_ptr());
-    (0..nh * tiles).into_par_iter().for_each(|task| {
-        with_scores(|p| {
+    (0..nh * tiles)
+        .into_par_iter()
+        .for_each_init(Vec::new, |p: &mut Vec<f32>, task| {
             let (hh, tile) = (task / tiles, task % tiles);
             let (i0, i1) = (tile * TILE, ((tile + 1) * TILE).min(s.t));
             let rows = i1 - i0;
@@ -171,8 +156,7 @@ fn tiled(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], s: Shape, out: &mut [f32]) {
                     (vg.as_ptr(), 1, hd as isize),
                 );
             }
-        })
-    });
+        });
 }
 
 #[cfg(test)]

@@ -330,10 +330,11 @@ pub fn generate(args: &[String]) -> Result<()> {
     if fits_l3 {
         println!(
             "* the weights ({} MiB L3 here) fit in the last-level cache, so they need not come\n\
-             from DRAM each token: that limit does not bind, and the row measures compute.",
+             from DRAM each token: that limit does not bind there.",
             l3.unwrap_or(0) >> 20
         );
     }
+    failures.sort();
     failures.dedup();
     for f in &failures {
         println!("llama.cpp failed: {f}");
