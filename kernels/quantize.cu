@@ -4,8 +4,9 @@
 // One block of 256 threads per (row, group). `src` holds `rows` rows of `cols` values in
 // dtype `dt`; `q` gets `q + 128` per value, `scales` one stored scale (as f32) per group,
 // `err` three partial sums per group (max |err|, sum err^2, sum x^2), `status[0]` the
-// smallest row-major index of a non-finite value and `status[1]` the smallest row whose
-// scale overflows `scale_dt` (both left at LLONG_MAX when all is well).
+// smallest row-major index of a non-finite value and `status[1]` the smallest index
+// row * groups + group of a group whose scale overflows `scale_dt` (both left at LLONG_MAX
+// when all is well).
 
 extern "C" __global__ void quantize_int8(
     const unsigned char* __restrict__ src,
@@ -49,7 +50,7 @@ extern "C" __global__ void quantize_int8(
             atomicMin((unsigned long long*)&status[0], (unsigned long long)bad);
             s = 0.0f;
         } else if (!finite_f32(s)) {
-            atomicMin((unsigned long long*)&status[1], (unsigned long long)row);
+            atomicMin((unsigned long long*)&status[1], (unsigned long long)b);
             s = 0.0f;
         } else if (s == 0.0f && amax > 0.0f) {
             s = tiny_of(scale_dt);

@@ -5,10 +5,11 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 
-use super::nvrtc::Nvrtc;
+use super::status::ChunkError;
 use crate::dtype::DType;
 use crate::quant::engine::{recycled, CastBatch, Engine, QBatch, RowSource};
 use crate::quant::int8::{ErrStats, RowError};
@@ -63,15 +64,11 @@ impl CudaEngine {
         let (ma, mi) = ctx
             .compute_capability()
             .map_err(derr("reading the compute capability"))?;
-        let arch = format!("compute_{ma}{mi}");
-        let nv = Nvrtc::load()?;
+        let source = super::module::Source::from_env((ma, mi))?;
         let mut funcs = Vec::new();
-        for (file, entries, src) in super::kernel_sources() {
-            let ptx = super::cached_ptx(&nv, file, &src, &arch)?;
-            let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                .map_err(derr(file))?;
-            for e in entries {
+        for k in super::KERNELS {
+            let m = super::module::load(&ctx, k, &source)?;
+            for e in k.entries {
                 funcs.push(m.load_function(e).map_err(derr(e))?);
             }
         }
@@ -92,37 +89,39 @@ impl CudaEngine {
             ctx,
             quantize,
             cast,
-            name: format!(
-                "cuda ({name}, sm_{ma}{mi}, NVRTC {}.{} from {})",
-                nv.version.0, nv.version.1, nv.path
-            ),
+            name: format!("cuda ({name}, sm_{ma}{mi}, {})", source.describe()),
             lanes: Mutex::new(lanes),
         })
     }
 
     fn ensure(&self, lane: &mut Lane, inb: usize, outb: usize) -> Result<(), String> {
         let grow = |have: Option<usize>, need: usize| have.is_none_or(|h| h < need);
+        // The CPU only writes the input buffer: write-combined is fastest for that. It reads
+        // the output buffer, which must then be ordinary cached memory (flags 0).
         if grow(lane.h_in.as_ref().map(|b| b.len()), inb) {
-            let (h, d) = self.buffers(&lane.stream, inb)?;
+            let (h, d) = self.buffers(&lane.stream, inb, sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
             (lane.h_in, lane.d_in) = (Some(h), Some(d));
         }
         if grow(lane.h_out.as_ref().map(|b| b.len()), outb) {
-            let (h, d) = self.buffers(&lane.stream, outb)?;
+            let (h, d) = self.buffers(&lane.stream, outb, 0)?;
             (lane.h_out, lane.d_out) = (Some(h), Some(d));
         }
         Ok(())
     }
 
-    /// A pinned host buffer and a device buffer of `n` bytes, both allocated before either
-    /// replaces a lane's, so that a failed allocation leaves the lane as it was.
+    /// A pinned host buffer (allocated with `flags`) and a device buffer of `n` bytes, both
+    /// allocated before either replaces a lane's, so that a failed allocation leaves the
+    /// lane as it was.
     fn buffers(
         &self,
         stream: &Arc<CudaStream>,
         n: usize,
+        flags: u32,
     ) -> Result<(PinnedHostSlice<u8>, CudaSlice<u8>), String> {
         // SAFETY: pinned memory is only read after being fully written (by `gather`, or by
         // device copies).
-        let h = unsafe { self.ctx.alloc_pinned::<u8>(n) }.map_err(derr("pinned alloc"))?;
+        let h = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(n, flags) }
+            .map_err(derr("pinned alloc"))?;
         let d = stream.alloc_zeros::<u8>(n).map_err(derr("device alloc"))?;
         Ok((h, d))
     }
@@ -312,8 +311,8 @@ impl CudaEngine {
         for (k, &(c0, n)) in parts.iter().enumerate() {
             let li = k % 2;
             if let Some(prev) = pending[li].take() {
-                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats)?;
-                note(&mut first_bad, src, prev.0, bad, over, r0);
+                let st = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats)?;
+                note(&mut first_bad, src, prev, group, st)?;
             }
             let (sb, eb, st, outb) = layout(n);
             let lane = &mut lanes[li];
@@ -363,10 +362,15 @@ impl CudaEngine {
         }
         for li in 0..2 {
             if let Some(prev) = pending[li].take() {
-                let (bad, over) = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats)?;
-                note(&mut first_bad, src, prev.0, bad, over, r0);
+                let st = finish(&mut lanes[li], prev, &mut q, &mut scales, &mut stats)?;
+                note(&mut first_bad, src, prev, group, st)?;
             }
         }
+        // Errors that cudarc met in destructors (freeing, event waits) are kept in the
+        // context: a batch that had one is a failed batch.
+        self.ctx
+            .check_err()
+            .map_err(derr("a CUDA call during the batch"))?;
         if let Some(e) = first_bad {
             return Ok(Err(e));
         }
@@ -445,11 +449,19 @@ impl CudaEngine {
             stats.count += vals as u64;
             overflow += u64::from_le_bytes(h[st..st + 8].try_into().expect("8"));
             let bad = i64::from_le_bytes(h[st + 8..st + 16].try_into().expect("8"));
-            if bad != i64::MAX && non_finite.is_none() {
-                let i = bad as usize;
+            if bad != super::status::NONE && non_finite.is_none() {
+                let i = usize::try_from(bad)
+                    .ok()
+                    .filter(|&i| i < vals)
+                    .ok_or_else(|| {
+                        format!("the cast kernel returned index {bad}, outside its chunk of {vals} values")
+                    })?;
                 non_finite = Some((c0 + i / cols, i % cols));
             }
         }
+        self.ctx
+            .check_err()
+            .map_err(derr("a CUDA call during the batch"))?;
         Ok(CastBatch {
             bytes,
             overflow,
@@ -459,40 +471,36 @@ impl CudaEngine {
     }
 }
 
-/// Records the first error of a chunk (the earliest row wins).
+/// Records the first error of a chunk of `n` rows from `c0` (the earliest row, then group,
+/// wins); an index from the device outside the chunk is a device failure.
 fn note(
     first: &mut Option<(usize, RowError)>,
     src: &RowSource<'_>,
-    c0: usize,
-    bad: i64,
-    over: i64,
-    _r0: usize,
-) {
+    (c0, n): (usize, usize),
+    group: usize,
+    (bad, over): (i64, i64),
+) -> Result<(), String> {
     let cols = src.cols;
-    let cand = if bad != i64::MAX {
-        let i = bad as usize;
-        let (row, col) = (c0 + i / cols, i % cols);
-        let mut buf = vec![0f32; cols];
-        src.row_f32(row, &mut Vec::new(), &mut buf);
-        Some((
-            row,
-            RowError::NonFinite {
-                col,
-                value: buf[col],
-            },
-        ))
-    } else if over != i64::MAX {
-        let row = c0 + over as usize;
-        let mut buf = vec![0f32; cols];
-        src.row_f32(row, &mut Vec::new(), &mut buf);
-        let amax = buf.iter().fold(0f32, |a, v| a.max(v.abs()));
-        Some((row, RowError::ScaleOverflow { amax }))
-    } else {
-        None
+    let Some((r, what)) = super::status::first_error(bad, over, n, cols, group)? else {
+        return Ok(());
     };
-    if let Some(c) = cand {
-        if first.as_ref().is_none_or(|f| c.0 < f.0) {
-            *first = Some(c);
-        }
+    let row = c0 + r;
+    let mut buf = vec![0f32; cols];
+    src.row_f32(row, &mut Vec::new(), &mut buf);
+    let err = match what {
+        ChunkError::NonFinite { col } => RowError::NonFinite {
+            col,
+            value: buf[col],
+        },
+        // The CPU reports the amax of the group whose scale overflows.
+        ChunkError::ScaleOverflow { group: g } => RowError::ScaleOverflow {
+            amax: buf[g * group..cols.min((g + 1) * group)]
+                .iter()
+                .fold(0f32, |a, v| a.max(v.abs())),
+        },
+    };
+    if first.as_ref().is_none_or(|f| row < f.0) {
+        *first = Some((row, err));
     }
+    Ok(())
 }

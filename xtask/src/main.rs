@@ -14,44 +14,88 @@ mod bench_kernels;
 mod bench_verify;
 mod gpu_check;
 
-/// Runs the test suite with NVRTC available (from the pip wheel when needed).
+/// The NVRTC wheels the tests need, installed into `target/cuda-wheels`: the release that
+/// writes the shipped PTX (`gpu::PTX_NVRTC`; the tests check the PTX is current with it),
+/// and CUDA 13's, whose libraries sit in `nvidia/cu13/lib` (the tests load it by full path).
+const NVRTC_WHEELS: [(&str, &str); 2] = [
+    (
+        "nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.12.4",
+        "nvidia-cuda-nvrtc-cu12==12.4.127",
+    ),
+    (
+        "nvidia/cu13/lib/libnvrtc.so.13",
+        "nvidia-cuda-nvrtc==13.0.88",
+    ),
+];
+
+/// `target/cuda-wheels`, with the NVRTC wheels installed when missing.
+fn cuda_wheels(root: &Path) -> Result<PathBuf> {
+    let wheels = root.join("target/cuda-wheels");
+    let missing: Vec<&str> = NVRTC_WHEELS
+        .iter()
+        .filter(|(f, _)| !wheels.join(f).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing {} into {}", missing.join(" "), wheels.display());
+        let pip = |extra: &[&str]| -> Result<bool> {
+            Ok(Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+                .arg(&wheels)
+                .args(extra)
+                .args(&missing)
+                .status()
+                .context("python3 -m pip (needed to fetch NVRTC for the kernel checks)")?
+                .success())
+        };
+        // Distributions that mark their Python externally managed want the flag even for
+        // --target.
+        if !pip(&[])? && !pip(&["--break-system-packages"])? {
+            bail!("pip could not install {}", missing.join(" "));
+        }
+    }
+    Ok(wheels)
+}
+
+/// Runs the test suite with the NVRTC wheels available.
 fn test_cmd() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root).args(["test", "--workspace"]);
-    if steerlm_convert::gpu::nvrtc::Nvrtc::load().is_err() {
-        let wheels = root.join("target/cuda-wheels");
-        if !wheels.join("nvidia/cuda_nvrtc/lib").is_dir() {
-            eprintln!(
-                "installing NVRTC (nvidia-cuda-nvrtc-cu12) into {}",
-                wheels.display()
-            );
-            let pip = |extra: &[&str]| -> Result<bool> {
-                Ok(Command::new("python3")
-                    .args(["-m", "pip", "install", "--quiet", "--target"])
-                    .arg(&wheels)
-                    .args(extra)
-                    .args([
-                        "nvidia-cuda-nvrtc-cu12==12.9.86",
-                        "nvidia-cuda-runtime-cu12==12.9.79",
-                    ])
-                    .status()
-                    .context("python3 -m pip (needed to fetch NVRTC for the kernel compile check)")?
-                    .success())
-            };
-            // Distributions that mark their Python externally managed want the flag even
-            // for --target.
-            if !pip(&[])? && !pip(&["--break-system-packages"])? {
-                bail!("pip could not install the NVRTC wheel");
-            }
-        }
-        cmd.env("STEERLM_CUDA_WHEELS", &wheels);
-    }
+    cmd.env("STEERLM_CUDA_WHEELS", cuda_wheels(&root)?);
     cmd.env("STEERLM_REQUIRE_NVRTC", "1");
     python_deps(&root, &mut cmd)?;
     let st = cmd.status()?;
     if !st.success() {
         bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask ptx`: writes `kernels/ptx/*.ptx` with the NVRTC release that the shipped
+/// PTX is made with (installed into target/cuda-wheels when missing).
+fn ptx_cmd() -> Result<()> {
+    use steerlm_convert::gpu;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if std::env::var_os("STEERLM_CUDA_WHEELS").is_none() {
+        // Single-threaded here: nothing reads the environment concurrently.
+        std::env::set_var("STEERLM_CUDA_WHEELS", cuda_wheels(&root)?);
+    }
+    let nv = gpu::nvrtc::Nvrtc::load_version(gpu::PTX_NVRTC).map_err(anyhow::Error::msg)?;
+    for k in gpu::KERNELS {
+        let ptx = gpu::compile(&nv, k, gpu::PTX_ARCH).map_err(anyhow::Error::msg)?;
+        let path = root.join(k.ptx_path());
+        let tmp = path.with_extension("ptx.tmp");
+        std::fs::write(&tmp, &ptx).with_context(|| tmp.display().to_string())?;
+        std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;
+        println!(
+            "{}: {} bytes of PTX for {} (NVRTC {}.{})",
+            k.ptx_path(),
+            ptx.len(),
+            gpu::PTX_ARCH,
+            nv.version.0,
+            nv.version.1
+        );
     }
     Ok(())
 }
@@ -135,10 +179,15 @@ pub(crate) const USAGE: &str = "usage:
       HF conversion, 1 prompt, from a cold page cache: wall time, peak anonymous and
       file-backed RSS, and the time of each phase, with the reading phases in MB/s
       against `cat` of the same files.
+  cargo xtask ptx
+      Writes kernels/ptx/*.ptx (the PTX the binary ships, for compute_75) from
+      kernels/*.cu with NVRTC 12.4 (nvidia-cuda-nvrtc-cu12==12.4.127, installed into
+      target/cuda-wheels when missing). The tests fail when the PTX is not current.
   cargo xtask test
-      The test suite: installs NVRTC from the nvidia-cuda-nvrtc-cu12 wheel into
-      target/cuda-wheels when no CUDA toolkit is found (the kernels are compile-checked),
-      and transformers + sentencepiece + requests + openai
+      The test suite: installs NVRTC 12.4 and 13.0 (nvidia-cuda-nvrtc-cu12,
+      nvidia-cuda-nvrtc) into target/cuda-wheels when missing (the kernels are
+      compile-checked for sm_75, sm_80 and sm_90, the shipped PTX is checked current,
+      and CUDA 13's NVRTC is loaded from its wheel folder), and transformers + sentencepiece + requests + openai
       (fixtures/requirements-tokenizer.txt) into target/py-deps when python3 lacks them
       (the tokenizer and serve checks), then runs
       cargo test --workspace.
@@ -162,6 +211,7 @@ fn main() -> Result<()> {
             _ => bail!("{USAGE}"),
         },
         Some("test") => test_cmd(),
+        Some("ptx") => ptx_cmd(),
         Some("gpu-check") => gpu_check::run(),
         _ => bail!("{USAGE}"),
     }
