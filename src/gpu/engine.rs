@@ -65,13 +65,8 @@ impl CudaEngine {
             .compute_capability()
             .map_err(derr("reading the compute capability"))?;
         let source = super::module::Source::from_env((ma, mi))?;
-        let mut funcs = Vec::new();
-        for k in super::KERNELS {
-            let m = super::module::load(&ctx, k, &source)?;
-            for e in k.entries {
-                funcs.push(m.load_function(e).map_err(derr(e))?);
-            }
-        }
+        let quantize = super::module::function(&ctx, "quantize.cu", "quantize_int8", &source)?;
+        let cast = super::module::function(&ctx, "cast.cu", "cast_float", &source)?;
         let name = ctx.name().unwrap_or_else(|_| "GPU".into());
         let mut lanes = Vec::new();
         for _ in 0..2 {
@@ -83,8 +78,6 @@ impl CudaEngine {
                 d_out: None,
             });
         }
-        let cast = funcs.pop().expect("two kernels");
-        let quantize = funcs.pop().expect("two kernels");
         Ok(CudaEngine {
             ctx,
             quantize,

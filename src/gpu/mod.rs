@@ -67,6 +67,21 @@ pub const KERNELS: &[Kernel] = &[
         body: include_str!("../../kernels/cast.cu"),
         ptx: include_str!("../../kernels/ptx/cast.ptx"),
     },
+    Kernel {
+        file: "runtime.cu",
+        entries: &[
+            "embed_rows",
+            "rms_norm",
+            "rope_qkv",
+            "attention",
+            "silu_mul",
+            "add_into",
+            "matvec",
+            "argmax",
+        ],
+        body: include_str!("../../kernels/runtime.cu"),
+        ptx: include_str!("../../kernels/ptx/runtime.ptx"),
+    },
 ];
 
 /// Compiles one kernel for `arch` (e.g. `compute_75`) and checks that the PTX has its

@@ -6,7 +6,7 @@
 use std::ffi::{c_void, CStr, CString};
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaModule};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
 
 use super::nvrtc::Nvrtc;
 use super::Kernel;
@@ -77,6 +77,22 @@ pub(super) fn load(
         )
         .map_err(|e| format!("{}: {e}", k.file)),
     }
+}
+
+/// The entry point `entry` of the kernel file `file`, loaded into `ctx`.
+pub(super) fn function(
+    ctx: &Arc<CudaContext>,
+    file: &str,
+    entry: &str,
+    src: &Source,
+) -> Result<CudaFunction, String> {
+    let k = super::KERNELS
+        .iter()
+        .find(|k| k.file == file)
+        .ok_or_else(|| format!("no kernel file {file}"))?;
+    load(ctx, k, src)?
+        .load_function(entry)
+        .map_err(|e| format!("{file}: entry point {entry}: {e:?}"))
 }
 
 /// Loads what `ptx(false)` gives (the cache, or a compile); when the driver refuses it,

@@ -250,12 +250,12 @@ impl Weights {
     }
 }
 
-fn silu(x: f32) -> f32 {
+pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
 /// transformers' `LlamaRMSNorm` in f32, row by row (rows in parallel for a prompt).
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
     x.par_chunks(h)
         .zip(out.par_chunks_mut(h))
@@ -270,7 +270,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// Rotate-half RoPE of one head (the convention of both Megatron and Hugging Face Llama).
-fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let half = x.len() / 2;
     for j in 0..half {
         let (a, b) = (x[j], x[j + half]);
@@ -280,11 +280,11 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 }
 
 /// Where each head's query, key and value lie in a token's fused QKV output.
-struct Heads {
-    order: QkvOrder,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
+pub(crate) struct Heads {
+    pub order: QkvOrder,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
 }
 
 impl Heads {
@@ -308,15 +308,15 @@ impl Heads {
         }
     }
 
-    fn q<'a>(&self, row: &'a [f32], hh: usize) -> &'a [f32] {
+    pub(crate) fn q<'a>(&self, row: &'a [f32], hh: usize) -> &'a [f32] {
         &row[self.at(0, hh)..][..self.hd]
     }
 
-    fn k<'a>(&self, row: &'a [f32], g: usize) -> &'a [f32] {
+    pub(crate) fn k<'a>(&self, row: &'a [f32], g: usize) -> &'a [f32] {
         &row[self.at(1, g)..][..self.hd]
     }
 
-    fn v<'a>(&self, row: &'a [f32], g: usize) -> &'a [f32] {
+    pub(crate) fn v<'a>(&self, row: &'a [f32], g: usize) -> &'a [f32] {
         &row[self.at(2, g)..][..self.hd]
     }
 }

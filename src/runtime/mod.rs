@@ -11,3 +11,4 @@ pub mod load;
 pub mod sample;
 pub mod steerlm;
 pub mod tokenizer;
+pub mod twins;
