@@ -52,21 +52,14 @@ pub(super) fn derr<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> String + '_ 
 impl CudaEngine {
     /// Opens device 0 and compiles (or loads from the cache) the kernels.
     pub fn open() -> Result<CudaEngine, String> {
-        // SAFETY: only probes whether the driver library can be loaded.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err("no CUDA driver (libcuda.so) found".into());
-        }
-        let n = CudaContext::device_count().map_err(derr("cuDeviceGetCount"))?;
-        if n < 1 {
-            return Err("the CUDA driver sees no device".into());
-        }
-        let ctx = CudaContext::new(0).map_err(derr("creating a CUDA context"))?;
+        let ctx = super::open_context()?;
         let (ma, mi) = ctx
             .compute_capability()
             .map_err(derr("reading the compute capability"))?;
         let source = super::module::Source::from_env((ma, mi))?;
-        let quantize = super::module::function(&ctx, "quantize.cu", "quantize_int8", &source)?;
-        let cast = super::module::function(&ctx, "cast.cu", "cast_float", &source)?;
+        let quantize =
+            super::functions(&ctx, "quantize.cu", &["quantize_int8"], &source)?.remove(0);
+        let cast = super::functions(&ctx, "cast.cu", &["cast_float"], &source)?.remove(0);
         let name = ctx.name().unwrap_or_else(|_| "GPU".into());
         let mut lanes = Vec::new();
         for _ in 0..2 {

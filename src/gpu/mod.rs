@@ -16,6 +16,8 @@ mod engine;
 pub use engine::CudaEngine;
 #[cfg(feature = "cuda")]
 mod module;
+#[cfg(feature = "cuda")]
+pub use module::{driver_version, Source};
 #[cfg(all(feature = "cuda", feature = "dev-tools"))]
 mod timing;
 #[cfg(all(feature = "cuda", feature = "dev-tools"))]
@@ -172,6 +174,45 @@ pub fn use_nvrtc() -> Result<bool, String> {
         Ok("nvrtc") => Ok(true),
         Ok(v) => Err(format!("STEERLM_KERNELS={v}: expected `ptx` or `nvrtc`")),
     }
+}
+
+/// A context on device 0, or the one-line reason there is none: no driver library, no
+/// device, or a driver error. Never panics (cudarc panics when a call needs a driver that
+/// is absent, so its presence is probed first).
+#[cfg(feature = "cuda")]
+pub fn open_context() -> Result<std::sync::Arc<cudarc::driver::CudaContext>, String> {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda.so) found".into());
+    }
+    let n = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| format!("cuDeviceGetCount: {e:?}"))?;
+    if n < 1 {
+        return Err("the CUDA driver sees no device".into());
+    }
+    cudarc::driver::CudaContext::new(0).map_err(|e| format!("creating a CUDA context: {e:?}"))
+}
+
+/// The entry points `entries` of the kernel file `file`, loaded into `ctx` from `src`.
+#[cfg(feature = "cuda")]
+pub fn functions(
+    ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+    file: &str,
+    entries: &[&str],
+    src: &Source,
+) -> Result<Vec<cudarc::driver::CudaFunction>, String> {
+    let k = KERNELS
+        .iter()
+        .find(|k| k.file == file)
+        .ok_or_else(|| format!("no kernel file {file}"))?;
+    let m = module::load(ctx, k, src)?;
+    entries
+        .iter()
+        .map(|e| {
+            m.load_function(e)
+                .map_err(|err| format!("{file}: entry point {e}: {err:?}"))
+        })
+        .collect()
 }
 
 /// Stand-in when built without the `cuda` feature: never opens.

@@ -6,13 +6,13 @@
 use std::ffi::{c_void, CStr, CString};
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{sys, CudaContext, CudaModule};
 
 use super::nvrtc::Nvrtc;
 use super::Kernel;
 
 /// The driver's version, as `cuDriverGetVersion` gives it (13000 for CUDA 13.0).
-pub(super) fn driver_version() -> Result<i32, String> {
+pub fn driver_version() -> Result<i32, String> {
     let mut v = 0;
     // SAFETY: writes one int.
     unsafe { sys::cuDriverGetVersion(&mut v) }
@@ -23,7 +23,7 @@ pub(super) fn driver_version() -> Result<i32, String> {
 
 /// How the kernels are compiled: the shipped PTX, or NVRTC for `arch` (with the driver
 /// version that keys the cache).
-pub(super) enum Source {
+pub enum Source {
     Shipped,
     Nvrtc {
         nv: Nvrtc,
@@ -34,7 +34,7 @@ pub(super) enum Source {
 
 impl Source {
     /// What `STEERLM_KERNELS` asks for, for a device of compute capability `cc`.
-    pub(super) fn from_env(cc: (i32, i32)) -> Result<Source, String> {
+    pub fn from_env(cc: (i32, i32)) -> Result<Source, String> {
         if !super::use_nvrtc()? {
             return Ok(Source::Shipped);
         }
@@ -46,7 +46,7 @@ impl Source {
     }
 
     /// A few words for the engine's name.
-    pub(super) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Source::Shipped => format!("shipped PTX ({})", super::PTX_ARCH),
             Source::Nvrtc { nv, arch, .. } => format!(
@@ -77,22 +77,6 @@ pub(super) fn load(
         )
         .map_err(|e| format!("{}: {e}", k.file)),
     }
-}
-
-/// The entry point `entry` of the kernel file `file`, loaded into `ctx`.
-pub(super) fn function(
-    ctx: &Arc<CudaContext>,
-    file: &str,
-    entry: &str,
-    src: &Source,
-) -> Result<CudaFunction, String> {
-    let k = super::KERNELS
-        .iter()
-        .find(|k| k.file == file)
-        .ok_or_else(|| format!("no kernel file {file}"))?;
-    load(ctx, k, src)?
-        .load_function(entry)
-        .map_err(|e| format!("{file}: entry point {entry}: {e:?}"))
 }
 
 /// Loads what `ptx(false)` gives (the cache, or a compile); when the driver refuses it,

@@ -4,6 +4,8 @@
 pub mod attention;
 pub mod compare;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod generate;
 pub mod linear;
 pub mod llama;

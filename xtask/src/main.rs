@@ -13,6 +13,7 @@ mod bench_generate;
 mod bench_kernels;
 mod bench_verify;
 mod gpu_check;
+mod gpu_kernels;
 
 /// The NVRTC wheels the tests need, installed into `target/cuda-wheels`: the release that
 /// writes the shipped PTX (`gpu::PTX_NVRTC`; the tests check the PTX is current with it),
@@ -191,10 +192,15 @@ pub(crate) const USAGE: &str = "usage:
       (fixtures/requirements-tokenizer.txt) into target/py-deps when python3 lacks them
       (the tokenizer and serve checks), then runs
       cargo test --workspace.
-  cargo xtask gpu-check
-      On a machine with a GPU: every kernel against its CPU twin on random inputs
-      (bit-identical int8 and scales, casts), kernel timings against the device copy
-      bandwidth, and quantize end to end on the GPU against the CPU.";
+  cargo xtask gpu-check [--bin PATH] [--log FILE] [--dir DIR]
+      On a machine with a GPU, from prebuilt binaries (the xtask binary itself runs it
+      with no cargo: `xtask gpu-check --bin target/release/steerlm-convert`, or
+      STEERLM_BIN): quantize and cast against the CPU on random and constructed inputs
+      (bit-identical int8, scales and casts; the same refused row), each runtime kernel
+      against its CPU twin at several sizes, kernel timings against the device copy
+      bandwidth, and quantize end to end on the GPU against the CPU. One PASS/FAIL line
+      per check to stdout and FILE (default gpu-check.log); it keeps going after a
+      failure and exits non-zero if any failed.";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -212,7 +218,7 @@ fn main() -> Result<()> {
         },
         Some("test") => test_cmd(),
         Some("ptx") => ptx_cmd(),
-        Some("gpu-check") => gpu_check::run(),
+        Some("gpu-check") => gpu_check::run(&args[1..]),
         _ => bail!("{USAGE}"),
     }
 }
