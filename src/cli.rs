@@ -102,8 +102,10 @@ pub struct ServeArgs {
     /// Port (1427 is the one the model card's client uses; 0 picks a free one, printed).
     #[arg(long, default_value_t = 1427)]
     pub port: u16,
-    /// Where to compute (the runtime runs on the CPU; cuda is refused).
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Where the model runs: cpu, cuda (the GPU, or an error saying why not), or auto
+    /// (the GPU when one can be used). The default stays cpu until the CUDA runtime has
+    /// passed `xtask gpu-check` on a GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Worker threads of the model (default: all cores).
     #[arg(long)]
@@ -138,8 +140,10 @@ pub struct VerifyArgs {
     /// context allows is cut from the front (after BOS), and marked so.
     #[arg(long, default_value_t = 16)]
     pub tokens: usize,
-    /// Where to compute (the runtime runs on the CPU; cuda is refused).
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Where the model runs: cpu, cuda (the GPU, or an error saying why not), or auto
+    /// (the GPU when one can be used). The default stays cpu until the CUDA runtime has
+    /// passed `xtask gpu-check` on a GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Write the full report (every tensor's hashes and verdict, every prompt's metrics,
     /// timing; schema in the README) to FILE, replaced if it exists. Written whether the
@@ -290,6 +294,11 @@ pub struct GenerateArgs {
     /// weights and `verify` always use f32 activations.
     #[arg(long)]
     pub int8_activations: bool,
+    /// Where the model runs: cpu, cuda (the GPU, or an error saying why not), or auto
+    /// (the GPU when one can be used). The default stays cpu until the CUDA runtime has
+    /// passed `xtask gpu-check` on a GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     /// Write the logits of the prompt's last position (JSON array) to FILE (replaced if
     /// it exists): for checks against other implementations.
     #[arg(long, value_name = "FILE")]

@@ -64,6 +64,9 @@ pub enum Error {
     /// for a command).
     #[error("{0}")]
     Usage(String),
+    /// The GPU failed during a run (a driver call, a launch, an allocation).
+    #[error("cuda: {0}")]
+    Device(String),
     /// Ctrl-C was pressed; partial output was removed.
     #[error("interrupted; partial output removed")]
     Interrupted,

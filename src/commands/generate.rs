@@ -1,9 +1,10 @@
-//! `steerlm-convert generate`: greedy decoding on the CPU, streamed to stdout.
+//! `steerlm-convert generate`: greedy decoding (CPU or GPU), streamed to stdout.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use serde_json::json;
+use steerlm_convert::runtime::backend::DeviceChoice;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
 use steerlm_convert::runtime::load::{Model, SourceKind};
 use steerlm_convert::runtime::sample::Sampling;
@@ -51,6 +52,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     pool.install(|| generate_in_pool(args, &text))
 }
 
+/// Where `--device` runs the model: the int8-activation kernels are the CPU's.
+fn device_for(args: &GenerateArgs) -> steerlm_convert::Result<DeviceChoice> {
+    if !args.int8_activations {
+        return super::runtime_device(args.device, args.io.quiet);
+    }
+    if args.device == crate::cli::DeviceArg::Cuda {
+        return Err(Error::Usage(
+            "--int8-activations runs on the CPU only; drop it or use --device cpu".into(),
+        ));
+    }
+    Ok(DeviceChoice::Cpu)
+}
+
 fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode> {
     // Output paths are checked before the model is loaded.
     let logits_file = match &args.logits_out {
@@ -60,8 +74,10 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         }
         None => None,
     };
+    let device = device_for(args)?;
     let mut model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
     model.weights.a8 = args.int8_activations;
+    model.select_device(device, !args.io.quiet)?;
     let (prompt, ends) = if args.raw {
         (text.to_string(), Vec::new())
     } else {
@@ -162,6 +178,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
                 "threads": rayon::current_num_threads(),
                 "isa": cpu::isa(),
                 "int8_activations": args.int8_activations,
+                "device": model.device_name(),
             },
         });
         serde_json::to_writer_pretty(&mut out, &doc)?;
@@ -170,7 +187,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
         writeln!(out)?;
         if !args.io.quiet {
             eprintln!(
-                "[{} tokens, stop: {}{}{}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {} threads, {}]",
+                "[{} tokens, stop: {}{}{}; prompt {} tokens at {:.1} tok/s; decode {:.1} tok/s; {}]",
                 g.ids.len(),
                 g.stop.kind(),
                 g.stop.detail().map(|d| format!(" {d}")).unwrap_or_default(),
@@ -182,8 +199,10 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
                 g.prompt_ids.len(),
                 prompt_tps,
                 decode_tps,
-                rayon::current_num_threads(),
-                cpu::isa()
+                match model.device_name().as_str() {
+                    "cpu" => format!("{} threads, {}", rayon::current_num_threads(), cpu::isa()),
+                    d => d.to_string(),
+                }
             );
         }
     }

@@ -87,13 +87,18 @@ pub fn read_options(io: &crate::cli::ReadArgs, crc: &crate::cli::CrcArg) -> Open
     }
 }
 
-/// The runtime computes on the CPU: `--device cuda` is refused with the reason.
-pub fn cpu_only(device: crate::cli::DeviceArg) -> steerlm_convert::Result<()> {
-    if device == crate::cli::DeviceArg::Cuda {
-        return Err(steerlm_convert::Error::Usage(
-            "--device cuda: this build's runtime computes on the CPU only; use --device cpu or auto"
-                .into(),
-        ));
+/// Where the runtime computes for `--device`, settled before any work (see
+/// `DeviceChoice::resolve`).
+pub fn runtime_device(
+    device: crate::cli::DeviceArg,
+    quiet: bool,
+) -> steerlm_convert::Result<steerlm_convert::runtime::backend::DeviceChoice> {
+    use crate::cli::DeviceArg;
+    use steerlm_convert::runtime::backend::DeviceChoice;
+    match device {
+        DeviceArg::Auto => DeviceChoice::Auto,
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda,
     }
-    Ok(())
+    .resolve(quiet)
 }

@@ -9,11 +9,12 @@ use steerlm_convert::Error;
 use crate::cli::ServeArgs;
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    super::cpu_only(args.device)?;
     if args.queue == 0 {
         return Err(Error::Usage("--queue must be at least 1".into()).into());
     }
-    let model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
+    let device = super::runtime_device(args.device, args.io.quiet)?;
+    let mut model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
+    model.select_device(device, !args.io.quiet)?;
     let name = args
         .model
         .file_name()

@@ -11,7 +11,7 @@ use steerlm_convert::Error;
 use crate::cli::VerifyArgs;
 
 pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    super::cpu_only(args.device)?;
+    let device = super::runtime_device(args.device, args.io.quiet)?;
     for (flag, v) in [
         ("--max-logit-diff", args.max_logit_diff),
         ("--max-kl", args.max_kl),
@@ -56,6 +56,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             progress: !args.io.quiet,
             no_crc: false,
         },
+        device,
     };
     let r = pool.install(|| verify::run(args.against.as_deref(), &args.candidate, &opts))?;
     if let Some(f) = json {

@@ -95,11 +95,11 @@ pub fn generate(
     model.check_ids(prompt_ids)?;
     let w = &model.weights;
     let ends: Vec<&str> = opts.end_strings.iter().map(String::as_str).collect();
-    let mut cache = w.new_cache();
-    // The whole run's positions at once: decoding then never grows the cache.
-    cache.reserve((prompt_ids.len() + opts.max_tokens).min(w.dims.max_positions));
+    // Room for the whole run: decoding then never grows the cache.
+    let mut session = model.session(prompt_ids.len() + opts.max_tokens)?;
     let t0 = Instant::now();
-    let prompt_logits = w.forward(&model.archive, &mut cache, prompt_ids);
+    let mut prompt_logits = vec![0f32; w.dims.vocab];
+    session.forward_into(prompt_ids, &mut prompt_logits)?;
     let prompt_secs = t0.elapsed().as_secs_f64();
     let prompt_text = model.tokenizer.decode(prompt_ids);
     let mut all = prompt_ids.to_vec();
@@ -164,7 +164,7 @@ pub fn generate(
         {
             break Stop::Cancelled;
         }
-        w.forward_into(&model.archive, &mut cache, &[next], &mut logits);
+        session.forward_into(&[next], &mut logits)?;
         steps += 1;
     };
     if !matches!(stop, Stop::EndString(_)) && text.len() > shown {

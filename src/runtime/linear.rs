@@ -110,6 +110,45 @@ impl Linear {
         &p.scales[local * g..(local + 1) * g]
     }
 
+    /// Appends row `r` as stored (its parts' bytes in column order) to `bytes`, and its
+    /// int8 scales to `scales`; `Err` when the parts' groups do not line up into one row
+    /// of `ceil(inp / group)` scales (a part whose width is not a multiple of the group).
+    pub fn raw_row(
+        &self,
+        ar: &Mapped,
+        r: usize,
+        bytes: &mut Vec<u8>,
+        scales: &mut Vec<f32>,
+    ) -> Result<(), String> {
+        let b = self.band(r);
+        let n = b.parts.len();
+        let mut col = 0;
+        for (i, p) in b.parts.iter().enumerate() {
+            if p.col0 != col {
+                return Err(format!(
+                    "{}: its parts do not lie side by side (a part at column {} after {col})",
+                    self.name, p.col0
+                ));
+            }
+            col += p.cols;
+            if self.wtype.is_int8() && i + 1 < n && p.cols % self.group != 0 {
+                return Err(format!(
+                    "{}: a part of {} columns is not a whole number of groups of {}",
+                    self.name, p.cols, self.group
+                ));
+            }
+            bytes.extend_from_slice(self.part_row(ar, b, p, r));
+            scales.extend_from_slice(self.scales(p, b, r));
+        }
+        if col != self.inp {
+            return Err(format!(
+                "{}: its parts cover {col} of {} columns",
+                self.name, self.inp
+            ));
+        }
+        Ok(())
+    }
+
     /// Row `r` as f32.
     pub fn row(&self, ar: &Mapped, r: usize, out: &mut [f32]) {
         let b = self.band(r);

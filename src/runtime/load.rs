@@ -37,6 +37,8 @@ pub struct Model {
     /// Prompts go without a BOS when there is none (a `tokenizers` tokenizer whose
     /// post-processor adds none, as GPT-2's); a SentencePiece model without one is refused.
     pub bos_optional: bool,
+    /// Where the forward pass runs (the CPU unless `select_device` moved it).
+    pub backend: crate::runtime::backend::Backend,
 }
 
 fn wtype(d: DType, what: &str, file: &str) -> Result<WType> {
@@ -66,11 +68,12 @@ impl Model {
         Model::from_view(View::open(path, opts)?)
     }
 
-    /// Logits of the last of `ids`, from a fresh cache.
+    /// Logits of the last of `ids`, from a fresh session.
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
-        let mut cache = self.weights.new_cache();
-        Ok(self.weights.forward(&self.archive, &mut cache, ids))
+        let mut logits = vec![0f32; self.weights.dims.vocab];
+        self.session(ids.len())?.forward_into(ids, &mut logits)?;
+        Ok(logits)
     }
 
     /// Every id must have an embedding row, and the prompt must fit the context.
@@ -391,6 +394,7 @@ fn finish(archive: Mapped, weights: Weights, sp: TokenizerModel, source: SourceK
         bos,
         eos,
         bos_optional,
+        backend: crate::runtime::backend::Backend::Cpu,
     }
 }
 

@@ -2,10 +2,12 @@
 //! pass on the CPU over weights used in place from the mapped files.
 
 pub mod attention;
+pub mod backend;
 pub mod compare;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod generate;
 pub mod linear;
 pub mod llama;

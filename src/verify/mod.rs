@@ -34,6 +34,8 @@ pub struct Options {
     pub max_kl: Option<f64>,
     pub min_top1: Option<f64>,
     pub open: OpenOptions,
+    /// Where both models run (`--device`).
+    pub device: crate::runtime::backend::DeviceChoice,
 }
 
 /// One row of the summary table.
@@ -342,7 +344,12 @@ fn compare_views(
         return Ok(());
     }
     let t = Instant::now();
-    let model = Model::from_view(refv)?;
+    let mut model = Model::from_view(refv)?;
+    if let Some(why) = model.select_device(opts.device, opts.open.progress)? {
+        if opts.open.progress {
+            eprintln!("no GPU used ({why}); computing on the CPU");
+        }
+    }
     timing.reference_load_s = t.elapsed().as_secs_f64();
     let runs = behaviour::reference(&model, &opts.prompts, opts.tokens, opts.open.progress)?;
     drop(model);
@@ -351,9 +358,11 @@ fn compare_views(
         timing.reference_decode_s += r.decode_secs;
     }
     let t = Instant::now();
-    let Some(model) = runnable(cand, "candidate", report) else {
+    let Some(mut model) = runnable(cand, "candidate", report) else {
         return Ok(());
     };
+    // The reference ran where this one can: a GPU that took the reference takes it too.
+    model.select_device(opts.device, false)?;
     timing.candidate_load_s = t.elapsed().as_secs_f64();
     candidate_runs(&model, &runs, &th, opts.open.progress, report, timing);
     Ok(())

@@ -125,11 +125,12 @@ pub fn run(args: &[String]) -> Result<()> {
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("STEERLM_BIN").map(std::path::PathBuf::from));
     let dir = std::path::PathBuf::from(crate::flag(args, "--dir").unwrap_or("target/bench"));
+    let mut copy_bw = None;
     match CudaEngine::open() {
         Ok(gpu) => {
             log.info(&format!("engine: {}", gpu.name()));
             quantize_checks(&mut log, &gpu)?;
-            timings(&mut log, &gpu);
+            copy_bw = timings(&mut log, &gpu);
         }
         Err(e) => log.fail("open the GPU engine", &e),
     }
@@ -137,8 +138,12 @@ pub fn run(args: &[String]) -> Result<()> {
         Ok(ctx) => crate::gpu_kernels::check(&mut log, &ctx),
         Err(e) => log.fail("runtime kernels: CUDA context", &e),
     }
+    let layers = crate::num(args, "--synth-layers", 40)?;
     match &bin {
-        Some(b) => end_to_end(&mut log, b, &dir),
+        Some(b) => {
+            end_to_end(&mut log, b, &dir);
+            generate_13b(&mut log, b, &dir, layers, copy_bw);
+        }
         None => log.fail(
             "quantize end to end",
             "no release binary: give --bin PATH or STEERLM_BIN",
@@ -331,10 +336,14 @@ fn quantize_checks(log: &mut Log, gpu: &CudaEngine) -> Result<()> {
     Ok(())
 }
 
-fn timings(log: &mut Log, gpu: &CudaEngine) {
+/// Kernel timings; the device's copy bandwidth (read + write, bytes/s).
+fn timings(log: &mut Log, gpu: &CudaEngine) -> Option<f64> {
     let k = match gpu.kernel_times(1024) {
         Ok(k) => k,
-        Err(e) => return log.fail("kernel timings", &e),
+        Err(e) => {
+            log.fail("kernel timings", &e);
+            return None;
+        }
     };
     let gb = k.bytes as f64 / 1e9;
     let copy_bw = 2.0 * gb / k.copy_s;
@@ -352,6 +361,84 @@ fn timings(log: &mut Log, gpu: &CudaEngine) {
         c_moved,
         100.0 * c_moved / copy_bw
     ));
+    Some(copy_bw * 1e9)
+}
+
+/// `generate --device cuda` of a synthetic 13B-shaped TP 4 bf16 archive (`layers`
+/// layers) and of its int8 quantization: decode tokens/s against the roofline (weight
+/// bytes per token at the device's copy bandwidth). The goal is 70 % of it at batch 1.
+fn generate_13b(log: &mut Log, bin: &Path, dir: &Path, layers: u64, copy_bw: Option<f64>) {
+    /// Decode and prompt tokens/s, weight bytes per token, and a few words more.
+    type Run = (f64, f64, u64, String);
+    let run = |model: &Path| -> Result<Run> {
+        let (s, _, o) = crate::measure(
+            Command::new(bin)
+                .arg("generate")
+                .arg(model)
+                .args([
+                    "--prompt",
+                    "Write a haiku about checkpoints.",
+                    "--max-tokens",
+                    "32",
+                ])
+                .args(["--ignore-eos", "--json", "-q", "--device", "cuda"]),
+        )?;
+        if !o.status.success() {
+            bail!("generate: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        let t = &v["timing"];
+        Ok((
+            t["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+            t["prompt_tokens_per_s"].as_f64().unwrap_or(0.0),
+            v["weight_bytes_per_token"].as_u64().unwrap_or(0),
+            format!("{s:.1} s wall (load and upload included), {}", t["device"]),
+        ))
+    };
+    let r = (|| -> Result<Vec<(String, Run)>> {
+        let p = crate::synth_if_absent(dir, layers)?;
+        let mut out = vec![("bf16".to_string(), run(&p)?)];
+        let q = dir.join(format!("gpu-check-13b-int8-l{layers}"));
+        crate::remove(&q);
+        let o = Command::new(bin)
+            .arg("quantize")
+            .arg(&p)
+            .arg(&q)
+            .args(["--scheme", "int8", "--device", "cuda", "-q"])
+            .output()?;
+        if !o.status.success() {
+            bail!("quantize: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        out.push(("int8".to_string(), run(&q)?));
+        Ok(out)
+    })();
+    match r {
+        Err(e) => log.fail("generate 13B-shaped on the GPU", &format!("{e:#}")),
+        Ok(rows) => {
+            for (what, (decode, prompt, bytes, detail)) in rows {
+                let name = format!(
+                    "generate 13B-shaped {what} ({layers} layers), decode against the roofline"
+                );
+                let Some(bw) = copy_bw else {
+                    log.fail(&name, "no copy bandwidth was measured");
+                    continue;
+                };
+                let limit = bw / bytes.max(1) as f64;
+                let frac = decode / limit;
+                let line = format!(
+                    "decode {decode:.1} tok/s = {:.0}% of {limit:.1} tok/s ({:.2} GB per token at {:.0} GB/s copy); prompt {prompt:.1} tok/s; {detail}",
+                    100.0 * frac,
+                    bytes as f64 / 1e9,
+                    bw / 1e9
+                );
+                if frac >= 0.7 {
+                    log.pass(&name, &line);
+                } else {
+                    log.fail(&name, &format!("{line}: under the 70% goal"));
+                }
+            }
+        }
+    }
 }
 
 /// quantize of a 13B-shaped archive (2 layers) with `--device cpu` and `--device cuda`:

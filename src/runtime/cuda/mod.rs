@@ -2,3 +2,4 @@
 //! buffers checked.
 
 pub mod kernels;
+pub mod model;
