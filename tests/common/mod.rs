@@ -11,8 +11,13 @@ use steerlm_convert::container::tar::{self, MemberKind};
 use steerlm_convert::container::tar_write::TarWriter;
 use steerlm_convert::dtype::DType;
 
+/// The fixtures folder: `STEERLM_FIXTURES` when set (test binaries run from a bundle on
+/// another machine, `cargo xtask gpu-bundle`), else this checkout's.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os("STEERLM_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
 }
 
 /// Mapped entries of `fixtures/manifest.json`, `manifest-nemo.json`, `manifest-torch-dist.json`

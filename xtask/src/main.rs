@@ -12,6 +12,7 @@ mod bench;
 mod bench_generate;
 mod bench_kernels;
 mod bench_verify;
+mod gpu_bundle;
 mod gpu_check;
 mod gpu_kernels;
 
@@ -192,7 +193,12 @@ pub(crate) const USAGE: &str = "usage:
       (fixtures/requirements-tokenizer.txt) into target/py-deps when python3 lacks them
       (the tokenizer and serve checks), then runs
       cargo test --workspace.
-  cargo xtask gpu-check [--bin PATH] [--log FILE] [--dir DIR]
+  cargo xtask gpu-bundle [DIR]
+      Builds, on a CPU machine, what the GPU check needs on a machine with no Rust and no
+      network (release binary, xtask, the GPU test binaries, stripped; under 64 MiB) into
+      DIR (default target/gpu-bundle) with run.sh, the one prepared script: there, from
+      the repository root, `bash target/gpu-bundle/run.sh OUT_DIR`.
+  cargo xtask gpu-check [--bin PATH] [--log FILE] [--dir DIR] [--synth-layers 40]
       On a machine with a GPU, from prebuilt binaries (the xtask binary itself runs it
       with no cargo: `xtask gpu-check --bin target/release/steerlm-convert`, or
       STEERLM_BIN): quantize and cast against the CPU on random and constructed inputs
@@ -219,6 +225,7 @@ fn main() -> Result<()> {
         Some("test") => test_cmd(),
         Some("ptx") => ptx_cmd(),
         Some("gpu-check") => gpu_check::run(&args[1..]),
+        Some("gpu-bundle") => gpu_bundle::run(&args[1..]),
         _ => bail!("{USAGE}"),
     }
 }
