@@ -236,14 +236,7 @@ impl<O: Ops> DeviceSession<'_, O> {
         // cos/sin per position, as the CPU runtime computes them.
         let half = d.head_dim / 2;
         let (mut cos, mut sin) = (vec![0f32; t * half], vec![0f32; t * half]);
-        for i in 0..t {
-            let pos = (p0 + i) as f32;
-            for (j, f) in d.inv_freq[..half].iter().enumerate() {
-                let a = pos * f;
-                cos[i * half + j] = a.cos();
-                sin[i * half + j] = a.sin();
-            }
-        }
+        crate::runtime::llama::rope_tables(&d.inv_freq[..half], p0, &mut cos, &mut sin);
         o.write(&cos, &mut s.cos)?;
         o.write(&sin, &mut s.sin)?;
         o.embed_rows(&m.embed, tokens, &mut s.ids, &mut s.x)?;

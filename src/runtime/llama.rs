@@ -165,18 +165,10 @@ impl Weights {
         for (i, &tok) in tokens.iter().enumerate() {
             self.embed.row(ar, tok as usize, &mut x[i * h..(i + 1) * h]);
         }
-        // cos/sin per position, as transformers computes them (f32 products).
         let half = hd / 2;
         let cos = sized(&mut w.cos, t * half);
         let sin = sized(&mut w.sin, t * half);
-        for i in 0..t {
-            let pos = (p0 + i) as f32;
-            for (j, f) in d.inv_freq[..half].iter().enumerate() {
-                let a = pos * f;
-                cos[i * half + j] = a.cos();
-                sin[i * half + j] = a.sin();
-            }
-        }
+        rope_tables(&d.inv_freq[..half], p0, cos, sin);
         let hbuf = sized(&mut w.h, t * h);
         let qkv_out = qdim + 2 * kvdim;
         let qkv = sized(&mut w.qkv, t * qkv_out);
@@ -267,6 +259,20 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
                 *o = g * (v * r);
             }
         });
+}
+
+/// cos and sin of each position `p0..` (rows of `inv_freq.len()`), as transformers
+/// computes them (f32 products).
+pub(crate) fn rope_tables(inv_freq: &[f32], p0: usize, cos: &mut [f32], sin: &mut [f32]) {
+    let half = inv_freq.len();
+    for (i, (c, s)) in cos.chunks_mut(half).zip(sin.chunks_mut(half)).enumerate() {
+        let pos = (p0 + i) as f32;
+        for (j, f) in inv_freq.iter().enumerate() {
+            let a = pos * f;
+            c[j] = a.cos();
+            s[j] = a.sin();
+        }
+    }
 }
 
 /// Rotate-half RoPE of one head (the convention of both Megatron and Hugging Face Llama).

@@ -60,6 +60,44 @@ pub fn wload(t: WType, w: &[u8], e: usize) -> f32 {
     }
 }
 
+/// `vals` (rows of `cols`) stored as type `t`, as the runtime reads weights: the bytes,
+/// and for int8 `q` in -127..=127 per value with one scale (amax / 127) per group of
+/// `group`. For tests and `xtask gpu-check`, which feed kernels and twins the same rows.
+pub fn stored(t: WType, vals: &[f32], cols: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut scales = Vec::new();
+    let bytes = match t {
+        WType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WType::F16 => vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        WType::BF16 => vals
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        WType::U8Offset | WType::I8 => {
+            let mut out = Vec::with_capacity(vals.len());
+            for row in vals.chunks(cols) {
+                for g in row.chunks(group) {
+                    let amax = g.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let s = (amax / 127.0).max(1e-8);
+                    scales.push(s);
+                    for v in g {
+                        let q = (v / s).round().clamp(-127.0, 127.0) as i32;
+                        out.push(if t == WType::I8 {
+                            q as i8 as u8
+                        } else {
+                            (q + 128) as u8
+                        });
+                    }
+                }
+            }
+            out
+        }
+    };
+    (bytes, scales)
+}
+
 /// `embed_rows`: `out[i]` = row `tokens[i]` of the `h`-wide table.
 pub fn embed_rows(
     t: WType,

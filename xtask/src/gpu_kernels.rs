@@ -64,42 +64,6 @@ fn compare(
     Ok(())
 }
 
-/// Stored bytes (and int8 scales) of `vals` in type `t`, rounding ties in the int8 case.
-fn stored(t: WType, vals: &[f32], cols: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
-    let mut scales = Vec::new();
-    let bytes = match t {
-        WType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WType::F16 => vals
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        WType::BF16 => vals
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        WType::U8Offset | WType::I8 => {
-            let mut out = Vec::new();
-            for row in vals.chunks(cols) {
-                for g in row.chunks(group) {
-                    let amax = g.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    let s = (amax / 127.0).max(1e-8);
-                    scales.push(s);
-                    for v in g {
-                        let q = (v / s).round().clamp(-127.0, 127.0) as i32;
-                        out.push(if t == WType::I8 {
-                            q as i8 as u8
-                        } else {
-                            (q + 128) as u8
-                        });
-                    }
-                }
-            }
-            out
-        }
-    };
-    (bytes, scales)
-}
-
 const TYPES: [WType; 5] = [
     WType::F32,
     WType::F16,
@@ -211,7 +175,7 @@ fn matvec(
     (rows, cols, t, group): (usize, usize, usize, usize),
 ) -> R<()> {
     let vals: Vec<f32> = (0..rows * cols).map(|_| rng.value()).collect();
-    let (w, scales) = stored(wt, &vals, cols, group);
+    let (w, scales) = twins::stored(wt, &vals, cols, group);
     let x: Vec<f32> = (0..t * cols).map(|_| rng.value()).collect();
     let (dw, ds, dx) = (up(st, &w)?, up(st, &scales_or_one(&scales))?, up(st, &x)?);
     let mut dy = zeros(st, t * rows)?;
@@ -258,7 +222,7 @@ fn embed(k: &Kernels, st: &Arc<CudaStream>, rng: &mut Rng, wt: WType) -> R<()> {
     let (vocab, h) = (37usize, 320usize);
     let group = if wt.is_int8() { 32 } else { h };
     let vals: Vec<f32> = (0..vocab * h).map(|_| rng.value()).collect();
-    let (w, scales) = stored(wt, &vals, h, group);
+    let (w, scales) = twins::stored(wt, &vals, h, group);
     let tokens = [0u32, 36, 5, 5, 17];
     let (dw, ds) = (up(st, &w)?, up(st, &scales_or_one(&scales))?);
     let mut dt = st.alloc_zeros::<u32>(8).map_err(|e| format!("{e:?}"))?;

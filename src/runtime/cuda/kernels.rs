@@ -67,32 +67,22 @@ pub struct WeightRef<'a> {
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>, src: &Source) -> Result<Kernels, String> {
-        let mut f = crate::gpu::functions(
-            ctx,
-            "runtime.cu",
-            &[
-                "embed_rows",
-                "rms_norm",
-                "rope_qkv",
-                "attention",
-                "silu_mul",
-                "add_into",
-                "matvec",
-                "argmax",
-            ],
-            src,
-        )?
-        .into_iter();
-        let mut next = || f.next().expect("eight entry points");
+        // The entry points in the order `gpu::KERNELS` lists them for runtime.cu.
+        let file = crate::gpu::KERNELS
+            .iter()
+            .find(|k| k.file == "runtime.cu")
+            .ok_or("no runtime.cu kernels")?;
+        let mut f = crate::gpu::functions(ctx, file.file, file.entries, src)?.into_iter();
+        let mut next = || f.next().ok_or("runtime.cu lacks an entry point");
         Ok(Kernels {
-            embed: next(),
-            rms: next(),
-            rope: next(),
-            attn: next(),
-            silu: next(),
-            add: next(),
-            matvec: next(),
-            argmax: next(),
+            embed: next()?,
+            rms: next()?,
+            rope: next()?,
+            attn: next()?,
+            silu: next()?,
+            add: next()?,
+            matvec: next()?,
+            argmax: next()?,
         })
     }
 

@@ -31,42 +31,6 @@ fn close(got: &[f32], want: &[f32], tol: f32, scale: f32, what: &str) {
     }
 }
 
-/// `vals` stored as `t` (int8 types: `q` values in -127..=127 and their group scales).
-fn stored(t: WType, vals: &[f32], cols: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
-    let mut scales = Vec::new();
-    let bytes = match t {
-        WType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WType::F16 => vals
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        WType::BF16 => vals
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        WType::U8Offset | WType::I8 => {
-            let mut out = Vec::new();
-            for row in vals.chunks(cols) {
-                for g in row.chunks(group) {
-                    let amax = g.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    let s = (amax / 127.0).max(1e-8);
-                    scales.push(s);
-                    for v in g {
-                        let q = (v / s).round().clamp(-127.0, 127.0) as i32;
-                        out.push(if t == WType::I8 {
-                            q as i8 as u8
-                        } else {
-                            (q + 128) as u8
-                        });
-                    }
-                }
-            }
-            out
-        }
-    };
-    (bytes, scales)
-}
-
 const TYPES: [WType; 5] = [
     WType::F32,
     WType::F16,
