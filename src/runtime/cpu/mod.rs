@@ -275,6 +275,9 @@ fn prefetch_distance() -> usize {
 
 /// Which instruction set the kernels use.
 pub fn isa() -> &'static str {
+    if simd::row_level(false) != simd::level() {
+        return "avx512 (float rows avx2)";
+    }
     simd::level().as_str()
 }
 
@@ -282,7 +285,7 @@ pub fn isa() -> &'static str {
 /// group of `group` columns by `scales`.
 #[inline]
 pub fn row_dot(t: WType, w: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-    row_dot_on(simd::level(), t, w, x, scales, group)
+    row_dot_on(simd::row_level(t.is_int8()), t, w, x, scales, group)
 }
 
 /// [`row_dot`] on level `l`, one this CPU runs (`simd::available`).
@@ -305,7 +308,7 @@ fn row_dot_on(l: Level, t: WType, w: &[u8], x: &[f32], scales: &[f32], group: us
 /// 64-byte aligned then meet aligned weights.
 pub fn aligned_head(t: WType, cols: usize, group: usize, at: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if simd::level() == Level::Avx512 && (!t.is_int8() || group >= cols) {
+    if simd::row_level(t.is_int8()) == Level::Avx512 && (!t.is_int8() || group >= cols) {
         return avx512::aligned_head(t.size(), at).min(cols);
     }
     let _ = (t, cols, group, at);
