@@ -104,14 +104,20 @@ pub fn split_avx512() -> bool {
 /// against AVX-512: bf16 59–72 against 46–47, f16 64–71 against 42–45, f32 43–47 against
 /// 33–37); int8 rows keep AVX-512, faster there (channel 108–110 against 91–102, group
 /// 32 82–86 against 69–77).
+/// Decided once per process: it is asked for every weight row.
 pub fn row_level(int8: bool) -> Level {
-    let l = level();
-    static SPLIT: OnceLock<bool> = OnceLock::new();
-    if l == Level::Avx512 && !int8 && !forced() && *SPLIT.get_or_init(split_avx512) {
-        Level::Avx2
-    } else {
-        l
+    static FLOAT: OnceLock<Level> = OnceLock::new();
+    if int8 {
+        return level();
     }
+    *FLOAT.get_or_init(|| {
+        let l = level();
+        if l == Level::Avx512 && !forced() && split_avx512() {
+            Level::Avx2
+        } else {
+            l
+        }
+    })
 }
 
 /// True when the AVX2 + FMA + F16C kernels may run.
