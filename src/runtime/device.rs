@@ -179,6 +179,9 @@ struct Scratch<O: Ops> {
     ids: O::Ids,
     last: O::Buf,
     logits: O::Buf,
+    /// The host's cos/sin tables before they go up.
+    host_cos: Vec<f32>,
+    host_sin: Vec<f32>,
 }
 
 /// One sequence on a device.
@@ -219,6 +222,8 @@ impl<O: Ops> DeviceSession<'_, O> {
             ids: o.ids(t)?,
             last: o.zeros(h)?,
             logits: o.zeros(d.vocab)?,
+            host_cos: Vec::with_capacity(t * d.head_dim / 2),
+            host_sin: Vec::with_capacity(t * d.head_dim / 2),
         })
     }
 
@@ -235,10 +240,14 @@ impl<O: Ops> DeviceSession<'_, O> {
         let mut s = self.scratch(t)?;
         // cos/sin per position, as the CPU runtime computes them.
         let half = d.head_dim / 2;
-        let (mut cos, mut sin) = (vec![0f32; t * half], vec![0f32; t * half]);
-        crate::runtime::llama::rope_tables(&d.inv_freq[..half], p0, &mut cos, &mut sin);
-        o.write(&cos, &mut s.cos)?;
-        o.write(&sin, &mut s.sin)?;
+        let (cos, sin) = (&mut s.host_cos, &mut s.host_sin);
+        cos.clear();
+        cos.resize(t * half, 0.0);
+        sin.clear();
+        sin.resize(t * half, 0.0);
+        crate::runtime::llama::rope_tables(&d.inv_freq[..half], p0, cos, sin);
+        o.write(&s.host_cos, &mut s.cos)?;
+        o.write(&s.host_sin, &mut s.sin)?;
         o.embed_rows(&m.embed, tokens, &mut s.ids, &mut s.x)?;
         let shape = AttnShape {
             heads: d.heads,
