@@ -248,6 +248,15 @@ pub fn generate(args: &[String]) -> Result<()> {
     let max_t = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(2);
+    // Filters for a quicker run: `--weights bf16,int8` (names as printed), `--threads 1`,
+    // `--tests tg` (prefixes of the test names).
+    let list =
+        |name: &str| flag(args, name).map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>());
+    let (only_w, only_t) = (list("--weights"), list("--tests"));
+    let threads: Vec<usize> = match flag(args, "--threads") {
+        Some(v) => vec![v.parse().context("--threads")?],
+        None => (1..=max_t).collect(),
+    };
     println!("kernel isa: {}", steerlm_convert::runtime::cpu::isa());
     println!(
         "{:<10} {:>3} {:<8} {:>9} {:>9} {:>9} {:>8} {:>9}",
@@ -256,6 +265,12 @@ pub fn generate(args: &[String]) -> Result<()> {
     let l3 = l3_bytes();
     let (mut fits_l3, mut failures) = (false, Vec::<String>::new());
     for (name, path, gguf) in &models {
+        if only_w
+            .as_ref()
+            .is_some_and(|w| !w.iter().any(|w| w == name))
+        {
+            continue;
+        }
         let g = peer
             .as_ref()
             .and_then(|p| p.gguf.iter().find(|(k, _)| k == gguf).map(|(_, f)| (p, f)));
@@ -265,7 +280,7 @@ pub fn generate(args: &[String]) -> Result<()> {
         // Weights that fit in the last-level cache are not read from DRAM each token.
         let cached = l3.is_some_and(|c| bpt < c as f64);
         fits_l3 |= cached;
-        for t in 1..=max_t {
+        for &t in &threads {
             let bw = read_bandwidth(t);
             let mut tests: Vec<(String, Option<&str>, u64, bool)> =
                 vec![(format!("tg{tokens}"), None, tokens, false)];
@@ -274,6 +289,9 @@ pub fn generate(args: &[String]) -> Result<()> {
             }
             if name.starts_with("int8") {
                 tests.push((format!("tg{tokens}a8"), None, tokens, true));
+            }
+            if let Some(only) = &only_t {
+                tests.retain(|(test, ..)| only.iter().any(|o| test.starts_with(o.as_str())));
             }
             let mut exact_ids = Vec::new();
             for (test, text, n, a8) in &tests {

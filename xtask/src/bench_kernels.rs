@@ -119,7 +119,7 @@ fn time_matvec(m: &Matrix, threads: usize, reps: usize) -> f64 {
     t0.elapsed().as_secs_f64() / reps as f64
 }
 
-pub fn kernels(_args: &[String]) -> Result<()> {
+pub fn kernels(args: &[String]) -> Result<()> {
     let max_t = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(2);
@@ -141,7 +141,8 @@ pub fn kernels(_args: &[String]) -> Result<()> {
         ("int8 g32", WType::I8, 32),
         ("int8 u8 g32", WType::U8Offset, 32),
     ];
-    for (name, t, group) in kinds {
+    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
+    for (name, t, group) in kinds.into_iter().filter(|k| wanted(k.0)) {
         // 1 GiB of weights from memory (well past any L3, as the bandwidth's buffer);
         // 256 KiB (L2) per thread in cache.
         let cols = 4096;

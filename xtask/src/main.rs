@@ -167,15 +167,18 @@ pub(crate) const USAGE: &str = "usage:
       against cp (+ fsync) of the archive.
   cargo xtask bench generate [--dir DIR] [--tokens 64] [--runs 2]
                              [--llama-bench PATH [--llama-convert PY_SCRIPT] [--python PY]]
+                             [--weights bf16,int8,...] [--threads N] [--tests tg,pp256,...]
       Decode (tg) and prompt (pp256, pp1024) tokens/s of a synthetic 134M Llama (f32,
       bf16, f16, int8 channel / group 128 / group 32) at 1 and 2 threads, against the
       bandwidth limit (weight bytes per token / measured read bandwidth) and, given a
       llama.cpp you built (PATH: its llama-bench; llama-quantize beside it), against
       llama.cpp on GGUF files its own convert_hf_to_gguf.py and llama-quantize make from
-      the same folder, the two run alternately.
-  cargo xtask bench kernels
-      Each CPU weight-row kernel alone: GB/s from memory against the read bandwidth, and
-      in cache (its compute ceiling), at 1 and 2 threads.
+      the same folder, the two run alternately. --weights, --threads and --tests keep
+      only the rows named (weights as printed; tests by prefix).
+  cargo xtask bench kernels [NAME...]
+      Each CPU weight-row kernel alone (those whose names contain a NAME given): GB/s
+      from memory against the read bandwidth, and in cache (its compute ceiling), at 1
+      and 2 threads.
   cargo xtask bench verify [--layers 20] [--dir DIR] [--tokens 16]
       verify of a synthetic 13B-shaped TP 4 bf16 archive (made if absent) against its
       HF conversion, 1 prompt, from a cold page cache: wall time, peak anonymous and
