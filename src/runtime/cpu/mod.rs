@@ -263,6 +263,7 @@ mod x86;
 /// How far ahead of the weights being read the kernels ask for them, in bytes: a page, so
 /// that a stream goes on across the 4 KiB page boundaries where the hardware prefetcher
 /// stops (`STEERLM_PREFETCH` overrides; `cargo xtask bench kernels` measures the effect).
+/// Every level asks into L2 (T1): into L1 the core's few line-fill buffers run short.
 fn prefetch_distance() -> usize {
     static D: OnceLock<usize> = OnceLock::new();
     *D.get_or_init(|| {

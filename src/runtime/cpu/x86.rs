@@ -68,10 +68,10 @@ unsafe fn span<T: Load>(wp: *const u8, xp: *const f32, n: usize, ahead: usize) -
     let mut i = 0;
     while i + 32 <= n {
         // Streams cross 4 KiB pages of the mapped file, where the hardware prefetcher
-        // stops: ask for the bytes ahead explicitly (a prefetch never faults).
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead) as *const i8);
+        // stops: ask for the bytes ahead explicitly, into L2 (a prefetch never faults).
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead) as *const i8);
         if es == 4 {
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
         }
         a0 = _mm256_fmadd_ps(T::load8(wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
         a1 = _mm256_fmadd_ps(
@@ -214,7 +214,7 @@ unsafe fn span_i8x32<const OFFSET: bool>(
     let [mut a0, mut a1, mut a2, mut a3] = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i < n {
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + ahead) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i + ahead) as *const i8);
         let mut v = _mm256_loadu_si256(wp.add(i) as *const __m256i);
         if OFFSET {
             v = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
@@ -300,7 +300,7 @@ pub unsafe fn dot_a8(
     let ahead = prefetch_distance();
     let mut b = 0;
     while b + 32 <= n {
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b + ahead) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(b + ahead) as *const i8);
         // SAFETY: b + 32 <= n bytes of w and xq.
         let mut v = _mm256_loadu_si256(wp.add(b) as *const __m256i);
         if offset {
