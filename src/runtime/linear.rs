@@ -364,9 +364,9 @@ impl Linear {
         // Each task writes its rows' column of every token straight into y (token-major);
         // the tasks' rows are disjoint.
         let dst = SendPtr(y.as_mut_ptr());
-        tasks
-            .par_iter()
-            .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(bi, r0, r1)| {
+        tasks.par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(tile, scratch): &mut (Vec<f32>, Vec<f32>), &(bi, r0, r1)| {
                 let b = &self.bands[bi];
                 let n = r1 - r0;
                 let d = dst;
@@ -383,16 +383,31 @@ impl Linear {
                     }
                     return;
                 }
+                // The tile column-major (`tile[c·n + i]` = row r0 + i at column c), the
+                // layout gemm reads without transposing.
                 tile.resize(n * self.inp, 0.0);
                 for p in &b.parts {
-                    self.each_row(ar, (b, p), r0, r1, |r, w| {
-                        let at = (r - r0) * self.inp + p.col0;
-                        let sc = self.scales(p, b, r);
-                        cpu::dequant(self.wtype, w, sc, self.group, &mut tile[at..at + p.cols]);
-                    });
+                    let g = p.cols.div_ceil(self.group.max(1));
+                    let local = r0 - b.row0;
+                    let sc = if p.scales.is_empty() {
+                        &[][..]
+                    } else {
+                        &p.scales[local * g..(local + n) * g]
+                    };
+                    let rows = cpu::Rows {
+                        t: self.wtype,
+                        w: self.part_rows(ar, b, p, r0, r1),
+                        stride: p.stride as usize,
+                        rows: n,
+                        cols: p.cols,
+                        scales: sc,
+                        group: self.group,
+                    };
+                    cpu::dequant_cols(&rows, &mut tile[p.col0 * n..], n, scratch);
                 }
                 // y[tok·rows + r0 + i] (i < n) = Σ_k tile[i, k] · x[tok, k]: dst (n × t) with
-                // row stride 1 and column stride rows, tile (n × inp) row-major, xᵀ (inp × t).
+                // row stride 1 and column stride rows, tile (n × inp) column-major, xᵀ
+                // (inp × t).
                 // SAFETY: every pointer covers its matrix with the strides given (tile n·inp,
                 // x t·inp, y t·rows from row r0 on, r0 + n <= rows), and no other task writes
                 // rows r0..r1 of y.
@@ -400,11 +415,12 @@ impl Linear {
                     cpu::gemm_f32(
                         (n, t, self.inp),
                         (d.0.add(r0), rows as isize, 1),
-                        (tile.as_ptr(), 1, self.inp as isize),
+                        (tile.as_ptr(), n as isize, 1),
                         (x.as_ptr(), self.inp as isize, 1),
                     )
                 }
-            });
+            },
+        );
     }
 }
 

@@ -255,6 +255,9 @@ macro_rules! entry_points {
     };
 }
 
+mod tile;
+pub use tile::{dequant_cols, Rows};
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]

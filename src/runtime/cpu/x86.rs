@@ -352,4 +352,83 @@ unsafe fn convert<T: Load>(w: &[u8], scale: f32, out: &mut [f32]) {
     }
 }
 
+/// The 8 × 8 transpose of `v` (row `i` in `v[i]`): column `j` in the result's `[j]`.
+#[inline(always)]
+unsafe fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
+    let lo = |a, b| _mm256_unpacklo_ps(a, b);
+    let hi = |a, b| _mm256_unpackhi_ps(a, b);
+    let (t0, t1, t2, t3) = (
+        lo(v[0], v[1]),
+        hi(v[0], v[1]),
+        lo(v[2], v[3]),
+        hi(v[2], v[3]),
+    );
+    let (t4, t5, t6, t7) = (
+        lo(v[4], v[5]),
+        hi(v[4], v[5]),
+        lo(v[6], v[7]),
+        hi(v[6], v[7]),
+    );
+    let a0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let a1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+    let a2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let a3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+    let a4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let a5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+    let a6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let a7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(a0, a4),
+        _mm256_permute2f128_ps::<0x20>(a1, a5),
+        _mm256_permute2f128_ps::<0x20>(a2, a6),
+        _mm256_permute2f128_ps::<0x20>(a3, a7),
+        _mm256_permute2f128_ps::<0x31>(a0, a4),
+        _mm256_permute2f128_ps::<0x31>(a1, a5),
+        _mm256_permute2f128_ps::<0x31>(a2, a6),
+        _mm256_permute2f128_ps::<0x31>(a3, a7),
+    ]
+}
+
+/// Rows `0..rows` (a multiple of 8) of `b`, every column (a multiple of 8), to f32 at
+/// `out[c · ld + r]`: eight rows' 8 values converted, scaled, transposed, stored as 8
+/// columns of 8.
+/// SAFETY: as [`dequant_cols8`].
+#[inline(always)]
+unsafe fn cols8<T: Load>(b: &Rows, rows: usize, out: *mut f32, ld: usize) {
+    let int8 = T::TYPE.is_int8();
+    let g = if int8 { b.cols.div_ceil(b.group) } else { 0 };
+    let wp = b.w.as_ptr();
+    for r0 in (0..rows).step_by(8) {
+        for c0 in (0..b.cols).step_by(8) {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (i, vi) in v.iter_mut().enumerate() {
+                *vi = T::load8(wp.add((r0 + i) * b.stride + c0 * T::SIZE));
+                if int8 {
+                    let s = *b.scales.get_unchecked((r0 + i) * g + c0 / b.group);
+                    *vi = _mm256_mul_ps(*vi, _mm256_set1_ps(s));
+                }
+            }
+            for (j, col) in transpose8(v).into_iter().enumerate() {
+                _mm256_storeu_ps(out.add((c0 + j) * ld + r0), col);
+            }
+        }
+    }
+}
+
+/// [`dequant_cols`](super::dequant_cols)'s rows `0..rows` (a multiple of 8).
+/// SAFETY: AVX2 + FMA + F16C are present; rows `0..rows` of `b` and their scales are
+/// readable, `b.cols` is a multiple of 8, int8 groups are a multiple of 8 or the whole
+/// row, and `out` covers `(b.cols - 1) · ld + rows` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_cols8(b: &Rows, rows: usize, out: &mut [f32], ld: usize) {
+    let o = out.as_mut_ptr();
+    match b.t {
+        WType::F32 => cols8::<F32>(b, rows, o, ld),
+        WType::BF16 => cols8::<Bf16>(b, rows, o, ld),
+        WType::F16 => cols8::<F16>(b, rows, o, ld),
+        WType::I8 => cols8::<I8>(b, rows, o, ld),
+        WType::U8Offset => cols8::<U8>(b, rows, o, ld),
+    }
+}
+
 entry_points!("avx2,fma,f16c");
