@@ -190,24 +190,6 @@ impl Linear {
         v
     }
 
-    /// f32 rows `r0..r1` of band `b` as they lie in the mapping (pointer, row stride in
-    /// values) when the band is one part of whole rows, aligned for f32: a prompt's
-    /// product then reads them in place instead of copying them to a tile.
-    fn f32_in_place(
-        &self,
-        ar: &Mapped,
-        b: &Band,
-        r0: usize,
-        r1: usize,
-    ) -> Option<(*const f32, usize)> {
-        let [p] = &b.parts[..] else { return None };
-        if self.wtype != WType::F32 || p.col0 != 0 || p.cols != self.inp || p.stride % 4 != 0 {
-            return None;
-        }
-        let ptr = self.part_rows(ar, b, p, r0, r1).as_ptr() as *const f32;
-        ptr.is_aligned().then_some((ptr, (p.stride / 4) as usize))
-    }
-
     /// The bytes of part `p`'s rows `r0..r1` of band `b`, from the first row's start to the
     /// last row's end.
     fn part_rows<'a>(&self, ar: &'a Mapped, b: &Band, p: &Part, r0: usize, r1: usize) -> &'a [u8] {
@@ -370,19 +352,6 @@ impl Linear {
                 let b = &self.bands[bi];
                 let n = r1 - r0;
                 let d = dst;
-                if let Some((w, stride)) = self.f32_in_place(ar, b, r0, r1) {
-                    // SAFETY: as below, with the rows read in place: n rows of inp f32
-                    // values, `stride` apart, inside the mapping.
-                    unsafe {
-                        cpu::gemm_f32(
-                            (n, t, self.inp),
-                            (d.0.add(r0), rows as isize, 1),
-                            (w, 1, stride as isize),
-                            (x.as_ptr(), self.inp as isize, 1),
-                        )
-                    }
-                    return;
-                }
                 // The tile column-major (`tile[c·n + i]` = row r0 + i at column c), the
                 // layout gemm reads without transposing.
                 tile.resize(n * self.inp, 0.0);
