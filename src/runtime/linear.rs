@@ -102,12 +102,17 @@ impl Linear {
     }
 
     fn scales<'a>(&self, p: &'a Part, b: &Band, r: usize) -> &'a [f32] {
+        self.scales_of_rows(p, b, r, r + 1)
+    }
+
+    /// The int8 scales of part `p`'s rows `r0..r1` of band `b`, row-major (empty for float
+    /// rows).
+    fn scales_of_rows<'a>(&self, p: &'a Part, b: &Band, r0: usize, r1: usize) -> &'a [f32] {
         if p.scales.is_empty() {
             return &[];
         }
         let g = p.cols.div_ceil(self.group);
-        let local = r - b.row0;
-        &p.scales[local * g..(local + 1) * g]
+        &p.scales[(r0 - b.row0) * g..(r1 - b.row0) * g]
     }
 
     /// Appends row `r` as stored (its parts' bytes in column order) to `bytes`, and its
@@ -356,20 +361,13 @@ impl Linear {
                 // layout gemm reads without transposing.
                 tile.resize(n * self.inp, 0.0);
                 for p in &b.parts {
-                    let g = p.cols.div_ceil(self.group.max(1));
-                    let local = r0 - b.row0;
-                    let sc = if p.scales.is_empty() {
-                        &[][..]
-                    } else {
-                        &p.scales[local * g..(local + n) * g]
-                    };
                     let rows = cpu::Rows {
                         t: self.wtype,
                         w: self.part_rows(ar, b, p, r0, r1),
                         stride: p.stride as usize,
                         rows: n,
                         cols: p.cols,
-                        scales: sc,
+                        scales: self.scales_of_rows(p, b, r0, r1),
                         group: self.group,
                     };
                     cpu::dequant_cols(&rows, &mut tile[p.col0 * n..], n, scratch);

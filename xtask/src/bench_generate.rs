@@ -254,7 +254,10 @@ pub fn generate(args: &[String]) -> Result<()> {
         |name: &str| flag(args, name).map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>());
     let (only_w, only_t) = (list("--weights"), list("--tests"));
     let threads: Vec<usize> = match flag(args, "--threads") {
-        Some(v) => vec![v.parse().context("--threads")?],
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => vec![n],
+            _ => bail!("--threads: expected a positive count, got {v:?}"),
+        },
         None => (1..=max_t).collect(),
     };
     println!("kernel isa: {}", steerlm_convert::runtime::cpu::isa());
