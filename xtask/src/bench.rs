@@ -9,14 +9,15 @@ use anyhow::Result;
 use crate::{best_against_cp, flag, num, release_binary, runs, synth_if_absent};
 
 /// Memory read bandwidth in GB/s with `threads` threads: the best of 3 passes of each of
-/// three ways to sum a 1 GiB buffer (already in memory) with independent accumulators, the
+/// four ways to sum a 1 GiB buffer (already in memory) with independent accumulators, the
 /// hardware prefetcher alone, and with a software prefetch a page ahead into L1 or into L2
-/// (what the AVX-512 kernels do), so that the limit is the fastest read this machine shows.
+/// or four pages ahead into L2 (what the kernels do), so that the limit is the fastest read
+/// this machine shows.
 pub fn read_bandwidth(threads: usize) -> f64 {
     let n = 1usize << 27;
     let v: Vec<u64> = (0..n as u64).collect();
     let mut best = f64::MAX;
-    for (ahead, l2) in [(0usize, false), (4096, false), (4096, true)] {
+    for (ahead, l2) in [(0usize, false), (4096, false), (4096, true), (16384, true)] {
         for _ in 0..3 {
             let t = Instant::now();
             let chunk = n / threads;

@@ -179,7 +179,7 @@ fn models(bin: &Path, dir: &Path) -> Result<Vec<(&'static str, PathBuf, &'static
         };
         synth::write(&spec, &nemo, |_| {})?;
     }
-    let rows: [(&str, &[&str], &str); 6] = [
+    let rows: [(&str, &[&str], &str); 7] = [
         ("f32", &["nemo-to-safetensors", "--dtype", "fp32"], "f32"),
         ("bf16", &["nemo-to-safetensors"], "bf16"),
         ("f16", &["nemo-to-safetensors", "--dtype", "fp16"], "f16"),
@@ -207,6 +207,21 @@ fn models(bin: &Path, dir: &Path) -> Result<Vec<(&'static str, PathBuf, &'static
                 "group",
                 "--group-size",
                 "32",
+            ],
+            "q8_0",
+        ),
+        (
+            "int8 g32h",
+            &[
+                "quantize",
+                "--scheme",
+                "int8",
+                "--granularity",
+                "group",
+                "--group-size",
+                "32",
+                "--keep",
+                "embed",
             ],
             "q8_0",
         ),
@@ -352,7 +367,8 @@ pub fn generate(args: &[String]) -> Result<()> {
          llama-bench on the GGUF of the same bf16 folder (f32/bf16/f16 by convert_hf_to_gguf.py;\n\
          every int8 row against its q8_0 by llama-quantize), same threads and token counts;\n\
          tg = decode, pp = prompt; a8 = generate --int8-activations (opt-in), its greedy tokens\n\
-         compared with the exact run's."
+         compared with the exact run's. int8 g32h: group 32 with lm_head int8 too (quantize\n\
+         --keep embed), the tensors q8_0 quantizes; the other int8 rows keep lm_head bf16."
     );
     if fits_l3 {
         println!(

@@ -282,7 +282,19 @@ pub unsafe fn dot_a8(
     let ahead = prefetch_distance();
     let flip = _mm512_set1_epi8(if offset { -128 } else { 0 });
     let (wp, xp) = (w.as_ptr(), xq.as_ptr());
-    let scale = |b: usize| *xs.get_unchecked(b) * *scales.get_unchecked(b * 32 / group);
+    // The weight group is counted along (groups are whole blocks: `a8_applies`), never
+    // divided out: `scale` gives block b's combined scale and steps to the next block.
+    let per = group / 32;
+    let (mut g, mut left) = (0, per);
+    let mut scale = |b: usize| {
+        let s = *xs.get_unchecked(b) * *scales.get_unchecked(g);
+        left -= 1;
+        if left == 0 {
+            g += 1;
+            left = per;
+        }
+        s
+    };
     let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mut b = 0;
     let mut step = 0;
@@ -301,8 +313,9 @@ pub unsafe fn dot_a8(
         let neg = _mm512_movepi8_mask(v);
         let xsgn = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
         let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(v), xsgn);
+        let lo = scale(b);
         let hi = if two { scale(b + 1) } else { 0.0 };
-        let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(scale(b)), _mm512_set1_ps(hi));
+        let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(lo), _mm512_set1_ps(hi));
         if step % 2 == 0 {
             t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), sc, t0);
         } else {

@@ -232,7 +232,83 @@ unsafe fn span_i8x32<const OFFSET: bool>(
     _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))
 }
 
+/// One block of 32 permuted int8 weights as four vectors of 8 values `q · 2^24`: lane `k`
+/// of vector `j` is byte `4k + j` at the top of its lane, zeros below.
+#[inline(always)]
+unsafe fn q32<const OFFSET: bool>(wp: *const u8, m: &[__m256i; 4]) -> [__m256; 4] {
+    let mut v = _mm256_loadu_si256(wp as *const __m256i);
+    if OFFSET {
+        v = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+    }
+    [
+        _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m[0])),
+        _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m[1])),
+        _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m[2])),
+        _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, m[3])),
+    ]
+}
+
+/// The shuffles of [`q32`].
+#[inline(always)]
+unsafe fn q32_masks() -> [__m256i; 4] {
+    let top = |j: i8| {
+        let z = -128i8; // 0x80: a zero byte
+        let l = [z, z, z, j, z, z, z, 4 + j, z, z, z, 8 + j, z, z, z, 12 + j];
+        let mut b = [0i8; 32];
+        b[..16].copy_from_slice(&l);
+        b[16..].copy_from_slice(&l);
+        _mm256_loadu_si256(b.as_ptr() as *const __m256i)
+    };
+    [top(0), top(1), top(2), top(3)]
+}
+
+/// Groups of `G` columns (a multiple of 32, below 128): each group's products summed in
+/// one chain of FMAs in 8 lanes (no tree of adds per group), then scaled into two running
+/// totals. Groups are independent, so the core overlaps their chains.
+/// SAFETY: `n` (a multiple of `G`) elements of `w` and `xp`, and `n / G` scales.
+#[inline(always)]
+unsafe fn i8_groups<const OFFSET: bool, const G: usize>(
+    wp: *const u8,
+    xp: *const f32,
+    sp: *const f32,
+    n: usize,
+    ahead: usize,
+) -> __m256 {
+    let m = q32_masks();
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut g = 0;
+    let mut b = 0;
+    while b < n {
+        let mut p = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < G {
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(b + i + ahead) as *const i8);
+            let q = q32::<OFFSET>(wp.add(b + i), &m);
+            let x = xp.add(b + i);
+            p = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), p);
+            p = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), p);
+            p = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), p);
+            p = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), p);
+            i += 32;
+        }
+        // The sum is `q · 2^24`: a power of two, so this scaling is exact.
+        let sc = _mm256_set1_ps(*sp.add(g) * (1.0 / 16_777_216.0));
+        if g % 2 == 0 {
+            t0 = _mm256_fmadd_ps(p, sc, t0);
+        } else {
+            t1 = _mm256_fmadd_ps(p, sc, t1);
+        }
+        g += 1;
+        b += G;
+    }
+    _mm256_add_ps(t0, t1)
+}
+
 /// [`dot_scaled`] for groups that are whole blocks of 32, over permuted activations.
+/// Groups of 32 and 64 sum in chains ([`i8_groups`]); larger groups (a channel's, 128,
+/// ...) in spans of at most 128 columns, each into four fresh accumulators. The group
+/// of each span is counted, never divided out: a division per span costs as much as the
+/// span's arithmetic on some cores.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_i8_permuted(
     offset: bool,
@@ -246,37 +322,47 @@ pub unsafe fn dot_i8_permuted(
     assert!(n.is_multiple_of(32) && group.is_multiple_of(32) && w.len() >= n);
     let groups = n.div_ceil(group);
     assert!(scales.len() >= groups);
-    let (wp, xq) = (w.as_ptr(), xp.as_ptr());
+    let (wp, xq, sp) = (w.as_ptr(), xp.as_ptr(), scales.as_ptr());
     let ahead = prefetch_distance();
-    // Spans of at most 128 columns, each into fresh accumulators: one long chain of FMAs
-    // per row (a channel's) would wait on its own latency.
-    let sub = if group.is_multiple_of(128) {
-        128
-    } else {
-        group
-    };
-    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut b = 0;
-    let mut k = 0;
-    while b < n {
-        let len = sub.min(n - b);
-        // SAFETY: b + len <= n, asserted above.
-        let s = if offset {
-            span_i8x32::<true>(wp.add(b), xq.add(b), len, ahead)
-        } else {
-            span_i8x32::<false>(wp.add(b), xq.add(b), len, ahead)
-        };
-        // The span is `q · 2^24`: a power of two, so this scaling is exact.
-        let sc = _mm256_set1_ps(*scales.get_unchecked(b / group) * (1.0 / 16_777_216.0));
-        if k % 2 == 0 {
-            t0 = _mm256_fmadd_ps(s, sc, t0);
-        } else {
-            t1 = _mm256_fmadd_ps(s, sc, t1);
+    // SAFETY (all arms): the groups lie within the n elements and scales asserted above.
+    let t = match (offset, group) {
+        (true, 32) => i8_groups::<true, 32>(wp, xq, sp, n, ahead),
+        (false, 32) => i8_groups::<false, 32>(wp, xq, sp, n, ahead),
+        (true, 64) if n.is_multiple_of(64) => i8_groups::<true, 64>(wp, xq, sp, n, ahead),
+        (false, 64) if n.is_multiple_of(64) => i8_groups::<false, 64>(wp, xq, sp, n, ahead),
+        _ => {
+            let sub = if group.is_multiple_of(128) {
+                128
+            } else {
+                group
+            };
+            let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut k = 0;
+            let mut b = 0;
+            for g in 0..groups {
+                let end = (b + group).min(n);
+                // The sums are `q · 2^24`: a power of two, so this scaling is exact.
+                let sc = _mm256_set1_ps(*sp.add(g) * (1.0 / 16_777_216.0));
+                while b < end {
+                    let len = sub.min(end - b);
+                    let s = if offset {
+                        span_i8x32::<true>(wp.add(b), xq.add(b), len, ahead)
+                    } else {
+                        span_i8x32::<false>(wp.add(b), xq.add(b), len, ahead)
+                    };
+                    if k % 2 == 0 {
+                        t0 = _mm256_fmadd_ps(s, sc, t0);
+                    } else {
+                        t1 = _mm256_fmadd_ps(s, sc, t1);
+                    }
+                    b += len;
+                    k += 1;
+                }
+            }
+            _mm256_add_ps(t0, t1)
         }
-        b += len;
-        k += 1;
-    }
-    hsum(_mm256_add_ps(t0, t1))
+    };
+    hsum(t)
 }
 
 /// An int8 row against int8 activations (`crate::runtime::cpu::QAct`): per block of 32,
@@ -298,10 +384,13 @@ pub unsafe fn dot_a8(
     let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (wp, xp) = (w.as_ptr(), xq.as_ptr());
     let ahead = prefetch_distance();
-    let mut b = 0;
-    while b + 32 <= n {
+    // Blocks of 32 in pairs (one per running total), the weight group counted along
+    // (groups are whole blocks: `a8_applies`), never divided out.
+    let per = group / 32;
+    let (mut b, mut blk, mut g, mut left) = (0, 0, 0, per);
+    let block = |b: usize, blk: usize, g: usize| {
         _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(b + ahead) as *const i8);
-        // SAFETY: b + 32 <= n bytes of w and xq.
+        // SAFETY: b + 32 <= n bytes of w and xq; block blk and group g exist (asserted).
         let mut v = _mm256_loadu_si256(wp.add(b) as *const __m256i);
         if offset {
             v = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
@@ -309,13 +398,31 @@ pub unsafe fn dot_a8(
         let xv = _mm256_loadu_si256(xp.add(b) as *const __m256i);
         let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v));
         let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        let sc = _mm256_set1_ps(*xs.get_unchecked(b / 32) * *scales.get_unchecked(b / group));
-        if (b / 32) % 2 == 0 {
-            t0 = _mm256_fmadd_ps(p, sc, t0);
-        } else {
-            t1 = _mm256_fmadd_ps(p, sc, t1);
+        (
+            p,
+            _mm256_set1_ps(*xs.get_unchecked(blk) * *scales.get_unchecked(g)),
+        )
+    };
+    let next = |g: &mut usize, left: &mut usize| {
+        *left -= 1;
+        if *left == 0 {
+            *g += 1;
+            *left = per;
         }
-        b += 32;
+    };
+    while b + 64 <= n {
+        let (p, sc) = block(b, blk, g);
+        t0 = _mm256_fmadd_ps(p, sc, t0);
+        next(&mut g, &mut left);
+        let (p, sc) = block(b + 32, blk + 1, g);
+        t1 = _mm256_fmadd_ps(p, sc, t1);
+        next(&mut g, &mut left);
+        b += 64;
+        blk += 2;
+    }
+    if b + 32 <= n {
+        let (p, sc) = block(b, blk, g);
+        t0 = _mm256_fmadd_ps(p, sc, t0);
     }
     hsum(_mm256_add_ps(t0, t1))
 }
