@@ -312,9 +312,7 @@ impl Linear {
             let mut qa = QUANTIZED.take();
             qa.fill(x);
             self.decode_rows(ar, rows, y, |_, p, w, sc| {
-                let c = p.col0..p.col0 + p.cols;
-                let s = p.col0 / 32..(p.col0 + p.cols) / 32;
-                cpu::row_dot_a8(self.wtype, w, &qa.q[c], &qa.s[s], sc, self.group)
+                cpu::row_dot_a8(self.wtype, w, qa.cols(p.col0, p.cols), sc, self.group)
             });
             QUANTIZED.set(qa);
             return;

@@ -17,10 +17,12 @@ struct Matrix {
     group: usize,
     bytes: Vec<u8>,
     scales: Vec<f32>,
+    /// Against int8 activations (`generate --int8-activations`).
+    a8: bool,
 }
 
 impl Matrix {
-    fn new(t: WType, rows: usize, cols: usize, group: usize) -> Matrix {
+    fn new(t: WType, rows: usize, cols: usize, group: usize, a8: bool) -> Matrix {
         let n = rows * cols * t.size();
         let mut s = 0x2545_f491_4f6c_dd1du64;
         let mut bytes = vec![0u8; n];
@@ -60,6 +62,7 @@ impl Matrix {
             group,
             bytes,
             scales,
+            a8,
         }
     }
 
@@ -67,17 +70,18 @@ impl Matrix {
         self.cols * self.t.size()
     }
 
-    /// `y = W x` over rows `r0..r1`.
-    fn matvec(&self, x: &[f32], r0: usize, r1: usize, y: &mut [f32]) {
+    /// `y = W x` over rows `r0..r1` (`qa`: `x` quantized, for a8).
+    fn matvec(&self, x: &[f32], qa: &cpu::QAct, r0: usize, r1: usize, y: &mut [f32]) {
         let rb = self.row_bytes();
         let g = if self.group == 0 {
             0
         } else {
             self.cols.div_ceil(self.group)
         };
-        // As the runtime does: int8 rows against activations permuted once per product.
+        // As the runtime does: int8 rows against activations permuted once per product
+        // (quantized once for a8, `qa`).
         let mut xp = Vec::new();
-        let permuted = cpu::permuted_applies(self.t, self.cols, self.group);
+        let permuted = !self.a8 && cpu::permuted_applies(self.t, self.cols, self.group);
         if permuted {
             cpu::permute32(x, &mut xp);
         }
@@ -88,7 +92,9 @@ impl Matrix {
                 &self.scales[r * g..(r + 1) * g]
             };
             let w = &self.bytes[r * rb..(r + 1) * rb];
-            y[r - r0] = if permuted {
+            y[r - r0] = if self.a8 {
+                cpu::row_dot_a8(self.t, w, qa.cols(0, self.cols), sc, self.group)
+            } else if permuted {
                 cpu::row_dot_permuted(self.t, w, &xp, sc, self.group)
             } else {
                 cpu::row_dot(self.t, w, x, sc, self.group)
@@ -102,15 +108,20 @@ impl Matrix {
 /// measure the kernel and not the thread start).
 fn time_matvec(m: &Matrix, threads: usize, reps: usize) -> f64 {
     let x: Vec<f32> = (0..m.cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let qa = if m.a8 {
+        cpu::QAct::of(&x)
+    } else {
+        cpu::QAct::new()
+    };
     let mut y = vec![0f32; m.rows];
     let per = m.rows.div_ceil(threads);
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for (i, ys) in y.chunks_mut(per).enumerate() {
-            let x = &x;
+            let (x, qa) = (&x, &qa);
             s.spawn(move || {
                 for _ in 0..reps {
-                    m.matvec(x, i * per, i * per + ys.len(), ys);
+                    m.matvec(x, qa, i * per, i * per + ys.len(), ys);
                     std::hint::black_box(&ys);
                 }
             });
@@ -132,22 +143,25 @@ pub fn kernels(args: &[String]) -> Result<()> {
         "{:<14} {:>7} {:>12} {:>10} {:>14}",
         "weights", "threads", "memory GB/s", "of limit", "in-cache GB/s"
     );
-    let kinds: [(&str, WType, usize); 7] = [
-        ("f32", WType::F32, 0),
-        ("bf16", WType::BF16, 0),
-        ("f16", WType::F16, 0),
-        ("int8 channel", WType::I8, 4096),
-        ("int8 g128", WType::I8, 128),
-        ("int8 g32", WType::I8, 32),
-        ("int8 u8 g32", WType::U8Offset, 32),
+    let kinds: [(&str, WType, usize, bool); 10] = [
+        ("f32", WType::F32, 0, false),
+        ("bf16", WType::BF16, 0, false),
+        ("f16", WType::F16, 0, false),
+        ("int8 channel", WType::I8, 4096, false),
+        ("int8 g128", WType::I8, 128, false),
+        ("int8 g32", WType::I8, 32, false),
+        ("int8 u8 g32", WType::U8Offset, 32, false),
+        ("a8 channel", WType::I8, 4096, true),
+        ("a8 g128", WType::I8, 128, true),
+        ("a8 g32", WType::I8, 32, true),
     ];
     let wanted = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
-    for (name, t, group) in kinds.into_iter().filter(|k| wanted(k.0)) {
+    for (name, t, group, a8) in kinds.into_iter().filter(|k| wanted(k.0)) {
         // 1 GiB of weights from memory (well past any L3, as the bandwidth's buffer);
         // 256 KiB (L2) per thread in cache.
         let cols = 4096;
-        let big = Matrix::new(t, (1 << 30) / (cols * t.size()), cols, group);
-        let small = Matrix::new(t, (256 << 10) * max_t / (cols * t.size()), cols, group);
+        let big = Matrix::new(t, (1 << 30) / (cols * t.size()), cols, group, a8);
+        let small = Matrix::new(t, (256 << 10) * max_t / (cols * t.size()), cols, group, a8);
         for th in 1..=max_t {
             let s = (0..3)
                 .map(|_| time_matvec(&big, th, 2))
@@ -170,7 +184,8 @@ pub fn kernels(args: &[String]) -> Result<()> {
     println!(
         "memory GB/s = weight bytes / time of one pass over a matrix far larger than the\n\
          caches (the decode case); of limit = that / the read bandwidth at the same thread\n\
-         count; in-cache = the same kernel on 256 KiB of weights per thread (its compute ceiling)."
+         count; in-cache = the same kernel on 256 KiB of weights per thread (its compute ceiling);\n\
+         a8 = int8 rows against int8 activations (--int8-activations, opt-in)."
     );
     Ok(())
 }

@@ -261,68 +261,123 @@ unsafe fn convert<T: Load16>(w: &[u8], scale: f32, out: &mut [f32]) {
 
 entry_points!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
-/// An int8 row against int8 activations (`crate::runtime::cpu::QAct`) with AVX-512 VNNI:
-/// two blocks of 32 per step, `|q|` (unsigned) times the activations with `q`'s sign,
-/// four products summed to 32 bits per lane by `vpdpbusd` (at most 4·128·127, exact),
-/// then each block's eight lanes scaled by its own activation and weight scales in f32.
+/// An int8 row against int8 activations (`crate::runtime::cpu::QAct`) with AVX-512 VNNI,
+/// two blocks of 32 per step: the row as unsigned bytes `q + 128` (an xor for `i8`; what
+/// u8-offset rows store) times the activations, four products summed to 32 bits per lane
+/// by `vpdpbusd` (at most 4·255·127, exact), less the lane's `128 · Σ x`: `Σ q·x`
+/// exactly. Each lane is then scaled by its block's activation scale (`QAct::s8`)
+/// and weight scale in f32. An odd last block is summed alone.
 /// SAFETY: AVX-512 F/BW/VL and VNNI are present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn dot_a8(
-    offset: bool,
-    w: &[u8],
-    xq: &[i8],
-    xs: &[f32],
-    scales: &[f32],
-    group: usize,
-) -> f32 {
-    let n = xq.len();
+pub unsafe fn dot_a8(offset: bool, w: &[u8], a: QCols, scales: &[f32], group: usize) -> f32 {
+    let n = a.q.len();
     let group = group.min(n);
-    assert!(n.is_multiple_of(32) && w.len() >= n && xs.len() >= n / 32);
+    assert!(n.is_multiple_of(32) && group.is_multiple_of(32) && w.len() >= n);
+    assert!(a.s.len() >= n / 32 && a.s8.len() >= n / 4);
     assert!(scales.len() >= n.div_ceil(group));
     let ahead = prefetch_distance();
-    let flip = _mm512_set1_epi8(if offset { -128 } else { 0 });
-    let (wp, xp) = (w.as_ptr(), xq.as_ptr());
-    // The weight group is counted along (groups are whole blocks: `a8_applies`), never
-    // divided out: `scale` gives block b's combined scale and steps to the next block.
-    let per = group / 32;
-    let (mut g, mut left) = (0, per);
-    let mut scale = |b: usize| {
-        let s = *xs.get_unchecked(b) * *scales.get_unchecked(g);
-        left -= 1;
-        if left == 0 {
-            g += 1;
-            left = per;
-        }
-        s
-    };
-    let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut b = 0;
-    let mut step = 0;
-    while b * 32 < n {
-        // Two blocks, or the last one alone (the upper half masked off: not read, zero).
-        let two = (b + 2) * 32 <= n;
-        let m: __mmask64 = if two { !0 } else { 0xffff_ffff };
+    let flip = _mm512_set1_epi8(if offset { 0 } else { -128 });
+    let c128 = _mm512_set1_epi8(-128);
+    let (wp, xp, sp) = (w.as_ptr(), a.q.as_ptr(), a.s8.as_ptr());
+    // Blocks b and b + 1, exact in 16 lanes of f32 (block b in the low 8), each lane times
+    // its block's activation scale.
+    let pair = |b: usize| {
         _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(b * 32 + ahead) as *const i8);
-        // SAFETY: the bytes the mask keeps lie within the n asserted above.
-        let v = _mm512_xor_si512(
-            _mm512_maskz_loadu_epi8(m, wp.add(b * 32) as *const i8),
-            flip,
-        );
-        let v = _mm512_maskz_mov_epi8(m, v);
-        let x = _mm512_maskz_loadu_epi8(m, xp.add(b * 32));
-        let neg = _mm512_movepi8_mask(v);
-        let xsgn = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(v), xsgn);
-        let lo = scale(b);
-        let hi = if two { scale(b + 1) } else { 0.0 };
-        let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(lo), _mm512_set1_ps(hi));
-        if step % 2 == 0 {
-            t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), sc, t0);
-        } else {
-            t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), sc, t1);
+        // SAFETY: blocks b and b + 1 lie within the n asserted above (the callers' bounds).
+        let v = _mm512_xor_si512(_mm512_loadu_si512(wp.add(b * 32) as *const _), flip);
+        let x = _mm512_loadu_si512(xp.add(b * 32) as *const _);
+        let d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x);
+        // Each lane's 128 · Σ x by the same instruction (cheaper here than loading it).
+        let d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, x));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sp.add(b * 8)))
+    };
+    let blocks = n / 32;
+    let pairs_end = blocks / 2 * 2;
+    let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    if group == n {
+        // Channel: one weight scale, applied once at the end.
+        let mut b = 0;
+        while b + 4 <= pairs_end {
+            t0 = _mm512_add_ps(t0, pair(b));
+            t1 = _mm512_add_ps(t1, pair(b + 2));
+            b += 4;
         }
-        b += 2;
-        step += 1;
+        if b < pairs_end {
+            t0 = _mm512_add_ps(t0, pair(b));
+        }
+        let s = _mm512_set1_ps(scales[0]);
+        t0 = _mm512_mul_ps(_mm512_add_ps(t0, t1), s);
+        t1 = _mm512_setzero_ps();
+    } else if group.is_multiple_of(64) {
+        // Whole pairs per group: each group's sum, then its scale.
+        let per = group / 32;
+        let (mut b, mut g) = (0, 0);
+        while b < pairs_end {
+            let end = (b + per).min(pairs_end);
+            let mut u = pair(b);
+            b += 2;
+            while b < end {
+                u = _mm512_add_ps(u, pair(b));
+                b += 2;
+            }
+            let s = _mm512_set1_ps(*scales.get_unchecked(g));
+            if g % 2 == 0 {
+                t0 = _mm512_fmadd_ps(u, s, t0);
+            } else {
+                t1 = _mm512_fmadd_ps(u, s, t1);
+            }
+            g += 1;
+        }
+    } else if group == 32 {
+        // A scale per block: the two of a pair side by side, eight lanes each.
+        let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut b = 0;
+        while b < pairs_end {
+            let two = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(b) as *const f64));
+            let s = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(two));
+            if b % 4 == 0 {
+                t0 = _mm512_fmadd_ps(pair(b), s, t0);
+            } else {
+                t1 = _mm512_fmadd_ps(pair(b), s, t1);
+            }
+            b += 2;
+        }
+    } else {
+        // Groups of an odd count of blocks: each block's group counted along.
+        let per = group / 32;
+        let (mut b, mut g, mut left) = (0, 0, per);
+        let mut next = || {
+            let s = *scales.get_unchecked(g);
+            left -= 1;
+            if left == 0 {
+                g += 1;
+                left = per;
+            }
+            s
+        };
+        while b < pairs_end {
+            let lo = next();
+            let hi = next();
+            let s = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+            t0 = _mm512_fmadd_ps(pair(b), s, t0);
+            b += 2;
+        }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(t0, t1))
+    let mut total = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+    if pairs_end < blocks {
+        let b = pairs_end;
+        let o = b * 32;
+        let sum: i32 = (0..32)
+            .map(|i| {
+                let q = if offset {
+                    (w[o + i] ^ 0x80) as i8
+                } else {
+                    w[o + i] as i8
+                };
+                q as i32 * a.q[o + i] as i32
+            })
+            .sum();
+        total += sum as f32 * (a.s[b] * scales[o / group]);
+    }
+    total
 }

@@ -370,6 +370,17 @@ pub struct QAct {
     pub q: Vec<i8>,
     /// One scale per block of 32.
     pub s: Vec<f32>,
+    /// Each block's scale eight times over (one per 32-bit lane of its sums).
+    pub s8: Vec<f32>,
+}
+
+/// The columns of a [`QAct`] that one part of a product reads (`c0` and the count
+/// multiples of 32).
+#[derive(Debug, Clone, Copy)]
+pub struct QCols<'a> {
+    pub q: &'a [i8],
+    pub s: &'a [f32],
+    pub s8: &'a [f32],
 }
 
 impl QAct {
@@ -378,6 +389,7 @@ impl QAct {
         QAct {
             q: Vec::new(),
             s: Vec::new(),
+            s8: Vec::new(),
         }
     }
 
@@ -406,6 +418,19 @@ impl QAct {
                 *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
             }
         }
+        self.s8.clear();
+        self.s8
+            .extend(self.s.iter().flat_map(|&v| std::iter::repeat_n(v, 8)));
+    }
+
+    /// Columns `c0..c0 + n`.
+    pub fn cols(&self, c0: usize, n: usize) -> QCols<'_> {
+        assert!(c0.is_multiple_of(32) && n.is_multiple_of(32));
+        QCols {
+            q: &self.q[c0..c0 + n],
+            s: &self.s[c0 / 32..(c0 + n) / 32],
+            s8: &self.s8[c0 / 4..(c0 + n) / 4],
+        }
     }
 }
 
@@ -417,9 +442,9 @@ pub fn a8_applies(t: WType, cols: usize, group: usize) -> bool {
 /// `Σ_b xs[b] · scale[g(b)] · Σ_{i∈b} q_i · xq_i` over blocks of 32: an int8 row against
 /// quantized activations, the block sums in exact integers. Only where [`a8_applies`].
 #[inline]
-pub fn row_dot_a8(t: WType, w: &[u8], xq: &[i8], xs: &[f32], scales: &[f32], group: usize) -> f32 {
-    assert!(a8_applies(t, xq.len(), group) && w.len() >= xq.len());
-    row_dot_a8_on(simd::level(), t, w, xq, xs, scales, group)
+pub fn row_dot_a8(t: WType, w: &[u8], a: QCols, scales: &[f32], group: usize) -> f32 {
+    assert!(a8_applies(t, a.q.len(), group) && w.len() >= a.q.len());
+    row_dot_a8_on(simd::level(), t, w, a, scales, group)
 }
 
 /// Whether the CPU has AVX-512 VNNI (the a8 kernel's `vpdpbusd`).
@@ -432,21 +457,14 @@ fn vnni() -> bool {
 
 /// [`row_dot_a8`] on level `l`: VNNI at the AVX-512 level where the CPU has it, the AVX2
 /// kernel otherwise, or portable.
-fn row_dot_a8_on(
-    l: Level,
-    t: WType,
-    w: &[u8],
-    xq: &[i8],
-    xs: &[f32],
-    scales: &[f32],
-    group: usize,
-) -> f32 {
+fn row_dot_a8_on(l: Level, t: WType, w: &[u8], a: QCols, scales: &[f32], group: usize) -> f32 {
     let off = t == WType::U8Offset;
+    let (xq, xs) = (a.q, a.s);
     #[cfg(target_arch = "x86_64")]
     {
         if l == Level::Avx512 && vnni() {
             // SAFETY: AVX-512 F/BW/VL (the level) and VNNI (checked just now).
-            return unsafe { avx512::dot_a8(off, w, xq, xs, scales, group) };
+            return unsafe { avx512::dot_a8(off, w, a, scales, group) };
         }
         if l >= Level::Avx2 {
             // SAFETY: AVX2 + FMA + F16C (the level).

@@ -122,7 +122,11 @@ fn a8_kernel_agrees() {
     for n in [32usize, 96, 160, 768, 4096] {
         let (x, q) = int8_case(n);
         let a = QAct::of(&x);
-        for group in [32usize, 64, 128, n] {
+        // The same values behind a block of others: a part that starts at column 32.
+        let mut wider = vec![0.5f32; 32];
+        wider.extend_from_slice(&x);
+        let behind = QAct::of(&wider);
+        for group in [32usize, 64, 96, 128, n] {
             let (scales, exact) = scaled_exact(&x, &q, group);
             let portable: f64 = (0..n)
                 .map(|i| {
@@ -136,7 +140,10 @@ fn a8_kernel_agrees() {
             let signed: Vec<u8> = q.iter().map(|v| *v as u8).collect();
             for (t, b) in [(WType::U8Offset, offset), (WType::I8, signed)] {
                 for l in simd::available() {
-                    let got = row_dot_a8_on(l, t, &b, &a.q, &a.s, &scales, group) as f64;
+                    let got = row_dot_a8_on(l, t, &b, a.cols(0, n), &scales, group);
+                    let later = row_dot_a8_on(l, t, &b, behind.cols(32, n), &scales, group);
+                    assert_eq!(got, later, "{l:?} {t:?} {n} {group}");
+                    let got = got as f64;
                     assert!(
                         (got - portable).abs() < 1e-4 * (1.0 + portable.abs()),
                         "{l:?} {t:?} {n} {group}"
