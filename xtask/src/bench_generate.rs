@@ -179,56 +179,22 @@ fn models(bin: &Path, dir: &Path) -> Result<Vec<(&'static str, PathBuf, &'static
         };
         synth::write(&spec, &nemo, |_| {})?;
     }
-    let rows: [(&str, &[&str], &str); 7] = [
-        ("f32", &["nemo-to-safetensors", "--dtype", "fp32"], "f32"),
-        ("bf16", &["nemo-to-safetensors"], "bf16"),
-        ("f16", &["nemo-to-safetensors", "--dtype", "fp16"], "f16"),
-        ("int8", &["quantize", "--scheme", "int8"], "q8_0"),
-        (
-            "int8 g128",
-            &[
-                "quantize",
-                "--scheme",
-                "int8",
-                "--granularity",
-                "group",
-                "--group-size",
-                "128",
-            ],
-            "q8_0",
-        ),
-        (
-            "int8 g32",
-            &[
-                "quantize",
-                "--scheme",
-                "int8",
-                "--granularity",
-                "group",
-                "--group-size",
-                "32",
-            ],
-            "q8_0",
-        ),
-        (
-            "int8 g32h",
-            &[
-                "quantize",
-                "--scheme",
-                "int8",
-                "--granularity",
-                "group",
-                "--group-size",
-                "32",
-                "--keep",
-                "embed",
-            ],
-            "q8_0",
-        ),
+    // Each row: its name, the command that writes it (arguments split at spaces), and the
+    // GGUF type llama.cpp runs against it.
+    let group = "quantize --scheme int8 --granularity group --group-size";
+    let rows = [
+        ("f32", "nemo-to-safetensors --dtype fp32".to_owned(), "f32"),
+        ("bf16", "nemo-to-safetensors".to_owned(), "bf16"),
+        ("f16", "nemo-to-safetensors --dtype fp16".to_owned(), "f16"),
+        ("int8", "quantize --scheme int8".to_owned(), "q8_0"),
+        ("int8 g128", format!("{group} 128"), "q8_0"),
+        ("int8 g32", format!("{group} 32"), "q8_0"),
+        ("int8 g32h", format!("{group} 32 --keep embed"), "q8_0"),
     ];
     let bf16 = dir.join("synth134m-bf16");
     let mut v = Vec::new();
     for (name, cmd, peer) in rows {
+        let cmd: Vec<&str> = cmd.split(' ').collect();
         let out = dir.join(format!("synth134m-{}", name.replace(' ', "-")));
         if !out.exists() {
             let input = if cmd[0] == "quantize" { &bf16 } else { &nemo };
