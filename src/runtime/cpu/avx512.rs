@@ -367,16 +367,7 @@ pub unsafe fn dot_a8(offset: bool, w: &[u8], a: QCols, scales: &[f32], group: us
     if pairs_end < blocks {
         let b = pairs_end;
         let o = b * 32;
-        let sum: i32 = (0..32)
-            .map(|i| {
-                let q = if offset {
-                    (w[o + i] ^ 0x80) as i8
-                } else {
-                    w[o + i] as i8
-                };
-                q as i32 * a.q[o + i] as i32
-            })
-            .sum();
+        let sum = block_a8(offset, &w[o..o + 32], &a.q[o..o + 32]);
         total += sum as f32 * (a.s[b] * scales[o / group]);
     }
     total

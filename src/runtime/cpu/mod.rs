@@ -475,17 +475,21 @@ fn row_dot_a8_on(l: Level, t: WType, w: &[u8], a: QCols, scales: &[f32], group: 
     let group = group.min(xq.len());
     let mut total = 0f32;
     for (b, (wb, xb)) in w.chunks_exact(32).zip(xq.chunks_exact(32)).enumerate() {
-        let sum: i32 = wb
-            .iter()
-            .zip(xb)
-            .map(|(&u, &x)| {
-                let q = if off { (u ^ 0x80) as i8 } else { u as i8 };
-                q as i32 * x as i32
-            })
-            .sum();
-        total += sum as f32 * (xs[b] * scales[b * 32 / group]);
+        total += block_a8(off, wb, xb) as f32 * (xs[b] * scales[b * 32 / group]);
     }
     total
+}
+
+/// `Σ q·x` over one block of int8 weights (`off`: stored as `q + 128`) and activations,
+/// in exact integers: the portable a8 kernel's block, and the SIMD kernels' odd one.
+fn block_a8(off: bool, w: &[u8], x: &[i8]) -> i32 {
+    w.iter()
+        .zip(x)
+        .map(|(&u, &x)| {
+            let q = if off { (u ^ 0x80) as i8 } else { u as i8 };
+            q as i32 * x as i32
+        })
+        .sum()
 }
 
 /// A matrix: its pointer and (column, row) strides in elements.
