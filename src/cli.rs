@@ -294,6 +294,12 @@ pub struct GenerateArgs {
     /// weights and `verify` always use f32 activations.
     #[arg(long)]
     pub int8_activations: bool,
+    /// Multiply the prompt by bf16 weights with its activations rounded to bf16 (as
+    /// llama.cpp's bf16 path does): about 1.5x faster where the CPU has AVX-512 BF16, but
+    /// the logits move by that rounding (`cargo xtask bench generate` reports how far).
+    /// Off by default; decode, other weights and `verify` always use f32 activations.
+    #[arg(long)]
+    pub bf16_activations: bool,
     /// Where the model runs: cpu, cuda (the GPU, or an error saying why not), or auto
     /// (the GPU when one can be used). The default stays cpu until the CUDA runtime has
     /// passed `xtask gpu-check` on a GPU.

@@ -1,5 +1,6 @@
 //! Decoding allocates nothing per token: after a warm-up, decode steps of float, int8
-//! (with and without `--int8-activations`) and tensor-parallel models, over short and
+//! (with and without `--int8-activations`) and tensor-parallel bf16 models (with and
+//! without `--bf16-activations`), over short and
 //! long contexts (both attention paths), make no heap allocation on any thread. A
 //! counting global allocator sees every allocation of the process.
 
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use common::*;
 use steerlm_convert::container::mapped::OpenOptions;
+use steerlm_convert::runtime::llama::Acts;
 use steerlm_convert::runtime::load::Model;
 
 struct Counting;
@@ -44,9 +46,9 @@ static ALLOC: Counting = Counting;
 
 /// Allocations made by 8 decode steps after a prompt of `prompt` tokens and 2 warm-up
 /// steps, on 2 threads.
-fn allocations(path: &Path, prompt: usize, a8: bool) -> usize {
+fn allocations(path: &Path, prompt: usize, acts: Acts) -> usize {
     let mut m = Model::open(path, &OpenOptions::default()).unwrap();
-    m.weights.a8 = a8;
+    m.weights.acts = acts;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
@@ -110,20 +112,31 @@ fn decode_steps_allocate_nothing() {
         assert_eq!(code, 0, "{err}");
     }
     let tp2 = fixtures().join("archives/gqa_mcore_tp2_bf16.nemo");
-    let cases: [(&Path, usize, bool); 6] = [
-        (&hf, 3, false),
-        (&hf, 300, false),
-        (&tp2, 3, false),
-        (&int8, 3, false),
-        (&int8, 3, true),
-        (&g32, 300, false),
+    let exact = Acts::default();
+    let a8 = Acts {
+        int8: true,
+        bf16: false,
+    };
+    let b16 = Acts {
+        int8: false,
+        bf16: true,
+    };
+    let cases: [(&Path, usize, Acts); 8] = [
+        (&hf, 3, exact),
+        (&hf, 300, exact),
+        (&tp2, 3, exact),
+        (&tp2, 3, b16),
+        (&tp2, 300, b16),
+        (&int8, 3, exact),
+        (&int8, 3, a8),
+        (&g32, 300, exact),
     ];
-    for (path, prompt, a8) in cases {
-        let n = allocations(path, prompt, a8);
+    for (path, prompt, acts) in cases {
+        let n = allocations(path, prompt, acts);
         assert_eq!(
             n,
             0,
-            "{} after {prompt} tokens (a8 {a8}): {n} allocations in 8 decode steps",
+            "{} after {prompt} tokens ({acts:?}): {n} allocations in 8 decode steps",
             path.display()
         );
     }

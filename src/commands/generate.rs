@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use serde_json::json;
 use steerlm_convert::runtime::backend::DeviceChoice;
 use steerlm_convert::runtime::generate::{generate, GenOptions};
+use steerlm_convert::runtime::llama::Acts;
 use steerlm_convert::runtime::load::{Model, SourceKind};
 use steerlm_convert::runtime::sample::Sampling;
 use steerlm_convert::runtime::{cpu, steerlm};
@@ -52,15 +53,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     pool.install(|| generate_in_pool(args, &text))
 }
 
-/// Where `--device` runs the model: the int8-activation kernels are the CPU's.
+/// Where `--device` runs the model: the rounded-activation kernels are the CPU's.
 fn device_for(args: &GenerateArgs) -> steerlm_convert::Result<DeviceChoice> {
-    if !args.int8_activations {
+    let flag = if args.int8_activations {
+        "--int8-activations"
+    } else if args.bf16_activations {
+        "--bf16-activations"
+    } else {
         return super::runtime_device(args.device, args.io.quiet);
-    }
+    };
     if args.device == crate::cli::DeviceArg::Cuda {
-        return Err(Error::Usage(
-            "--int8-activations runs on the CPU only; drop it or use --device cpu".into(),
-        ));
+        return Err(Error::Usage(format!(
+            "{flag} runs on the CPU only; drop it or use --device cpu"
+        )));
     }
     Ok(DeviceChoice::Cpu)
 }
@@ -76,7 +81,10 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
     };
     let device = device_for(args)?;
     let mut model = Model::open(&args.model, &super::read_options(&args.io, &args.crc))?;
-    model.weights.a8 = args.int8_activations;
+    model.weights.acts = Acts {
+        int8: args.int8_activations,
+        bf16: args.bf16_activations,
+    };
     model.select_device(device, !args.io.quiet)?;
     let (prompt, ends) = if args.raw {
         (text.to_string(), Vec::new())
@@ -178,6 +186,8 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
                 "threads": rayon::current_num_threads(),
                 "isa": cpu::isa(),
                 "int8_activations": args.int8_activations,
+                "bf16_activations": args.bf16_activations,
+                "bf16_activations_kernel": args.bf16_activations.then(cpu::bf16a_isa),
                 "device": model.device_name(),
             },
         });

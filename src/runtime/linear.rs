@@ -74,6 +74,21 @@ thread_local! {
     static ALIGNED: Cell<(Vec<f32>, Vec<usize>)> = const { Cell::new((Vec::new(), Vec::new())) };
     /// The activations quantized for `--int8-activations`, kept between products.
     static QUANTIZED: Cell<cpu::QAct> = const { Cell::new(cpu::QAct::new()) };
+    /// A prompt's activations rounded to bf16 for `--bf16-activations`, kept between
+    /// products.
+    static ROUNDED: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// How activations meet the weights in a product: as computed, in f32 (the default, and
+/// what `verify` uses), or first rounded the way llama.cpp rounds them, where an opt-in
+/// flag asks, for speed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Acts {
+    /// int8 weights meet int8 activations (blocks of 32) when decoding
+    /// (`--int8-activations`).
+    pub int8: bool,
+    /// bf16 weights meet bf16 activations in a prompt (`--bf16-activations`).
+    pub bf16: bool,
 }
 
 impl Linear {
@@ -293,17 +308,33 @@ impl Linear {
     /// `y[t] = W x[t]` for `t` tokens (`x`: `t × inp`, `y`: `t × rows`), rows
     /// `0..rows` only (`rows ≤ out`: the vocabulary without its padding).
     pub fn matmul(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32]) {
-        self.matmul_a(ar, x, t, rows, y, false)
+        self.matmul_a(ar, x, t, rows, y, Acts::default())
     }
 
-    /// [`Linear::matmul`]; with `a8`, int8 weights meet int8 activations when decoding
-    /// (`cpu::QAct`, opt-in: a different rounding).
-    pub fn matmul_a(&self, ar: &Mapped, x: &[f32], t: usize, rows: usize, y: &mut [f32], a8: bool) {
+    /// [`Linear::matmul`], with the activations rounded as `acts` asks where it applies
+    /// (opt-in: a different rounding): int8 weights meet int8 activations when decoding
+    /// (`cpu::QAct`), bf16 weights meet bf16 activations in a prompt (`cpu::round_bf16`).
+    pub fn matmul_a(
+        &self,
+        ar: &Mapped,
+        x: &[f32],
+        t: usize,
+        rows: usize,
+        y: &mut [f32],
+        acts: Acts,
+    ) {
         debug_assert_eq!(x.len(), t * self.inp);
         debug_assert_eq!(y.len(), t * rows);
         let parts = || self.bands.iter().flat_map(|b| &b.parts);
+        if t > 1 && acts.bf16 && cpu::bf16a_applies(self.wtype) {
+            let mut xb = ROUNDED.take();
+            cpu::round_bf16(x, &mut xb);
+            self.prompt_rows_bf16a(ar, &xb, t, rows, y);
+            ROUNDED.set(xb);
+            return;
+        }
         if t == 1
-            && a8
+            && acts.int8
             && parts().all(|p| {
                 p.col0.is_multiple_of(32) && cpu::a8_applies(self.wtype, p.cols, self.group)
             })
@@ -386,6 +417,43 @@ impl Linear {
                 }
             },
         );
+    }
+}
+
+impl Linear {
+    /// A batch under `--bf16-activations`: each task's rows, as stored, against every
+    /// token's bf16 activations (`cpu::tile_bf16`), written straight into `y`
+    /// (token-major); a band's later parts add to the first's sums.
+    fn prompt_rows_bf16a(&self, ar: &Mapped, xb: &[u16], t: usize, rows: usize, y: &mut [f32]) {
+        let tasks = self.tasks_of(rows, BATCH_TILE_BYTES);
+        let (dst, len) = (SendPtr(y.as_mut_ptr()), y.len());
+        tasks.par_iter().for_each(|&(bi, r0, r1)| {
+            let d = dst;
+            let b = &self.bands[bi];
+            for (k, p) in b.parts.iter().enumerate() {
+                let w = cpu::Rows {
+                    t: self.wtype,
+                    w: self.part_rows(ar, b, p, r0, r1),
+                    stride: p.stride as usize,
+                    rows: r1 - r0,
+                    cols: p.cols,
+                    scales: &[],
+                    group: self.group,
+                };
+                let tile = cpu::Tile {
+                    rows: &w,
+                    x: &xb[p.col0..],
+                    ldx: self.inp,
+                    t,
+                    ldo: rows,
+                    add: k > 0,
+                };
+                // SAFETY: y from row r0 on holds len - r0 values (the tile checks its
+                // reach against that), and rows r0..r1 of every token are this task's
+                // alone.
+                unsafe { cpu::tile_bf16(&tile, d.0.add(r0), len - r0) }
+            }
+        });
     }
 }
 

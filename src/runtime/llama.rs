@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::container::mapped::Mapped;
 use crate::runtime::attention;
-pub use crate::runtime::linear::{Band, Linear, Part};
+pub use crate::runtime::linear::{Acts, Band, Linear, Part};
 
 /// How the fused QKV output is ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +57,9 @@ pub struct Weights {
     pub norm: Vec<f32>,
     pub lm_head: Linear,
     pub qkv_order: QkvOrder,
-    /// Decode int8 layers against int8 activations (`--int8-activations`; opt-in).
-    pub a8: bool,
+    /// Activations rounded before the products where an opt-in flag asks
+    /// (`--int8-activations`, `--bf16-activations`); exact by default.
+    pub acts: Acts,
 }
 
 /// Keys and values of the positions seen so far, and the buffers a forward pass works in.
@@ -186,7 +187,7 @@ impl Weights {
         };
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(x, &l.attn_norm, d.eps, hbuf);
-            l.qkv.matmul_a(ar, hbuf, t, qkv_out, qkv, self.a8);
+            l.qkv.matmul_a(ar, hbuf, t, qkv_out, qkv, self.acts);
             let kc = &mut cache.k[li];
             let vc = &mut cache.v[li];
             for g in 0..nkv {
@@ -217,10 +218,10 @@ impl Weights {
                 t,
             };
             attention::attend(q, &cache.k[li], &cache.v[li], shape, attn, &mut w.scores);
-            l.o.matmul_a(ar, attn, t, h, o, self.a8);
+            l.o.matmul_a(ar, attn, t, h, o, self.acts);
             x.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
             rms_norm(x, &l.mlp_norm, d.eps, hbuf);
-            l.gate_up.matmul_a(ar, hbuf, t, 2 * d.ffn, gu, self.a8);
+            l.gate_up.matmul_a(ar, hbuf, t, 2 * d.ffn, gu, self.acts);
             // Per token, in parallel for a prompt (the exponentials are a serial tail).
             act.par_chunks_mut(d.ffn)
                 .zip(gu.par_chunks(2 * d.ffn))
@@ -231,14 +232,14 @@ impl Weights {
                         a[j] = silu(g[j]) * u[j];
                     }
                 });
-            l.down.matmul_a(ar, act, t, h, o, self.a8);
+            l.down.matmul_a(ar, act, t, h, o, self.acts);
             x.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
         }
         cache.len = p0 + t;
         let normed = sized(&mut w.last, h);
         rms_norm(&x[(t - 1) * h..t * h], &self.norm, d.eps, normed);
         self.lm_head
-            .matmul_a(ar, normed, 1, d.vocab, &mut logits[..d.vocab], self.a8);
+            .matmul_a(ar, normed, 1, d.vocab, &mut logits[..d.vocab], self.acts);
     }
 }
 

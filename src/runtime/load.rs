@@ -13,7 +13,7 @@ use crate::model::{Tensor, View};
 use crate::nemo::hf_tokenizer::TokenizerModel;
 use crate::quant::compressed;
 use crate::runtime::cpu::WType;
-use crate::runtime::llama::{Band, Dims, Layer, Linear, Part, QkvOrder, Weights};
+use crate::runtime::llama::{Acts, Band, Dims, Layer, Linear, Part, QkvOrder, Weights};
 use crate::runtime::tokenizer::Tokenizer;
 
 /// Where the weights came from.
@@ -205,7 +205,7 @@ impl Model {
             norm: vector(&one(Kind::FinalNorm, 0))?,
             lm_head,
             qkv_order: QkvOrder::Separate,
-            a8: false,
+            acts: Acts::default(),
         };
         check_shapes(&weights, &file)?;
         let source = match view.grid() {

@@ -121,28 +121,30 @@ fn prompt_of(model: &Model, n: usize) -> Result<String> {
 }
 
 /// Our rate: prompt tokens/s of `text`, or decode tokens/s of `n` tokens after "Hi"
-/// (with `--int8-activations` when `a8`); and the generated ids.
+/// (with `flag`, an opt-in rounding such as `--int8-activations`); the generated ids; and
+/// for a prompt, the logits of its last position.
 fn our_rate(
     bin: &Path,
     model: &Path,
     threads: usize,
     prompt: Option<&str>,
     n: u64,
-    a8: bool,
-) -> Result<(f64, Vec<u64>)> {
+    flag: Option<&str>,
+) -> Result<(f64, Vec<u64>, Vec<f32>)> {
     let (text, max) = match prompt {
         Some(t) => (t, 1),
         None => ("Hi", n),
     };
+    let logits = std::env::temp_dir().join(format!("steerlm-bench-{}.json", std::process::id()));
     let mut cmd = Command::new(bin);
     cmd.arg("generate")
         .arg(model)
         .args(["--raw", "--ignore-eos", "--json", "-q", "--prompt", text])
         .args(["--max-tokens", &max.to_string()])
-        .args(["--threads", &threads.to_string()]);
-    if a8 {
-        cmd.arg("--int8-activations");
-    }
+        .args(["--threads", &threads.to_string()])
+        .arg("--logits-out")
+        .arg(&logits);
+    cmd.args(flag);
     let (_, _, o) = measure(&mut cmd)?;
     if !o.status.success() {
         bail!("generate failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -157,7 +159,30 @@ fn our_rate(
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
-    Ok((v["timing"][key].as_f64().context("timing")?, ids))
+    let read = std::fs::read(&logits);
+    let _ = std::fs::remove_file(&logits);
+    let logits: Vec<f32> = serde_json::from_slice(&read?)?;
+    Ok((v["timing"][key].as_f64().context("timing")?, ids, logits))
+}
+
+/// How far a rounded run's result lies from the exact run's: its greedy tokens (decode),
+/// or its prompt logits and next token (prompt).
+fn rounding_note(prompt: bool, (ids, logits): (&[u64], &[f32]), exact: (&[u64], &[f32])) -> String {
+    if prompt {
+        let d = logits
+            .iter()
+            .zip(exact.1)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let range = exact.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let next = if ids.first() == exact.0.first() {
+            "same"
+        } else {
+            "other"
+        };
+        return format!("  max |dlogit| {d:.1e} of {range:.1}, {next} next token");
+    }
+    let same = ids.iter().zip(exact.0).filter(|(a, b)| a == b).count();
+    format!("  {same}/{} tokens as f32 activations", exact.0.len())
 }
 
 /// The folders of the benchmark model, made if absent: (row name, folder, GGUF peer).
@@ -271,23 +296,38 @@ pub fn generate(args: &[String]) -> Result<()> {
             let slot = &mut best_bw[t];
             *slot = slot.max(read_bandwidth(t));
             let bw = *slot;
-            let mut tests: Vec<(String, Option<&str>, u64, bool)> =
-                vec![(format!("tg{tokens}"), None, tokens, false)];
+            // Each test: its name, the prompt (none: decode), the token count, and the
+            // opt-in rounding flag (none: exact).
+            let mut tests: Vec<(String, Option<&str>, u64, Option<&str>)> =
+                vec![(format!("tg{tokens}"), None, tokens, None)];
             for p in &prompts {
-                tests.push((format!("pp{}", p.0), Some(p.1.as_str()), p.0 as u64, false));
+                tests.push((format!("pp{}", p.0), Some(p.1.as_str()), p.0 as u64, None));
             }
             if name.starts_with("int8") {
-                tests.push((format!("tg{tokens}a8"), None, tokens, true));
+                tests.push((
+                    format!("tg{tokens}a8"),
+                    None,
+                    tokens,
+                    Some("--int8-activations"),
+                ));
+            }
+            if *name == "bf16" {
+                let b = Some("--bf16-activations");
+                for p in &prompts {
+                    tests.push((format!("pp{}b16", p.0), Some(p.1.as_str()), p.0 as u64, b));
+                }
             }
             if let Some(only) = &only_t {
                 tests.retain(|(test, ..)| only.iter().any(|o| test.starts_with(o.as_str())));
             }
-            let mut exact_ids = Vec::new();
-            for (test, text, n, a8) in &tests {
-                let (mut ours, mut theirs, mut ids) = (0f64, 0f64, Vec::new());
+            // The exact runs' ids and logits, by token count, for the rounded runs.
+            let mut exact = std::collections::HashMap::<u64, (Vec<u64>, Vec<f32>)>::new();
+            for (test, text, n, flag) in &tests {
+                let (mut ours, mut theirs) = (0f64, 0f64);
+                let (mut ids, mut logits) = (Vec::new(), Vec::new());
                 for _ in 0..runs {
-                    let (r, i) = our_rate(&bin, path, t, *text, *n, *a8)?;
-                    (ours, ids) = (ours.max(r), i);
+                    let (r, i, l) = our_rate(&bin, path, t, *text, *n, *flag)?;
+                    (ours, ids, logits) = (ours.max(r), i, l);
                     if let Some((p, f)) = g {
                         match llama_rate(p, f, t, text.is_some(), *n) {
                             Ok(r) => theirs = theirs.max(r),
@@ -311,15 +351,16 @@ pub fn generate(args: &[String]) -> Result<()> {
                 } else {
                     ("n/a".into(), "n/a".into())
                 };
-                let note = if *a8 {
-                    let same = ids.iter().zip(&exact_ids).filter(|(a, b)| a == b).count();
-                    format!("  {same}/{} tokens as f32 activations", exact_ids.len())
-                } else {
-                    String::new()
+                let note = match (flag, exact.get(n)) {
+                    (Some(_), Some((ei, el))) => {
+                        rounding_note(text.is_some(), (&ids, &logits), (ei, el))
+                    }
+                    (Some(_), None) => "  (no exact run to compare with)".into(),
+                    (None, _) => {
+                        exact.insert(*n, (ids, logits));
+                        String::new()
+                    }
                 };
-                if text.is_none() && !a8 {
-                    exact_ids = ids;
-                }
                 println!(
                     "{:<10} {:>3} {:<8} {:>9.1} {:>9} {:>9} {:>8} {:>9}{note}",
                     name, t, test, ours, lim, of, them, ratio
@@ -332,8 +373,8 @@ pub fn generate(args: &[String]) -> Result<()> {
          (the best probe so far in this run) / weight bytes read per decoded token. llama:\n\
          llama-bench on the GGUF of the same bf16 folder (f32/bf16/f16 by convert_hf_to_gguf.py;\n\
          every int8 row against its q8_0 by llama-quantize), same threads and token counts;\n\
-         tg = decode, pp = prompt; a8 = generate --int8-activations (opt-in), its greedy tokens\n\
-         compared with the exact run's. int8 g32h: group 32 with lm_head int8 too (quantize\n\
+         tg = decode, pp = prompt; a8 = generate --int8-activations, b16 = --bf16-activations\n\
+         (opt-in roundings): greedy tokens (tg) or prompt logits (pp) against the exact run's. int8 g32h: group 32 with lm_head int8 too (quantize\n\
          --keep embed), the tensors q8_0 quantizes; the other int8 rows keep lm_head bf16."
     );
     if fits_l3 {

@@ -258,6 +258,9 @@ macro_rules! entry_points {
 mod tile;
 pub use tile::{dequant_cols, Rows};
 
+mod bf16a;
+pub use bf16a::{bf16a_applies, bf16a_isa, round_bf16, tile_bf16, Tile};
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]

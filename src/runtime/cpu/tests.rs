@@ -302,3 +302,99 @@ fn tiles_are_the_rows_transposed() {
         }
     }
 }
+
+#[test]
+fn bf16_rounding_is_to_nearest_even() {
+    let mut out = Vec::new();
+    let tie_down = 1.0 + 2f32.powi(-8); // halfway between 1 and 1 + 2^-7: to 1 (even)
+    let tie_up = 1.0 + 3.0 * 2f32.powi(-8); // halfway between 1 + 2^-7 and 1 + 2^-6: up
+    let near = 1.0 + 2f32.powi(-8) + 2f32.powi(-20); // just above the tie: up
+    round_bf16(&[tie_down, tie_up, near, -2.5, 0.0], &mut out);
+    let back: Vec<f32> = out
+        .iter()
+        .map(|&b| f32::from_bits((b as u32) << 16))
+        .collect();
+    assert_eq!(
+        back,
+        [1.0, 1.0 + 2f32.powi(-6), 1.0 + 2f32.powi(-7), -2.5, 0.0]
+    );
+}
+
+/// bf16 rows at an odd byte offset and a stride past their end, against tokens of bf16
+/// activations: every level's tile (both writing and adding, every short block of rows
+/// and tokens, full and masked steps) against f64 sums of the same products, and nothing
+/// written outside the tile.
+#[test]
+fn bf16_activation_kernels_agree_with_f64_sums() {
+    let bits = |v: f32| half::bf16::from_f32(v).to_bits();
+    let val = |b: u16| f32::from_bits((b as u32) << 16) as f64;
+    for (rows, cols, t) in [
+        (1, 1, 1),
+        (3, 31, 2),
+        (4, 32, 4),
+        (5, 33, 5),
+        (9, 100, 7),
+        (8, 768, 9),
+        (2, 64, 1),
+        (7, 130, 13),
+    ] {
+        let (stride, off, ldx, ldo) = (2 * cols + 6, 3, cols + 3, rows + 2);
+        let wb: Vec<u16> = (0..rows * cols)
+            .map(|i| bits(((i * 37 + 11) % 41) as f32 / 16.0 - 1.25))
+            .collect();
+        let mut w = vec![0u8; off + rows * stride];
+        for r in 0..rows {
+            for c in 0..cols {
+                let at = off + r * stride + 2 * c;
+                w[at..at + 2].copy_from_slice(&wb[r * cols + c].to_le_bytes());
+            }
+        }
+        let xf: Vec<f32> = (0..t * ldx)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.3)
+            .collect();
+        let mut xb = Vec::new();
+        round_bf16(&xf, &mut xb);
+        let exact = |r: usize, j: usize| -> (f64, f64) {
+            (0..cols)
+                .map(|c| val(wb[r * cols + c]) * val(xb[j * ldx + c]))
+                .fold((0.0, 0.0), |(s, a), p| (s + p, a + p.abs()))
+        };
+        let b = Rows {
+            t: WType::BF16,
+            w: &w[off..],
+            stride,
+            rows,
+            cols,
+            scales: &[],
+            group: 0,
+        };
+        for l in simd::available() {
+            for add in [false, true] {
+                let mut out = vec![1.5f32; (t - 1) * ldo + rows + 2];
+                let tile = Tile {
+                    rows: &b,
+                    x: &xb,
+                    ldx,
+                    t,
+                    ldo,
+                    add,
+                };
+                // SAFETY: out covers the tile, and only this thread touches it.
+                unsafe { bf16a::tile_bf16_on(l, &tile, out.as_mut_ptr(), out.len()) };
+                for (i, &got) in out.iter().enumerate() {
+                    let (j, r) = (i / ldo, i % ldo);
+                    if r >= rows || j >= t {
+                        assert_eq!(got, 1.5, "{l:?} {rows}x{cols} t {t}: wrote outside at {i}");
+                        continue;
+                    }
+                    let (s, a) = exact(r, j);
+                    let want = s + if add { 1.5 } else { 0.0 };
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * a + 1e-6,
+                        "{l:?} {rows}x{cols} t {t} add {add}: row {r} token {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
