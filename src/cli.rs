@@ -294,10 +294,11 @@ pub struct GenerateArgs {
     /// weights and `verify` always use f32 activations.
     #[arg(long)]
     pub int8_activations: bool,
-    /// Multiply the prompt by bf16 weights with its activations rounded to bf16 (as
-    /// llama.cpp's bf16 path does): about 1.5x faster where the CPU has AVX-512 BF16, but
-    /// the logits move by that rounding (`cargo xtask bench generate` reports how far).
-    /// Off by default; decode, other weights and `verify` always use f32 activations.
+    /// Multiply the prompt by bf16 and int8 weights with its activations rounded to bf16
+    /// (as llama.cpp's bf16 path does): about 1.5x faster where the CPU has AVX-512 BF16,
+    /// but the logits move by that rounding (`cargo xtask bench generate` reports how
+    /// far). Off by default; decode, f32/f16 weights and `verify` always use f32
+    /// activations.
     #[arg(long)]
     pub bf16_activations: bool,
     /// Where the model runs: cpu, cuda (the GPU, or an error saying why not), or auto

@@ -87,7 +87,7 @@ pub struct Acts {
     /// int8 weights meet int8 activations (blocks of 32) when decoding
     /// (`--int8-activations`).
     pub int8: bool,
-    /// bf16 weights meet bf16 activations in a prompt (`--bf16-activations`).
+    /// bf16 and int8 weights meet bf16 activations in a prompt (`--bf16-activations`).
     pub bf16: bool,
 }
 
@@ -313,7 +313,8 @@ impl Linear {
 
     /// [`Linear::matmul`], with the activations rounded as `acts` asks where it applies
     /// (opt-in: a different rounding): int8 weights meet int8 activations when decoding
-    /// (`cpu::QAct`), bf16 weights meet bf16 activations in a prompt (`cpu::round_bf16`).
+    /// (`cpu::QAct`), bf16 and int8 weights meet bf16 activations in a prompt
+    /// (`cpu::round_bf16`).
     pub fn matmul_a(
         &self,
         ar: &Mapped,
@@ -421,9 +422,9 @@ impl Linear {
 }
 
 impl Linear {
-    /// A batch under `--bf16-activations`: each task's rows, as stored, against every
-    /// token's bf16 activations (`cpu::tile_bf16`), written straight into `y`
-    /// (token-major); a band's later parts add to the first's sums.
+    /// A batch under `--bf16-activations`: each task's rows (bf16 or int8), as stored,
+    /// against every token's bf16 activations (`cpu::tile_bf16`), written straight into
+    /// `y` (token-major); a band's later parts add to the first's sums.
     fn prompt_rows_bf16a(&self, ar: &Mapped, xb: &[u16], t: usize, rows: usize, y: &mut [f32]) {
         let tasks = self.tasks_of(rows, BATCH_TILE_BYTES);
         let (dst, len) = (SendPtr(y.as_mut_ptr()), y.len());
@@ -437,7 +438,7 @@ impl Linear {
                     stride: p.stride as usize,
                     rows: r1 - r0,
                     cols: p.cols,
-                    scales: &[],
+                    scales: self.scales_of_rows(p, b, r0, r1),
                     group: self.group,
                 };
                 let tile = cpu::Tile {

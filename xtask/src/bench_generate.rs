@@ -311,7 +311,7 @@ pub fn generate(args: &[String]) -> Result<()> {
                     Some("--int8-activations"),
                 ));
             }
-            if *name == "bf16" {
+            if *name == "bf16" || name.starts_with("int8") {
                 let b = Some("--bf16-activations");
                 for p in &prompts {
                     tests.push((format!("pp{}b16", p.0), Some(p.1.as_str()), p.0 as u64, b));

@@ -320,15 +320,24 @@ fn bf16_rounding_is_to_nearest_even() {
     );
 }
 
-/// bf16 rows at an odd byte offset and a stride past their end, against tokens of bf16
-/// activations: every level's tile (both writing and adding, every short block of rows
-/// and tokens, full and masked steps) against f64 sums of the same products, and nothing
-/// written outside the tile.
+/// bf16 and int8 rows (signed and offset; one scale a row, and groups of 32 and 64) at an
+/// odd byte offset and a stride past their end, against tokens of bf16 activations: every
+/// level's tile (both writing and adding; every short block of rows and tokens; full and
+/// masked steps; more than one block of packed rows) against f64 sums of the same
+/// products, scaled per group, and nothing written outside the tile.
 #[test]
 fn bf16_activation_kernels_agree_with_f64_sums() {
     let bits = |v: f32| half::bf16::from_f32(v).to_bits();
     let val = |b: u16| f32::from_bits((b as u32) << 16) as f64;
-    for (rows, cols, t) in [
+    let kinds = [
+        (WType::BF16, 0),
+        (WType::I8, 0),
+        (WType::U8Offset, 0),
+        (WType::I8, 32),
+        (WType::U8Offset, 64),
+    ];
+    // (rows, cols, tokens)
+    let shapes: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (3, 31, 2),
         (4, 32, 4),
@@ -337,62 +346,102 @@ fn bf16_activation_kernels_agree_with_f64_sums() {
         (8, 768, 9),
         (2, 64, 1),
         (7, 130, 13),
-    ] {
-        let (stride, off, ldx, ldo) = (2 * cols + 6, 3, cols + 3, rows + 2);
-        let wb: Vec<u16> = (0..rows * cols)
-            .map(|i| bits(((i * 37 + 11) % 41) as f32 / 16.0 - 1.25))
-            .collect();
-        let mut w = vec![0u8; off + rows * stride];
-        for r in 0..rows {
-            for c in 0..cols {
-                let at = off + r * stride + 2 * c;
-                w[at..at + 2].copy_from_slice(&wb[r * cols + c].to_le_bytes());
-            }
-        }
-        let xf: Vec<f32> = (0..t * ldx)
-            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.3)
-            .collect();
-        let mut xb = Vec::new();
-        round_bf16(&xf, &mut xb);
-        let exact = |r: usize, j: usize| -> (f64, f64) {
-            (0..cols)
-                .map(|c| val(wb[r * cols + c]) * val(xb[j * ldx + c]))
-                .fold((0.0, 0.0), |(s, a), p| (s + p, a + p.abs()))
-        };
-        let b = Rows {
-            t: WType::BF16,
-            w: &w[off..],
-            stride,
-            rows,
-            cols,
-            scales: &[],
-            group: 0,
-        };
-        for l in simd::available() {
-            for add in [false, true] {
-                let mut out = vec![1.5f32; (t - 1) * ldo + rows + 2];
-                let tile = Tile {
-                    rows: &b,
-                    x: &xb,
-                    ldx,
-                    t,
-                    ldo,
-                    add,
-                };
-                // SAFETY: out covers the tile, and only this thread touches it.
-                unsafe { bf16a::tile_bf16_on(l, &tile, out.as_mut_ptr(), out.len()) };
-                for (i, &got) in out.iter().enumerate() {
-                    let (j, r) = (i / ldo, i % ldo);
-                    if r >= rows || j >= t {
-                        assert_eq!(got, 1.5, "{l:?} {rows}x{cols} t {t}: wrote outside at {i}");
-                        continue;
+        (37, 192, 8),
+        (70, 64, 3),
+    ];
+    for (rows, cols, t) in shapes {
+        for (wt, g) in kinds {
+            let group = if g == 0 { cols } else { g };
+            let groups = cols.div_ceil(group);
+            let es = wt.size();
+            let (stride, off, ldx, ldo) = (es * cols + 6, 3, cols + 3, rows + 2);
+            // Each weight's value (bf16 bits, or q) and the f64 it stands for, unscaled.
+            let raw: Vec<i32> = (0..rows * cols)
+                .map(|i| ((i * 37 + 11) % 255) as i32 - 127)
+                .collect();
+            let mut w = vec![0u8; off + rows * stride];
+            let mut wv = vec![0f64; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (at, q) = (off + r * stride + es * c, raw[r * cols + c]);
+                    match wt {
+                        WType::BF16 => {
+                            let b = bits(q as f32 / 100.0);
+                            w[at..at + 2].copy_from_slice(&b.to_le_bytes());
+                            wv[r * cols + c] = val(b);
+                        }
+                        WType::I8 => {
+                            w[at] = q as i8 as u8;
+                            wv[r * cols + c] = q as f64;
+                        }
+                        _ => {
+                            w[at] = (q + 128) as u8;
+                            wv[r * cols + c] = q as f64;
+                        }
                     }
-                    let (s, a) = exact(r, j);
-                    let want = s + if add { 1.5 } else { 0.0 };
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-5 * a + 1e-6,
-                        "{l:?} {rows}x{cols} t {t} add {add}: row {r} token {j}: {got} vs {want}"
-                    );
+                }
+            }
+            let scales: Vec<f32> = if wt.is_int8() {
+                (0..rows * groups)
+                    .map(|i| (1 + i % 7) as f32 / 512.0)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let xf: Vec<f32> = (0..t * ldx)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.3)
+                .collect();
+            let mut xb = Vec::new();
+            round_bf16(&xf, &mut xb);
+            // (the sum, the sum of the terms' magnitudes)
+            let exact = |r: usize, j: usize| -> (f64, f64) {
+                (0..cols)
+                    .map(|c| {
+                        let s = if wt.is_int8() {
+                            scales[r * groups + c / group] as f64
+                        } else {
+                            1.0
+                        };
+                        s * wv[r * cols + c] * val(xb[j * ldx + c])
+                    })
+                    .fold((0.0, 0.0), |(s, a), p| (s + p, a + p.abs()))
+            };
+            let b = Rows {
+                t: wt,
+                w: &w[off..],
+                stride,
+                rows,
+                cols,
+                scales: &scales,
+                group,
+            };
+            for l in simd::available() {
+                for add in [false, true] {
+                    let mut out = vec![1.5f32; (t - 1) * ldo + rows + 2];
+                    let tile = Tile {
+                        rows: &b,
+                        x: &xb,
+                        ldx,
+                        t,
+                        ldo,
+                        add,
+                    };
+                    // SAFETY: out covers the tile, and only this thread touches it.
+                    unsafe { bf16a::tile_bf16_on(l, &tile, out.as_mut_ptr(), out.len()) };
+                    let name = format!("{l:?} {wt:?} g{group} {rows}x{cols} t {t} add {add}");
+                    for (i, &got) in out.iter().enumerate() {
+                        let (j, r) = (i / ldo, i % ldo);
+                        if r >= rows || j >= t {
+                            assert_eq!(got, 1.5, "{name}: wrote outside at {i}");
+                            continue;
+                        }
+                        let (s, a) = exact(r, j);
+                        let want = s + if add { 1.5 } else { 0.0 };
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * a + 1e-6,
+                            "{name}: row {r} token {j}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
