@@ -6,22 +6,30 @@
 //!
 //! It is a prompt path: where the CPU has AVX-512 BF16, the products are `vdpbf16ps`, two
 //! products per f32 lane and instruction, twice the rate of the f32 FMAs the exact prompt
-//! path is bound by. bf16 rows and tokens meet in blocks of 4 rows × 4 tokens (16
-//! accumulators), the rows read as stored (no conversion, no packing) and the tokens in
-//! chunks that stay in L2. int8 rows are packed 32 at a time as bf16 column pairs, one
-//! row a lane, so that a group's sums are scaled 16 rows at once with no horizontal sum.
-//! Elsewhere (or with `STEERLM_ISA` below `avx512`) a portable kernel sums the same
-//! products in 16 f32 lanes. Decode stays exact: it is bound by
+//! path is bound by. Rows are packed 32 at a time as bf16 column pairs (gathered 16 rows
+//! at once; int8 `q` converted exactly), one row a lane, against 6 tokens' pairs
+//! broadcast, so that no horizontal sum is needed and an int8 group's sums are scaled 16
+//! rows at once. (A kernel over bf16 rows as stored, 4 rows × 4 tokens of dot products,
+//! ran no faster: 134M pp256 at a median 630 tok/s against the packed kernel's 636, Zen 4,
+//! one thread, six alternated runs.) Elsewhere (or with `STEERLM_ISA` below `avx512`) a
+//! portable kernel sums the same products in 16 f32 lanes. Decode stays exact: it is bound by
 //! memory, not by the multiplies (on a Zen 4 a `vdpbf16ps` decode kernel ran at 86 tok/s
 //! against the exact AVX2 kernel's 96, 134M model, one thread).
 
 use super::*;
 
-/// Activations rounded to bf16 (to nearest, ties to even, as `vcvtne2ps2bf16` does), as
-/// bits, into `out` (its memory reused).
+/// Activations rounded to bf16 (to nearest, ties to even, as `vcvtne2ps2bf16` and the
+/// `half` crate do; NaN stays NaN), as bits, into `out` (its memory reused). Branch-free
+/// per value, so that it vectorizes: a prompt's activations are rounded before every
+/// product, on one thread.
 pub fn round_bf16(x: &[f32], out: &mut Vec<u16>) {
     out.clear();
-    out.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
+    out.extend(x.iter().map(|&v| {
+        let b = v.to_bits();
+        let rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+        let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+        (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+    }));
 }
 
 /// Whether rows of type `t` take the bf16-activation kernels: bf16, and int8 (whose
@@ -127,9 +135,6 @@ pub(super) unsafe fn tile_bf16_on(l: Level, tile: &Tile, out: *mut f32, out_len:
             if packed_applies(b) {
                 return unsafe { x86bf::tile_packed(tile, out) };
             }
-            if b.t == WType::BF16 {
-                return unsafe { x86bf::tile(tile, out, prefetch_distance()) };
-            }
         }
         if l >= Level::Avx2 {
             // SAFETY: AVX2 + FMA (the level); as above.
@@ -140,12 +145,12 @@ pub(super) unsafe fn tile_bf16_on(l: Level, tile: &Tile, out: *mut f32, out_len:
     unsafe { tile_generic(tile, out) }
 }
 
-/// Whether the packed kernel takes rows `b`: int8 rows of an even number of columns, in
-/// groups of an even size or one group. (bf16 rows take the dot-product tile: through the
-/// packed kernel, 134M pp256 ran at 670–680 tok/s against its 700–788, Zen 4, one thread,
-/// alternated; their packing is a cost the tile does not have.)
+/// Whether the packed kernel takes rows `b`: an even number of columns, int8 groups of an
+/// even size (or one group), and rows close enough for 32-bit gather offsets.
 fn packed_applies(b: &Rows) -> bool {
-    b.t.is_int8() && b.cols.is_multiple_of(2) && (b.group >= b.cols || b.group.is_multiple_of(2))
+    b.cols.is_multiple_of(2)
+        && (b.stride as u64) * 15 < i32::MAX as u64
+        && (!b.t.is_int8() || b.group >= b.cols || b.group.is_multiple_of(2))
 }
 
 /// The value of element `c` of a stored row, unscaled (int8: `q`), as f32: exact.
@@ -220,211 +225,107 @@ mod x86bf {
     use super::{Rows, Tile, WType};
     use std::arch::x86_64::*;
 
-    /// Bytes of one chunk of tokens' activations: a chunk is walked once per block of four
-    /// rows, so it is sized to stay in L2 (1 MiB a core or more where AVX-512 BF16 is).
-    const CHUNK_BYTES: usize = 256 << 10;
-
-    #[inline(always)]
-    unsafe fn ld(p: *const u16) -> __m512bh {
-        // SAFETY: the caller's bounds; any alignment.
-        unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) }
-    }
-
-    /// The first `popcount(m)` values at `p`, zeros after; nothing past them is read.
-    #[inline(always)]
-    unsafe fn ldm(m: __mmask32, p: *const u16) -> __m512bh {
-        // SAFETY: the caller's bounds for the unmasked values.
-        unsafe {
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(m, p as *const i16))
-        }
-    }
-
-    /// `[Σa0, Σa1, Σa2, Σa3]`, each over its 16 lanes.
-    #[inline(always)]
-    unsafe fn reduce4(a: [__m512; 4]) -> __m128 {
-        // Per 128-bit lane: [a0 0+2, a1 0+2, a0 1+3, a1 1+3], and the same for a2, a3.
-        let s01 = _mm512_add_ps(
-            _mm512_unpacklo_ps(a[0], a[1]),
-            _mm512_unpackhi_ps(a[0], a[1]),
-        );
-        let s23 = _mm512_add_ps(
-            _mm512_unpacklo_ps(a[2], a[3]),
-            _mm512_unpackhi_ps(a[2], a[3]),
-        );
-        // Per 128-bit lane: [Σa0, Σa1, Σa2, Σa3] over its four values.
-        let s = _mm512_add_ps(
-            _mm512_shuffle_ps::<0b01_00_01_00>(s01, s23),
-            _mm512_shuffle_ps::<0b11_10_11_10>(s01, s23),
-        );
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
-        let h = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
-        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
-    }
-
-    /// `acc[j][i] = Σ_c w_i[c]·x_j[c]` over `steps` full steps of 32 values and a masked
-    /// last one (`mask`, 0 for none); each row's line `ahead` bytes on is asked for into L2
-    /// when `ahead > 0`.
-    #[inline(always)]
-    unsafe fn block<const T: usize>(
-        w: [*const u16; 4],
-        x: [*const u16; T],
-        steps: usize,
-        mask: __mmask32,
-        ahead: usize,
-    ) -> [[__m512; 4]; T] {
-        let mut acc = [[_mm512_setzero_ps(); 4]; T];
-        for s in 0..steps {
-            let o = s * 32;
-            if ahead > 0 {
-                for p in w {
-                    _mm_prefetch::<_MM_HINT_T1>((p as *const i8).wrapping_add(2 * o + ahead));
-                }
-            }
-            // SAFETY: o + 32 <= cols for every row and token (the callers' bounds).
-            let wv = unsafe {
-                [
-                    ld(w[0].add(o)),
-                    ld(w[1].add(o)),
-                    ld(w[2].add(o)),
-                    ld(w[3].add(o)),
-                ]
-            };
-            for j in 0..T {
-                let xv = unsafe { ld(x[j].add(o)) };
-                for i in 0..4 {
-                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
-                }
-            }
-        }
-        if mask != 0 {
-            let o = steps * 32;
-            // SAFETY: the unmasked values lie before cols.
-            let wv = unsafe {
-                [
-                    ldm(mask, w[0].add(o)),
-                    ldm(mask, w[1].add(o)),
-                    ldm(mask, w[2].add(o)),
-                    ldm(mask, w[3].add(o)),
-                ]
-            };
-            for j in 0..T {
-                let xv = unsafe { ldm(mask, x[j].add(o)) };
-                for i in 0..4 {
-                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
-                }
-            }
-        }
-        acc
-    }
-
-    /// Writes (or adds) the sums of rows `r..r + nr` for the `nt` tokens from `j`.
-    #[inline(always)]
-    unsafe fn store<const T: usize>(
-        acc: [[__m512; 4]; T],
-        out: *mut f32,
-        tile: &Tile,
-        (r, nr): (usize, usize),
-        (j, nt): (usize, usize),
-    ) {
-        for (k, a) in acc.into_iter().enumerate().take(nt) {
-            let s = unsafe { reduce4(a) };
-            // SAFETY: rows r..r + nr of token j + k lie within the output (the caller's
-            // bounds) and are this tile's.
-            let p = unsafe { out.add((j + k) * tile.ldo + r) };
-            if nr == 4 {
-                let v = if tile.add {
-                    _mm_add_ps(unsafe { _mm_loadu_ps(p) }, s)
-                } else {
-                    s
-                };
-                unsafe { _mm_storeu_ps(p, v) };
-            } else {
-                let mut v = [0f32; 4];
-                unsafe { _mm_storeu_ps(v.as_mut_ptr(), s) };
-                for (i, v) in v.iter().enumerate().take(nr) {
-                    let o = unsafe { &mut *p.add(i) };
-                    *o = if tile.add { *o + v } else { *v };
-                }
-            }
-        }
-    }
-
-    /// The tile: chunks of tokens that stay in L2; in each, blocks of 4 rows (read once
-    /// per chunk) against blocks of 4 tokens. A short last block of rows or tokens repeats
-    /// its last row or token and drops the repeats' sums.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL and BF16 are present; `tile` was checked against `out`, which the
-    /// caller owns for the values written.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn tile(tile: &Tile, out: *mut f32, ahead: usize) {
-        let b = tile.rows;
-        let cols = b.cols;
-        let (steps, rem) = (cols / 32, cols % 32);
-        let mask: __mmask32 = if rem == 0 { 0 } else { (1u32 << rem) - 1 };
-        let wp = b.w.as_ptr();
-        let row = |r: usize| wp.wrapping_add(r.min(b.rows - 1) * b.stride) as *const u16;
-        let xp = tile.x.as_ptr();
-        let chunk = (CHUNK_BYTES / (2 * cols)).max(4) / 4 * 4;
-        let mut j0 = 0;
-        while j0 < tile.t {
-            let j1 = (j0 + chunk).min(tile.t);
-            let tok = |j: usize| xp.wrapping_add(j.min(j1 - 1) * tile.ldx);
-            let mut r = 0;
-            while r < b.rows {
-                let w = [row(r), row(r + 1), row(r + 2), row(r + 3)];
-                let nr = (b.rows - r).min(4);
-                let mut j = j0;
-                while j < j1 {
-                    let nt = (j1 - j).min(4);
-                    // Only the first pass over the rows reads them from memory.
-                    let pf = if j == j0 { ahead } else { 0 };
-                    if nt == 1 {
-                        let acc = unsafe { block::<1>(w, [tok(j)], steps, mask, pf) };
-                        unsafe { store(acc, out, tile, (r, nr), (j, 1)) };
-                    } else {
-                        let x = [tok(j), tok(j + 1), tok(j + 2), tok(j + 3)];
-                        let acc = unsafe { block::<4>(w, x, steps, mask, pf) };
-                        unsafe { store(acc, out, tile, (r, nr), (j, nt)) };
-                    }
-                    j += 4;
-                }
-                r += 4;
-            }
-            j0 = j1;
-        }
-    }
-
     /// Tokens per block of the packed kernel.
     const PT: usize = 6;
 
-    /// int8 rows `r0..r0 + 32` of `b` (zeros past its last row) packed for
-    /// [`tile_packed`]: column pair `p` as 32 words, row `i`'s pair (`q` as two bf16,
-    /// exact; the lower column in the low half) in word `32p + i`; and each group's
-    /// scales, row `i` of group `g` at `32g + i` (0 past the last row).
-    fn pack(b: &Rows, r0: usize, groups: usize, w: &mut Vec<u32>, s: &mut Vec<f32>) {
+    /// Rows `r0..r0 + 32` of `b` (zeros past its last row) packed for [`tile_packed`]:
+    /// column pair `p` as 32 words, row `i`'s pair (two bf16, the lower column in the low
+    /// half; int8 `q` exactly) in word `32p + i`, gathered 16 rows at a time; and each
+    /// group's scales, row `i` of group `g` at `32g + i` (1 for bf16 rows; 0 past the last
+    /// row).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are present; `b` was checked (its rows lie in `b.w`).
+    #[inline(always)]
+    unsafe fn pack(b: &Rows, r0: usize, groups: usize, w: &mut Vec<u32>, s: &mut Vec<f32>) {
         let pairs = b.cols / 2;
+        let nr = (b.rows - r0).min(32);
         w.clear();
         w.resize(pairs * 32, 0);
         s.clear();
         s.resize(groups * 32, 0.0);
-        // int8 byte -> the bf16 bits of q.
-        let off = b.t == WType::U8Offset;
-        let lut: [u32; 256] = std::array::from_fn(|v| {
-            let q = if off {
-                (v as u8 ^ 0x80) as i8
-            } else {
-                v as u8 as i8
-            };
-            (q as f32).to_bits() >> 16
-        });
-        for i in 0..32.min(b.rows - r0) {
-            let (row, sc) = b.row(r0 + i);
-            for (p, e) in row.chunks_exact(2).enumerate() {
-                w[32 * p + i] = lut[e[0] as usize] | lut[e[1] as usize] << 16;
-            }
+        let int8 = b.t.is_int8();
+        for i in 0..nr {
+            let sc = b.row(r0 + i).1;
             for g in 0..groups {
-                s[32 * g + i] = sc[g];
+                s[32 * g + i] = if int8 { sc[g] } else { 1.0 };
+            }
+        }
+        let stride = b.stride as i32;
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        let out = w.as_mut_ptr();
+        for h in 0..2 {
+            let n = nr.saturating_sub(16 * h).min(16);
+            if n == 0 {
+                break;
+            }
+            let m = ((1u32 << n) - 1) as __mmask16;
+            let base = b.w.as_ptr().wrapping_add((r0 + 16 * h) * b.stride);
+            // SAFETY (every gather): the masked lanes are rows r0 + 16h + i < rows, and
+            // each reads 4 bytes of its row's first 2·cols (bf16) or cols (int8) bytes.
+            if !int8 {
+                for p in 0..pairs {
+                    let v = unsafe {
+                        _mm512_mask_i32gather_epi32::<1>(
+                            _mm512_setzero_si512(),
+                            m,
+                            idx,
+                            base.wrapping_add(4 * p) as *const i32,
+                        )
+                    };
+                    unsafe { _mm512_storeu_si512(out.add(32 * p + 16 * h) as *mut _, v) };
+                }
+                continue;
+            }
+            let flip = _mm512_set1_epi32(if b.t == WType::U8Offset {
+                0x8080_8080u32 as i32
+            } else {
+                0
+            });
+            let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+            // q in lane bits 8k..8k + 8 -> the bf16 bits of q (exact).
+            let bf = |v: __m512i| _mm512_castps_si512(_mm512_cvtepi32_ps(v));
+            // Two pairs (4 bytes) a gather; an odd last pair alone below.
+            for p2 in 0..pairs / 2 {
+                let g = unsafe {
+                    _mm512_mask_i32gather_epi32::<1>(
+                        _mm512_setzero_si512(),
+                        m,
+                        idx,
+                        base.wrapping_add(4 * p2) as *const i32,
+                    )
+                };
+                let g = _mm512_xor_si512(g, flip);
+                let q0 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(g)));
+                let q1 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(g)));
+                let q2 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(g)));
+                let q3 = bf(_mm512_srai_epi32::<24>(g));
+                let lo = _mm512_or_si512(_mm512_srli_epi32::<16>(q0), _mm512_and_si512(q1, high));
+                let hi = _mm512_or_si512(_mm512_srli_epi32::<16>(q2), _mm512_and_si512(q3, high));
+                let masked = |v| _mm512_maskz_mov_epi32(m, v);
+                unsafe {
+                    _mm512_storeu_si512(out.add(64 * p2 + 16 * h) as *mut _, masked(lo));
+                    _mm512_storeu_si512(out.add(64 * p2 + 32 + 16 * h) as *mut _, masked(hi));
+                }
+            }
+            if pairs % 2 == 1 {
+                let p = pairs - 1;
+                let off = b.t == WType::U8Offset;
+                for i in 0..n {
+                    let row = b.row(r0 + 16 * h + i).0;
+                    let q = |c: usize| {
+                        let v = if off {
+                            (row[c] ^ 0x80) as i8
+                        } else {
+                            row[c] as i8
+                        };
+                        (v as f32).to_bits() >> 16
+                    };
+                    w[32 * p + 16 * h + i] = q(2 * p) | q(2 * p + 1) << 16;
+                }
             }
         }
     }
@@ -447,7 +348,7 @@ mod x86bf {
     pub(super) unsafe fn tile_packed(tile: &Tile, out: *mut f32) {
         let b = tile.rows;
         let pairs = b.cols / 2;
-        let (gp, groups) = if b.group < b.cols {
+        let (gp, groups) = if b.t.is_int8() && b.group < b.cols {
             (b.group / 2, b.cols.div_ceil(b.group))
         } else {
             (pairs, 1)
@@ -457,7 +358,8 @@ mod x86bf {
         let mut r0 = 0;
         while r0 < b.rows {
             let nr = (b.rows - r0).min(32);
-            pack(b, r0, groups, &mut wbuf, &mut sbuf);
+            // SAFETY: AVX-512 (this function's features); `b` was checked.
+            unsafe { pack(b, r0, groups, &mut wbuf, &mut sbuf) };
             let (wp, sp) = (wbuf.as_ptr(), sbuf.as_ptr());
             let masks: [__mmask16; 2] = [
                 ((1u32 << nr.min(16)) - 1) as __mmask16,
