@@ -105,18 +105,7 @@ fn int8_models_agree_on_every_kernel_path() {
     let levels = levels();
     for group in [None, Some("32")] {
         let out = tmp.path().join(format!("int8-{group:?}"));
-        let mut args = vec!["quantize", "--scheme", "int8", "--device", "cpu", "-q"];
-        if let Some(g) = group {
-            args.extend(["--granularity", "group", "--group-size", g]);
-        }
-        let src = fixtures().join("models/gqa/hf");
-        let (code, _, err) = run(&[
-            &args[..1],
-            &[src.to_str().unwrap(), out.to_str().unwrap()],
-            &args[1..],
-        ]
-        .concat());
-        assert_eq!(code, 0, "{err}");
+        quantize_int8(&fixtures().join("models/gqa/hf"), &out, group);
         for p in truth("gqa")["prompts"].as_array().unwrap() {
             let text = p["text"].as_str().unwrap();
             let (base, base_ids) = run_on("generic", &out, text, tmp.path());
@@ -200,21 +189,7 @@ fn bf16_activations_move_prompt_logits_a_little_on_every_path() {
     ];
     for group in [None, Some("32")] {
         let out = tmp.path().join(format!("int8-{group:?}"));
-        let mut args = vec![
-            "quantize",
-            hf.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "--scheme",
-            "int8",
-            "--device",
-            "cpu",
-            "-q",
-        ];
-        if let Some(g) = group {
-            args.extend(["--granularity", "group", "--group-size", g]);
-        }
-        let (code, _, err) = run(&args);
-        assert_eq!(code, 0, "{err}");
+        quantize_int8(&hf, &out, group);
         models.push(out);
     }
     let flag = ["--bf16-activations"];

@@ -143,6 +143,26 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
 }
 
 /// `fixtures/models/<model>/truth.json`.
+/// `quantize SRC OUT --scheme int8 --device cpu` (groups of `group` columns where given),
+/// asserted to succeed.
+pub fn quantize_int8(src: &Path, out: &Path, group: Option<&str>) {
+    let mut args = vec![
+        "quantize",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--scheme",
+        "int8",
+        "--device",
+        "cpu",
+        "-q",
+    ];
+    if let Some(g) = group {
+        args.extend(["--granularity", "group", "--group-size", g]);
+    }
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+}
+
 pub fn truth(model: &str) -> Value {
     let p = fixtures().join("models").join(model).join("truth.json");
     serde_json::from_slice(&std::fs::read(p).expect("truth")).expect("truth JSON")

@@ -164,28 +164,8 @@ fn raw_at(t: WType, w: &[u8], c: usize) -> f32 {
     }
 }
 
-/// `Σ w[i]·x[i]` over f32 weights and bf16 activations, in 16 f32 lanes.
-#[inline(always)]
-fn dot_fx(w: &[f32], x: &[u16]) -> f32 {
-    let mut acc = [0f32; L];
-    let wc = w.chunks_exact(L);
-    let xc = x.chunks_exact(L);
-    let (wr, xr) = (wc.remainder(), xc.remainder());
-    for (wb, xb) in wc.zip(xc) {
-        let wb: &[f32; L] = wb.try_into().expect("chunk");
-        let xb: &[u16; L] = xb.try_into().expect("chunk");
-        for l in 0..L {
-            acc[l] += wb[l] * bf(xb[l]);
-        }
-    }
-    let mut tail = 0f32;
-    for (&a, &xv) in wr.iter().zip(xr) {
-        tail += a * bf(xv);
-    }
-    reduce(acc) + tail
-}
-
-/// The portable tile: a row at a time against each token (int8: per group, scaled).
+/// The portable tile: the tokens' activations as f32 (exact), then a row at a time
+/// against each token (int8: per group, scaled).
 #[inline(always)]
 unsafe fn tile_generic(tile: &Tile, out: *mut f32) {
     let b = tile.rows;
@@ -194,17 +174,23 @@ unsafe fn tile_generic(tile: &Tile, out: *mut f32) {
     } else {
         b.cols
     };
+    let xs: Vec<f32> = (0..tile.t)
+        .flat_map(|j| {
+            tile.x[j * tile.ldx..j * tile.ldx + b.cols]
+                .iter()
+                .map(|&v| bf(v))
+        })
+        .collect();
     let mut vals = vec![0f32; b.cols];
     for r in 0..b.rows {
         let (w, sc) = b.row(r);
         for (c, v) in vals.iter_mut().enumerate() {
             *v = raw_at(b.t, w, c);
         }
-        for j in 0..tile.t {
-            let x = &tile.x[j * tile.ldx..j * tile.ldx + b.cols];
+        for (j, x) in xs.chunks_exact(b.cols).enumerate() {
             let mut s = 0f32;
             for (g, (wg, xg)) in vals.chunks(group).zip(x.chunks(group)).enumerate() {
-                let d = dot_fx(wg, xg);
+                let d = dot_f32_generic(wg, xg);
                 s = if b.t.is_int8() { s + d * sc[g] } else { d };
             }
             // SAFETY: within out_len (checked) and ours (the caller's promise).
