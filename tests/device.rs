@@ -4,7 +4,7 @@
 //! CPU's greedy tokens.
 
 mod common;
-use common::{fixtures, run};
+use common::{fixtures, quantize_int8, run};
 
 fn gpu_usable() -> bool {
     steerlm_convert::gpu::open_context().is_ok()
@@ -121,28 +121,10 @@ fn the_device_forward_pass_on_twins_matches_the_cpu_runtime() {
     .iter()
     .map(|f| fixtures().join(f))
     .collect();
-    for (name, extra) in [
-        ("int8-channel", vec![]),
-        (
-            "int8-g32",
-            vec!["--granularity", "group", "--group-size", "32"],
-        ),
-    ] {
+    for (name, group) in [("int8-channel", None), ("int8-g32", Some("32"))] {
         let out = tmp.path().join(name);
         let src = fixtures().join("archives/gqa_mcore_tp2_bf16.nemo");
-        let mut args = vec![
-            "quantize",
-            src.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "--scheme",
-            "int8",
-            "--device",
-            "cpu",
-            "-q",
-        ];
-        args.extend(extra);
-        let (code, _, err) = run(&args);
-        assert_eq!(code, 0, "{err}");
+        quantize_int8(&src, &out, group);
         models.push(out);
     }
     for path in &models {
