@@ -218,6 +218,27 @@ impl Linear {
         ar.slice(p.offset + first * p.stride, len)
     }
 
+    /// Part `p`'s rows `r0..r1` of band `b` as stored, with their int8 scales: a prompt
+    /// task's tile.
+    fn rows_of<'a>(
+        &self,
+        ar: &'a Mapped,
+        b: &'a Band,
+        p: &'a Part,
+        r0: usize,
+        r1: usize,
+    ) -> cpu::Rows<'a> {
+        cpu::Rows {
+            t: self.wtype,
+            w: self.part_rows(ar, b, p, r0, r1),
+            stride: p.stride as usize,
+            rows: r1 - r0,
+            cols: p.cols,
+            scales: self.scales_of_rows(p, b, r0, r1),
+            group: self.group,
+        }
+    }
+
     /// Runs `f(row, bytes of the row in part p)` over rows `r0..r1` of band `b`, slicing
     /// the part's rows from the archive once.
     fn each_row(
@@ -391,15 +412,7 @@ impl Linear {
                 // layout gemm reads without transposing.
                 tile.resize(n * self.inp, 0.0);
                 for p in &b.parts {
-                    let rows = cpu::Rows {
-                        t: self.wtype,
-                        w: self.part_rows(ar, b, p, r0, r1),
-                        stride: p.stride as usize,
-                        rows: n,
-                        cols: p.cols,
-                        scales: self.scales_of_rows(p, b, r0, r1),
-                        group: self.group,
-                    };
+                    let rows = self.rows_of(ar, b, p, r0, r1);
                     cpu::dequant_cols(&rows, &mut tile[p.col0 * n..], n, scratch);
                 }
                 // y[tok·rows + r0 + i] (i < n) = Σ_k tile[i, k] · x[tok, k]: dst (n × t) with
@@ -419,9 +432,7 @@ impl Linear {
             },
         );
     }
-}
 
-impl Linear {
     /// A batch under `--bf16-activations`: each task's rows (bf16 or int8), as stored,
     /// against every token's bf16 activations (`cpu::tile_bf16`), written straight into
     /// `y` (token-major); a band's later parts add to the first's sums.
@@ -432,15 +443,7 @@ impl Linear {
             let d = dst;
             let b = &self.bands[bi];
             for (k, p) in b.parts.iter().enumerate() {
-                let w = cpu::Rows {
-                    t: self.wtype,
-                    w: self.part_rows(ar, b, p, r0, r1),
-                    stride: p.stride as usize,
-                    rows: r1 - r0,
-                    cols: p.cols,
-                    scales: self.scales_of_rows(p, b, r0, r1),
-                    group: self.group,
-                };
+                let w = self.rows_of(ar, b, p, r0, r1);
                 let tile = cpu::Tile {
                     rows: &w,
                     x: &xb[p.col0..],

@@ -299,17 +299,9 @@ mod x86bf {
             }
             if pairs % 2 == 1 {
                 let p = pairs - 1;
-                let off = b.t == WType::U8Offset;
                 for i in 0..n {
                     let row = b.row(r0 + 16 * h + i).0;
-                    let q = |c: usize| {
-                        let v = if off {
-                            (row[c] ^ 0x80) as i8
-                        } else {
-                            row[c] as i8
-                        };
-                        (v as f32).to_bits() >> 16
-                    };
+                    let q = |c: usize| super::raw_at(b.t, row, c).to_bits() >> 16;
                     w[32 * p + 16 * h + i] = q(2 * p) | q(2 * p + 1) << 16;
                 }
             }
@@ -322,10 +314,11 @@ mod x86bf {
             const { std::cell::Cell::new((Vec::new(), Vec::new())) };
     }
 
-    /// An int8 tile as a matrix product: blocks of 32 rows packed ([`pack`]) so that each
-    /// `vdpbf16ps` takes a column pair of 16 rows against one token's pair broadcast, for
-    /// 2 × 16 rows × 6 tokens at a time; group sums are scaled into their row's total at
-    /// each group's end (16 rows' scales a vector). No horizontal sums.
+    /// The tile (bf16 or int8 rows) as a matrix product: blocks of 32 rows packed
+    /// ([`pack`]) so that each `vdpbf16ps` takes a column pair of 16 rows against one
+    /// token's pair broadcast, for 2 × 16 rows × 6 tokens at a time; group sums are scaled
+    /// into their row's total at each group's end (16 rows' scales a vector; bf16 rows are
+    /// one group of scale 1). No horizontal sums.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL and BF16 are present; `tile` was checked against `out`, which the
