@@ -239,32 +239,16 @@ impl Linear {
         }
     }
 
-    /// Runs `f(row, bytes of the row in part p)` over rows `r0..r1` of band `b`, slicing
-    /// the part's rows from the archive once.
-    fn each_row(
-        &self,
-        ar: &Mapped,
-        (b, p): (&Band, &Part),
-        r0: usize,
-        r1: usize,
-        mut f: impl FnMut(usize, &[u8]),
-    ) {
-        let base = self.part_rows(ar, b, p, r0, r1);
-        let len = p.cols * self.wtype.size();
-        for r in r0..r1 {
-            let at = ((r - r0) as u64 * p.stride) as usize;
-            f(r, &base[at..at + len]);
-        }
-    }
-
-    /// `y[r] = Σ_parts dot(part, row r of the part, its scales)` for rows `0..rows`, in
-    /// parallel over the plan's row tasks: one token's product.
+    /// `y[r] = Σ_parts (row r of the part) · x` for rows `0..rows`, in parallel over the
+    /// plan's row tasks: one token's product. `dot(k, part, rows, ys, add)` writes (or,
+    /// where `add`, adds) the products of the part's rows (the `k`-th part counting every
+    /// band's) into `ys`.
     fn decode_rows(
         &self,
         ar: &Mapped,
         rows: usize,
         y: &mut [f32],
-        dot: impl Fn(usize, &Part, &[u8], &[f32]) -> f32 + Sync,
+        dot: impl Fn(usize, &Part, &cpu::Rows, &mut [f32], bool) + Sync,
     ) {
         assert_eq!(y.len(), rows);
         let threads = rayon::current_num_threads();
@@ -292,11 +276,24 @@ impl Linear {
                 .map(|b| b.parts.len())
                 .sum::<usize>();
             for (k, p) in b.parts.iter().enumerate() {
-                self.each_row(ar, (b, p), r0, r1, |r, w| {
-                    let v = dot(first + k, p, w, self.scales(p, b, r));
-                    let slot = &mut ys[r - r0];
-                    *slot = if k == 0 { v } else { *slot + v };
-                });
+                dot(first + k, p, &self.rows_of(ar, b, p, r0, r1), ys, k > 0);
+            }
+        });
+    }
+
+    /// [`Linear::decode_rows`] with a kernel of one row: `dot(part, row, its scales)`.
+    fn decode_each_row(
+        &self,
+        ar: &Mapped,
+        rows: usize,
+        y: &mut [f32],
+        dot: impl Fn(&Part, &[u8], &[f32]) -> f32 + Sync,
+    ) {
+        self.decode_rows(ar, rows, y, |_, p, rs, ys, add| {
+            for (r, slot) in ys.iter_mut().enumerate().take(rs.rows) {
+                let (w, sc) = rs.row(r);
+                let v = dot(p, w, sc);
+                *slot = if add { *slot + v } else { v };
             }
         });
     }
@@ -364,7 +361,7 @@ impl Linear {
             // Taken out of the thread's slot for the product, and put back after it.
             let mut qa = QUANTIZED.take();
             qa.fill(x);
-            self.decode_rows(ar, rows, y, |_, p, w, sc| {
+            self.decode_each_row(ar, rows, y, |p, w, sc| {
                 cpu::row_dot_a8(self.wtype, w, qa.cols(p.col0, p.cols), sc, self.group)
             });
             QUANTIZED.set(qa);
@@ -377,7 +374,7 @@ impl Linear {
             }) {
                 let mut xp = PERMUTED.take();
                 cpu::permute32(x, &mut xp);
-                self.decode_rows(ar, rows, y, |_, p, w, sc| {
+                self.decode_each_row(ar, rows, y, |p, w, sc| {
                     let c = p.col0..p.col0 + p.cols;
                     cpu::row_dot_permuted(self.wtype, w, &xp[c], sc, self.group)
                 });
@@ -386,8 +383,8 @@ impl Linear {
             }
             let (mut xa, mut at) = ALIGNED.take();
             self.place(ar, x, &mut xa, &mut at);
-            self.decode_rows(ar, rows, y, |k, p, w, sc| {
-                cpu::row_dot(self.wtype, w, &xa[at[k]..at[k] + p.cols], sc, self.group)
+            self.decode_rows(ar, rows, y, |k, _, rs, ys, add| {
+                cpu::rows_dot(rs, &xa[at[k]..at[k] + rs.cols], ys, add)
             });
             ALIGNED.set((xa, at));
             return;

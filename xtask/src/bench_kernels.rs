@@ -85,6 +85,24 @@ impl Matrix {
         if permuted {
             cpu::permute32(x, &mut xp);
         }
+        if !self.a8 && !permuted {
+            // As the runtime does: a task's rows at once.
+            let rows = cpu::Rows {
+                t: self.t,
+                w: &self.bytes[r0 * rb..r1 * rb],
+                stride: rb,
+                rows: r1 - r0,
+                cols: self.cols,
+                scales: if g == 0 {
+                    &[]
+                } else {
+                    &self.scales[r0 * g..r1 * g]
+                },
+                group: self.group,
+            };
+            cpu::rows_dot(&rows, x, y, false);
+            return;
+        }
         for r in r0..r1 {
             let sc = if g == 0 {
                 &[][..]
@@ -131,11 +149,30 @@ fn time_matvec(m: &Matrix, threads: usize, reps: usize) -> f64 {
 }
 
 pub fn kernels(args: &[String]) -> Result<()> {
+    // `--cols N`: the rows' width (4096 by default; the 134M model's are 768 and 2048,
+    // where a row's fixed costs weigh more).
+    let mut cols = 4096usize;
+    let mut names = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--cols" {
+            let v = it
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("--cols needs a value"))?;
+            cols = v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--cols {v}: not a count"))?;
+            anyhow::ensure!(cols >= 16, "--cols {cols}: at least 16");
+        } else {
+            names.push(a.clone());
+        }
+    }
+    let args = &names[..];
     let max_t = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(2);
     let bws: Vec<f64> = (1..=max_t).map(read_bandwidth).collect();
-    println!("kernel isa: {}", cpu::isa());
+    println!("kernel isa: {}, rows of {cols} columns", cpu::isa());
     for (i, b) in bws.iter().enumerate() {
         println!("memory read bandwidth: {b:.1} GB/s ({} threads)", i + 1);
     }
@@ -159,7 +196,6 @@ pub fn kernels(args: &[String]) -> Result<()> {
     for (name, t, group, a8) in kinds.into_iter().filter(|k| wanted(k.0)) {
         // 1 GiB of weights from memory (well past any L3, as the bandwidth's buffer);
         // 256 KiB (L2) per thread in cache.
-        let cols = 4096;
         let big = Matrix::new(t, (1 << 30) / (cols * t.size()), cols, group, a8);
         let small = Matrix::new(t, (256 << 10) * max_t / (cols * t.size()), cols, group, a8);
         for th in 1..=max_t {

@@ -175,10 +175,10 @@ pub(crate) const USAGE: &str = "usage:
       llama.cpp on GGUF files its own convert_hf_to_gguf.py and llama-quantize make from
       the same folder, the two run alternately. --weights, --threads and --tests keep
       only the rows named (weights as printed; tests by prefix).
-  cargo xtask bench kernels [NAME...]
+  cargo xtask bench kernels [--cols N] [NAME...]
       Each CPU weight-row kernel alone (those whose names contain a NAME given): GB/s
       from memory against the read bandwidth, and in cache (its compute ceiling), at 1
-      and 2 threads.
+      and 2 threads, over rows of N columns (4096; the 134M model's are 768 and 2048).
   cargo xtask bench verify [--layers 20] [--dir DIR] [--tokens 16]
       verify of a synthetic 13B-shaped TP 4 bf16 archive (made if absent) against its
       HF conversion, 1 prompt, from a cold page cache: wall time, peak anonymous and

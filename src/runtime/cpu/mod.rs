@@ -258,6 +258,12 @@ macro_rules! entry_points {
 mod tile;
 pub use tile::{dequant_cols, Rows};
 
+mod rows;
+use rows::put;
+pub use rows::rows_dot;
+#[cfg(test)]
+use rows::rows_dot_on;
+
 mod bf16a;
 pub use bf16a::{bf16a_applies, bf16a_isa, round_bf16, tile_bf16, Tile};
 

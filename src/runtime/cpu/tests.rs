@@ -214,6 +214,83 @@ fn rows_at_any_offset_agree_with_f64_sums() {
     }
 }
 
+/// `rows_dot` against `row_dot` row by row, bit for bit, at every level: every type;
+/// rows 1 to 9 (whole blocks of rows and the rest); columns short, odd and long; int8
+/// groups of 32, 64, 128 (with and without a partial last group), 48 and whole rows;
+/// strides a multiple of 64 bytes and not; rows starting anywhere in a cache line;
+/// written and added.
+#[test]
+fn rows_dot_is_row_dot_bit_for_bit() {
+    let types = [
+        WType::F32,
+        WType::BF16,
+        WType::F16,
+        WType::I8,
+        WType::U8Offset,
+    ];
+    for t in types {
+        for cols in [5usize, 37, 256, 301, 768] {
+            let groups: &[usize] = if t.is_int8() {
+                &[32, 48, 64, 128, 1 << 20]
+            } else {
+                &[1 << 20]
+            };
+            // Values whose products and sums round, so that any change in the order of
+            // the additions shows.
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.7).sin() * 1.3).collect();
+            for &group in groups {
+                let g = cols.div_ceil(group);
+                let row_bytes = cols * t.size();
+                for stride in [row_bytes, row_bytes.next_multiple_of(64), row_bytes + 24] {
+                    for rows in [1usize, 4, 5, 9] {
+                        let w: Vec<u8> = (0..rows * stride + 128)
+                            .map(|i| match t {
+                                WType::BF16 | WType::F16 if i % 2 == 1 => 0x3c ^ (i % 3) as u8,
+                                WType::F32 if i % 4 == 3 => 0x3e ^ (i % 3) as u8,
+                                _ => (i * 37 % 251) as u8,
+                            })
+                            .collect();
+                        let scales: Vec<f32> = (0..rows * g)
+                            .map(|i| 0.3 + (i as f32 * 1.1).cos() / 7.0)
+                            .collect();
+                        let base = (64 - w.as_ptr() as usize % 64) % 64;
+                        for off in [0, 2, 4, 12, 40] {
+                            let b = Rows {
+                                t,
+                                w: &w[base + off..base + off + (rows - 1) * stride + row_bytes],
+                                stride,
+                                rows,
+                                cols,
+                                scales: &scales,
+                                group,
+                            };
+                            for l in simd::available() {
+                                for add in [false, true] {
+                                    let mut out: Vec<f32> =
+                                        (0..rows).map(|r| r as f32 - 2.5).collect();
+                                    rows_dot_on(l, &b, &x, &mut out, add);
+                                    for r in 0..rows {
+                                        let (row, sc) = b.row(r);
+                                        let v = row_dot_on(l, t, row, &x, sc, group);
+                                        let want = if add { (r as f32 - 2.5) + v } else { v };
+                                        assert_eq!(
+                                            out[r].to_bits(),
+                                            want.to_bits(),
+                                            "{l:?} {t:?} cols {cols} group {group} stride {stride} \
+                                             rows {rows} offset {off} add {add}: row {r} {} vs {want}",
+                                            out[r]
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// After `aligned_head` elements a row's loads start on a vector boundary.
 #[cfg(target_arch = "x86_64")]
 #[test]

@@ -30,7 +30,8 @@ impl Rows<'_> {
     }
 
     /// Row `r` as stored, and its scales.
-    pub(super) fn row(&self, r: usize) -> (&[u8], &[f32]) {
+    #[inline]
+    pub fn row(&self, r: usize) -> (&[u8], &[f32]) {
         let g = self.groups();
         let w = &self.w[r * self.stride..r * self.stride + self.cols * self.t.size()];
         (w, &self.scales[r * g..(r + 1) * g])

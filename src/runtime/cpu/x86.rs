@@ -539,3 +539,6 @@ pub unsafe fn dequant_cols8(b: &Rows, rows: usize, out: &mut [f32], ld: usize) {
 }
 
 entry_points!("avx2,fma,f16c");
+
+mod rows;
+pub use rows::rows_dot;

@@ -1,0 +1,35 @@
+//! A decode task's product: several weight rows against one token's activations.
+
+use super::*;
+
+/// `out[r] = v`, or `out[r] += v` where `add`.
+#[inline(always)]
+pub(super) fn put(out: &mut [f32], r: usize, v: f32, add: bool) {
+    out[r] = if add { out[r] + v } else { v };
+}
+
+/// `out[r] = ` (`+=` where `add`: the next part of a row-parallel weight) the product of
+/// row `r` of `b` with `x`, for every row of `b`: a decode task. Each value is
+/// [`row_dot`]'s bit for bit; the kernels take several rows at once, so that a vector of
+/// `x` is loaded once for all of them and a row's fixed costs (call, checks, the
+/// horizontal sum's setup) are shared.
+pub fn rows_dot(b: &Rows, x: &[f32], out: &mut [f32], add: bool) {
+    rows_dot_on(simd::row_level(b.t.is_int8()), b, x, out, add)
+}
+
+/// [`rows_dot`] on level `l`, one this CPU runs (`simd::available`).
+pub(super) fn rows_dot_on(l: Level, b: &Rows, x: &[f32], out: &mut [f32], add: bool) {
+    assert!(x.len() == b.cols && out.len() >= b.rows);
+    #[cfg(target_arch = "x86_64")]
+    match l {
+        // SAFETY: the CPU has the level's features (it is one `simd` detected).
+        Level::Avx512 => return unsafe { avx512::rows_dot(b, x, out, add) },
+        Level::Avx2 => return unsafe { x86::rows_dot(b, x, out, add) },
+        Level::Generic => {}
+    }
+    let _ = l;
+    for r in 0..b.rows {
+        let (w, sc) = b.row(r);
+        put(out, r, row_dot_generic(b.t, w, x, sc, b.group), add);
+    }
+}
