@@ -145,12 +145,10 @@ pub(super) unsafe fn tile_bf16_on(l: Level, tile: &Tile, out: *mut f32, out_len:
     unsafe { tile_generic(tile, out) }
 }
 
-/// Whether the packed kernel takes rows `b`: an even number of columns, int8 groups of an
-/// even size (or one group), and rows close enough for 32-bit gather offsets.
+/// Whether the packed kernel takes rows `b`: an even number of columns and int8 groups of
+/// an even size (or one group).
 fn packed_applies(b: &Rows) -> bool {
-    b.cols.is_multiple_of(2)
-        && (b.stride as u64) * 15 < i32::MAX as u64
-        && (!b.t.is_int8() || b.group >= b.cols || b.group.is_multiple_of(2))
+    b.cols.is_multiple_of(2) && (!b.t.is_int8() || b.group >= b.cols || b.group.is_multiple_of(2))
 }
 
 /// The value of element `c` of a stored row, unscaled (int8: `q`), as f32: exact.
@@ -214,11 +212,46 @@ mod x86bf {
     /// Tokens per block of the packed kernel.
     const PT: usize = 6;
 
+    /// The 16 × 16 transpose of 32-bit words: lane `j` of `r[i]` to lane `i` of the
+    /// result's `[j]`. Pairs of rows interleaved by words, then by double words, then
+    /// 128-bit lanes exchanged twice: 64 shuffles, where 16 gathers would take 16 loads
+    /// each.
+    #[inline(always)]
+    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + c], 128-bit lane l: column 4l + c of rows 4i..4i + 4.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            let (a, b, cc, d) = (u[c], u[4 + c], u[8 + c], u[12 + c]);
+            let v0 = _mm512_shuffle_i32x4::<0x44>(a, b);
+            let v1 = _mm512_shuffle_i32x4::<0xee>(a, b);
+            let v2 = _mm512_shuffle_i32x4::<0x44>(cc, d);
+            let v3 = _mm512_shuffle_i32x4::<0xee>(cc, d);
+            out[c] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+            out[4 + c] = _mm512_shuffle_i32x4::<0xdd>(v0, v2);
+            out[8 + c] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+            out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(v1, v3);
+        }
+        out
+    }
+
     /// Rows `r0..r0 + 32` of `b` (zeros past its last row) packed for [`tile_packed`]:
     /// column pair `p` as 32 words, row `i`'s pair (two bf16, the lower column in the low
-    /// half; int8 `q` exactly) in word `32p + i`, gathered 16 rows at a time; and each
-    /// group's scales, row `i` of group `g` at `32g + i` (1 for bf16 rows; 0 past the last
-    /// row).
+    /// half; int8 `q` exactly) in word `32p + i`; and each group's scales, row `i` of
+    /// group `g` at `32g + i` (1 for bf16 rows; 0 past the last row). Each half of 16
+    /// rows is read 64 bytes of every row at a time and transposed in registers
+    /// ([`transpose16`]): word `k` of each row is a bf16 pair, or two int8 pairs.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL are present; `b` was checked (its rows lie in `b.w`).
@@ -237,12 +270,18 @@ mod x86bf {
                 s[32 * g + i] = if int8 { sc[g] } else { 1.0 };
             }
         }
-        let stride = b.stride as i32;
-        let idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(stride),
-        );
+        // Words of each row read: a pair each (bf16), two pairs each (int8; an odd last
+        // pair alone below).
+        let words = if int8 { pairs / 2 } else { pairs };
         let out = w.as_mut_ptr();
+        let flip = _mm512_set1_epi32(if b.t == WType::U8Offset {
+            0x8080_8080u32 as i32
+        } else {
+            0
+        });
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        // q in lane bits 8k..8k + 8 -> the bf16 bits of q (exact).
+        let bf = |v: __m512i| _mm512_castps_si512(_mm512_cvtepi32_ps(v));
         for h in 0..2 {
             let n = nr.saturating_sub(16 * h).min(16);
             if n == 0 {
@@ -250,54 +289,45 @@ mod x86bf {
             }
             let m = ((1u32 << n) - 1) as __mmask16;
             let base = b.w.as_ptr().wrapping_add((r0 + 16 * h) * b.stride);
-            // SAFETY (every gather): the masked lanes are rows r0 + 16h + i < rows, and
-            // each reads 4 bytes of its row's first 2·cols (bf16) or cols (int8) bytes.
-            if !int8 {
-                for p in 0..pairs {
-                    let v = unsafe {
-                        _mm512_mask_i32gather_epi32::<1>(
-                            _mm512_setzero_si512(),
-                            m,
-                            idx,
-                            base.wrapping_add(4 * p) as *const i32,
-                        )
-                    };
-                    unsafe { _mm512_storeu_si512(out.add(32 * p + 16 * h) as *mut _, v) };
+            let mut c = 0;
+            while c < words {
+                let k = (words - c).min(16);
+                let lm = ((1u32 << k) - 1) as __mmask16;
+                let mut rv = [_mm512_setzero_si512(); 16];
+                for (i, v) in rv.iter_mut().enumerate() {
+                    let at = base.wrapping_add(i * b.stride + 4 * c) as *const i32;
+                    // SAFETY: rows r0 + 16h + i < rows only (the others' mask is empty),
+                    // words c..c + k of each, within its first 2·cols (bf16) or cols
+                    // (int8) bytes.
+                    *v = unsafe { _mm512_maskz_loadu_epi32(if i < n { lm } else { 0 }, at) };
                 }
-                continue;
-            }
-            let flip = _mm512_set1_epi32(if b.t == WType::U8Offset {
-                0x8080_8080u32 as i32
-            } else {
-                0
-            });
-            let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-            // q in lane bits 8k..8k + 8 -> the bf16 bits of q (exact).
-            let bf = |v: __m512i| _mm512_castps_si512(_mm512_cvtepi32_ps(v));
-            // Two pairs (4 bytes) a gather; an odd last pair alone below.
-            for p2 in 0..pairs / 2 {
-                let g = unsafe {
-                    _mm512_mask_i32gather_epi32::<1>(
-                        _mm512_setzero_si512(),
-                        m,
-                        idx,
-                        base.wrapping_add(4 * p2) as *const i32,
-                    )
-                };
-                let g = _mm512_xor_si512(g, flip);
-                let q0 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(g)));
-                let q1 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(g)));
-                let q2 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(g)));
-                let q3 = bf(_mm512_srai_epi32::<24>(g));
-                let lo = _mm512_or_si512(_mm512_srli_epi32::<16>(q0), _mm512_and_si512(q1, high));
-                let hi = _mm512_or_si512(_mm512_srli_epi32::<16>(q2), _mm512_and_si512(q3, high));
-                let masked = |v| _mm512_maskz_mov_epi32(m, v);
-                unsafe {
-                    _mm512_storeu_si512(out.add(64 * p2 + 16 * h) as *mut _, masked(lo));
-                    _mm512_storeu_si512(out.add(64 * p2 + 32 + 16 * h) as *mut _, masked(hi));
+                let cols = transpose16(rv);
+                for (j, &v) in cols.iter().enumerate().take(k) {
+                    let p = c + j;
+                    if !int8 {
+                        // SAFETY: pair p < pairs of the packed block.
+                        unsafe { _mm512_storeu_si512(out.add(32 * p + 16 * h) as *mut _, v) };
+                        continue;
+                    }
+                    let g = _mm512_xor_si512(v, flip);
+                    let q0 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(g)));
+                    let q1 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(g)));
+                    let q2 = bf(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(g)));
+                    let q3 = bf(_mm512_srai_epi32::<24>(g));
+                    let lo =
+                        _mm512_or_si512(_mm512_srli_epi32::<16>(q0), _mm512_and_si512(q1, high));
+                    let hi =
+                        _mm512_or_si512(_mm512_srli_epi32::<16>(q2), _mm512_and_si512(q3, high));
+                    let masked = |v| _mm512_maskz_mov_epi32(m, v);
+                    // SAFETY: pairs 2p and 2p + 1 < pairs of the packed block.
+                    unsafe {
+                        _mm512_storeu_si512(out.add(64 * p + 16 * h) as *mut _, masked(lo));
+                        _mm512_storeu_si512(out.add(64 * p + 32 + 16 * h) as *mut _, masked(hi));
+                    }
                 }
+                c += 16;
             }
-            if pairs % 2 == 1 {
+            if int8 && pairs % 2 == 1 {
                 let p = pairs - 1;
                 for i in 0..n {
                     let row = b.row(r0 + 16 * h + i).0;
