@@ -179,6 +179,7 @@ fn generate_in_pool(args: &GenerateArgs, text: &str) -> anyhow::Result<ExitCode>
             "timing": {
                 "prompt_tokens": g.prompt_ids.len(),
                 "prompt_seconds": g.prompt_secs,
+                "map_seconds": g.map_secs,
                 "prompt_tokens_per_s": prompt_tps,
                 "decode_steps": g.decode_steps,
                 "decode_seconds": g.decode_secs,

@@ -297,6 +297,30 @@ impl Mapped {
         }
     }
 
+    /// Maps every page of every file ahead of use ([`Mapped::populate`], 8 MiB chunks over
+    /// the pool's threads) where the files take at most half of the memory the kernel
+    /// reports available (`MemAvailable`), and says whether it did. Larger inputs are left
+    /// to be faulted in as they are read: mapping them all would evict the first pages.
+    pub fn populate_if_fits(&self) -> bool {
+        use rayon::prelude::*;
+        const CHUNK: u64 = 8 << 20;
+        let total: u64 = self.maps.iter().map(|(_, m)| m.len() as u64).sum();
+        if total == 0 || mem_available().is_none_or(|a| total > a / 2) {
+            return false;
+        }
+        let chunks: Vec<(u64, u64)> = self
+            .maps
+            .iter()
+            .flat_map(|(base, m)| {
+                let len = m.len() as u64;
+                (0..len.div_ceil(CHUNK))
+                    .map(move |c| (base + c * CHUNK, CHUNK.min(len - c * CHUNK)))
+            })
+            .collect();
+        chunks.par_iter().for_each(|&(at, n)| self.populate(at, n));
+        true
+    }
+
     /// Drops the resident pages of `offset..offset + len` from our mapping (they stay in
     /// the page cache), so that resident memory does not grow with the bytes read.
     pub fn release(&self, offset: u64, len: u64) {
@@ -315,6 +339,14 @@ impl Mapped {
             .filter(|m| m.kind == MemberKind::File)
             .map(|m| m.name.as_str())
     }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (None where there is no such file).
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn map_file(file: &File, path: &Path) -> Result<Mmap> {

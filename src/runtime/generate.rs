@@ -69,6 +69,9 @@ pub struct Generation {
     /// With `keep_logits`: the logits each of `ids` was picked from, in order.
     pub step_logits: Vec<Vec<f32>>,
     pub prompt_secs: f64,
+    /// Seconds spent mapping the weights' pages before the prompt (the first run on the
+    /// CPU only; `Model::map_weights`).
+    pub map_secs: f64,
     /// Single-token forward passes and the time they took.
     pub decode_steps: usize,
     pub decode_secs: f64,
@@ -96,6 +99,11 @@ pub fn generate(
     let w = &model.weights;
     let ends: Vec<&str> = opts.end_strings.iter().map(String::as_str).collect();
     // Room for the whole run: decoding then never grows the cache.
+    let map_secs = match model.backend {
+        crate::runtime::backend::Backend::Cpu => model.map_weights(),
+        #[cfg(feature = "cuda")]
+        _ => 0.0,
+    };
     let mut session = model.session(prompt_ids.len() + opts.max_tokens)?;
     let t0 = Instant::now();
     let mut prompt_logits = vec![0f32; w.dims.vocab];
@@ -178,6 +186,7 @@ pub fn generate(
         prompt_logits,
         step_logits,
         prompt_secs,
+        map_secs,
         decode_steps: steps,
         decode_secs: t1.elapsed().as_secs_f64(),
     })

@@ -39,6 +39,8 @@ pub struct Model {
     pub bos_optional: bool,
     /// Where the forward pass runs (the CPU unless `select_device` moved it).
     pub backend: crate::runtime::backend::Backend,
+    /// Whether [`Model::map_weights`] has run.
+    mapped: std::sync::Once,
 }
 
 fn wtype(d: DType, what: &str, file: &str) -> Result<WType> {
@@ -66,6 +68,22 @@ impl Model {
     /// Opens a `.nemo`, a per-rank folder or a Hugging Face folder.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Model> {
         Model::from_view(View::open(path, opts)?)
+    }
+
+    /// Maps the files' pages before the first forward pass on the CPU, once, where they fit
+    /// in memory (`Mapped::populate_if_fits`): one call per 8 MiB in parallel instead of a
+    /// page fault per 64 KiB inside the first products (they made a 256-token prompt of the
+    /// 134M bf16 model 10–17 % slower). Returns the seconds it
+    /// took (0 after the first call, or where nothing was mapped).
+    pub fn map_weights(&self) -> f64 {
+        let mut secs = 0.0;
+        self.mapped.call_once(|| {
+            let t0 = std::time::Instant::now();
+            if self.archive.populate_if_fits() {
+                secs = t0.elapsed().as_secs_f64();
+            }
+        });
+        secs
     }
 
     /// Logits of the last of `ids`, from a fresh session.
@@ -395,6 +413,7 @@ fn finish(archive: Mapped, weights: Weights, sp: TokenizerModel, source: SourceK
         eos,
         bos_optional,
         backend: crate::runtime::backend::Backend::Cpu,
+        mapped: std::sync::Once::new(),
     }
 }
 
