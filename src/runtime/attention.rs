@@ -78,18 +78,57 @@ fn per_query(
             let n = s.p0 + i + 1;
             let (kg, vg) = (&k[g], &v[g]);
             let row = &mut row[..n];
-            for (sc, kv) in row.iter_mut().zip(kg[..n * hd].chunks_exact(hd)) {
-                *sc = cpu::dot_f32(qv, kv) / scale;
-            }
+            // The scores: the keys as f32 rows, several at a time (`cpu::rows_dot`).
+            let keys = cpu::Rows {
+                t: cpu::WType::F32,
+                w: f32_bytes(&kg[..n * hd]),
+                stride: 4 * hd,
+                rows: n,
+                cols: hd,
+                scales: &[],
+                group: 0,
+            };
+            cpu::rows_dot(&keys, qv, row, false);
+            row.iter_mut().for_each(|sc| *sc /= scale);
             let sum = exp_shifted(row);
-            out.fill(0.0);
-            for (sc, vv) in row.iter().zip(vg.chunks_exact(hd)) {
-                let w = sc / sum;
-                for (o, v) in out.iter_mut().zip(vv) {
-                    *o += w * v;
-                }
-            }
+            weighted_sum(row, sum, vg, out);
         });
+}
+
+/// `out = Σ_j (row[j] / sum) · v_j` over the first `row.len()` rows `v_j` of `v` (rows of
+/// `out.len()`): a query's output from its softmax numerators. On AVX2 where the CPU has
+/// it: the same operations in the same order (a multiply, then an add: never fused), 8
+/// lanes wide, so the result is the portable code's bit for bit.
+fn weighted_sum(row: &[f32], sum: f32, v: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::dtype::simd::level() >= crate::dtype::simd::Level::Avx2 {
+        // SAFETY: the level says the CPU has AVX2 and FMA.
+        return unsafe { weighted_sum_avx2(row, sum, v, out) };
+    }
+    weighted_sum_generic(row, sum, v, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2(row: &[f32], sum: f32, v: &[f32], out: &mut [f32]) {
+    weighted_sum_generic(row, sum, v, out)
+}
+
+#[inline(always)]
+fn weighted_sum_generic(row: &[f32], sum: f32, v: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (sc, vv) in row.iter().zip(v.chunks_exact(out.len())) {
+        let w = sc / sum;
+        for (o, x) in out.iter_mut().zip(vv) {
+            *o += w * x;
+        }
+    }
+}
+
+/// `v`'s bytes.
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 is 4 initialized bytes, and u8 has no alignment to keep.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, 4 * v.len()) }
 }
 
 /// `row[i] = e^(row[i] − max(row))`, returning their sum: softmax's numerators, with
@@ -248,6 +287,33 @@ mod tests {
         assert_eq!(row[0], 1.0);
         assert!(row[1].is_normal() && row[1] < 1.2e-38);
         assert!((sum as f64 - (1.0 + (-2f64).exp() + (-1f64).exp())).abs() < 1e-6);
+    }
+
+    /// The AVX2 weighted sum against the plain loop, bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn weighted_sum_on_avx2_is_the_plain_loop_bit_for_bit() {
+        for (n, hd) in [(1usize, 64usize), (7, 64), (300, 128), (33, 80)] {
+            let row: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).cos().abs()).collect();
+            let sum: f32 = row.iter().sum();
+            let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).sin()).collect();
+            // The plain loop, one row of v after another.
+            let mut a = vec![0f32; hd];
+            for (sc, vv) in row.iter().zip(v.chunks_exact(hd)) {
+                let w = sc / sum;
+                for (o, x) in a.iter_mut().zip(vv) {
+                    *o += w * x;
+                }
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                let mut b = vec![2f32; hd];
+                // SAFETY: the CPU has AVX2 and FMA (detected above).
+                unsafe { weighted_sum_avx2(&row, sum, &v, &mut b) };
+                for (x, y) in a.iter().zip(&b) {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{n} × {hd}");
+                }
+            }
+        }
     }
 
     /// The tiled path against the per-query one: grouped heads, a cached prefix, a
