@@ -361,8 +361,8 @@ impl Linear {
             // Taken out of the thread's slot for the product, and put back after it.
             let mut qa = QUANTIZED.take();
             qa.fill(x);
-            self.decode_each_row(ar, rows, y, |p, w, sc| {
-                cpu::row_dot_a8(self.wtype, w, qa.cols(p.col0, p.cols), sc, self.group)
+            self.decode_rows(ar, rows, y, |_, p, rs, ys, add| {
+                cpu::rows_dot_a8(rs, qa.cols(p.col0, p.cols), ys, add)
             });
             QUANTIZED.set(qa);
             return;

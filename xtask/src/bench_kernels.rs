@@ -85,7 +85,7 @@ impl Matrix {
         if permuted {
             cpu::permute32(x, &mut xp);
         }
-        if !self.a8 && !permuted {
+        if !permuted {
             // As the runtime does: a task's rows at once.
             let rows = cpu::Rows {
                 t: self.t,
@@ -100,7 +100,11 @@ impl Matrix {
                 },
                 group: self.group,
             };
-            cpu::rows_dot(&rows, x, y, false);
+            if self.a8 {
+                cpu::rows_dot_a8(&rows, qa.cols(0, self.cols), y, false);
+            } else {
+                cpu::rows_dot(&rows, x, y, false);
+            }
             return;
         }
         for r in r0..r1 {

@@ -260,9 +260,9 @@ pub use tile::{dequant_cols, Rows};
 
 mod rows;
 use rows::put;
-pub use rows::rows_dot;
+pub use rows::{rows_dot, rows_dot_a8};
 #[cfg(test)]
-use rows::rows_dot_on;
+use rows::{rows_dot_a8_on, rows_dot_on};
 
 mod bf16a;
 pub use bf16a::{bf16a_applies, bf16a_isa, round_bf16, tile_bf16, Tile};

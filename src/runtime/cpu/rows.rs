@@ -33,3 +33,24 @@ pub(super) fn rows_dot_on(l: Level, b: &Rows, x: &[f32], out: &mut [f32], add: b
         put(out, r, row_dot_generic(b.t, w, x, sc, b.group), add);
     }
 }
+
+/// [`rows_dot`] of int8 rows against quantized activations (`--int8-activations`): each
+/// value is [`row_dot_a8`]'s bit for bit; with AVX-512 VNNI several rows at a time. Only
+/// where [`a8_applies`].
+pub fn rows_dot_a8(b: &Rows, a: QCols, out: &mut [f32], add: bool) {
+    rows_dot_a8_on(simd::level(), b, a, out, add)
+}
+
+/// [`rows_dot_a8`] on level `l`, one this CPU runs.
+pub(super) fn rows_dot_a8_on(l: Level, b: &Rows, a: QCols, out: &mut [f32], add: bool) {
+    assert!(a8_applies(b.t, a.q.len(), b.group) && b.cols == a.q.len() && out.len() >= b.rows);
+    #[cfg(target_arch = "x86_64")]
+    if l == Level::Avx512 && vnni() {
+        // SAFETY: AVX-512 F/BW/VL (the level) and VNNI (checked just now).
+        return unsafe { avx512::rows_dot_a8(b, a, out, add) };
+    }
+    for r in 0..b.rows {
+        let (w, s) = b.row(r);
+        put(out, r, row_dot_a8_on(l, b.t, w, a, s, b.group), add);
+    }
+}

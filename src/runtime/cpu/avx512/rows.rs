@@ -213,3 +213,146 @@ pub unsafe fn rows_dot(b: &Rows, x: &[f32], out: &mut [f32], add: bool) {
         WType::U8Offset => scaled_rows::<U8>(b, x, done),
     }
 }
+
+/// [`dot_a8`] of `R` rows (row `k` at `wp + k·stride`): blocks `b` and `b + 1` of each row
+/// against the activations, each vector of activations (and its `128 · Σ x` term and
+/// scales) loaded once for all rows; each row's value as [`dot_a8`]'s `pair`.
+/// SAFETY: AVX-512 F/BW/VL and VNNI are present; blocks b and b + 1 lie within each row
+/// and the activations.
+#[inline(always)]
+unsafe fn pair_rows<const R: usize>(
+    (wp, stride): (*const u8, usize),
+    (xp, sp): (*const i8, *const f32),
+    flip: __m512i,
+    b: usize,
+    ahead: usize,
+) -> [__m512; R] {
+    let x = _mm512_loadu_si512(xp.add(b * 32) as *const _);
+    let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), x);
+    let s = _mm512_loadu_ps(sp.add(b * 8));
+    let mut p = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        let w = wp.add(r * stride + b * 32);
+        _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(ahead) as *const i8);
+        let v = _mm512_xor_si512(_mm512_loadu_si512(w as *const _), flip);
+        let d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x), c);
+        p[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(d), s);
+    }
+    p
+}
+
+/// `out[r] = ` (`+=` where `add`) [`dot_a8`] of row `r` of `b` (int8) against `a`, for
+/// every row, bit for bit: a channel's scale, groups of 32 and of a multiple of 64 take
+/// [`ROWS`] rows at a time ([`pair_rows`]); other groups, and the rows left over, one by one.
+/// SAFETY: AVX-512 F/BW/VL and VNNI are present.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn rows_dot_a8(b: &Rows, a: QCols, out: &mut [f32], add: bool) {
+    let offset = b.t == WType::U8Offset;
+    let n = a.q.len();
+    let group = b.group.min(n);
+    assert!(n.is_multiple_of(32) && group.is_multiple_of(32) && out.len() >= b.rows);
+    assert!(a.s.len() >= n / 32 && a.s8.len() >= n / 4);
+    let per = n.div_ceil(group);
+    let blocks = n / 32;
+    let pairs_end = blocks / 2 * 2;
+    let mut r = 0;
+    if group == n || group == 32 || group.is_multiple_of(64) {
+        assert!(b.scales.len() >= b.rows * per);
+        let ahead = prefetch_distance();
+        let flip = _mm512_set1_epi8(if offset { 0 } else { -128 });
+        let xs = (a.q.as_ptr(), a.s8.as_ptr());
+        while r + ROWS <= b.rows {
+            assert!(b.row(r + ROWS - 1).0.len() >= n);
+            let wp = (b.w.as_ptr().add(r * b.stride), b.stride);
+            let sc = |k: usize, g: usize| *b.scales.get_unchecked((r + k) * per + g);
+            // SAFETY (every pair_rows): blocks below pairs_end lie within the n asserted.
+            let pair = |blk: usize| pair_rows::<ROWS>(wp, xs, flip, blk, ahead);
+            let mut t = [[_mm512_setzero_ps(); 2]; ROWS];
+            if group == n {
+                let mut blk = 0;
+                while blk + 4 <= pairs_end {
+                    let (p0, p1) = (pair(blk), pair(blk + 2));
+                    for k in 0..ROWS {
+                        t[k][0] = _mm512_add_ps(t[k][0], p0[k]);
+                        t[k][1] = _mm512_add_ps(t[k][1], p1[k]);
+                    }
+                    blk += 4;
+                }
+                if blk < pairs_end {
+                    let p0 = pair(blk);
+                    for k in 0..ROWS {
+                        t[k][0] = _mm512_add_ps(t[k][0], p0[k]);
+                    }
+                }
+                for (k, tk) in t.iter_mut().enumerate() {
+                    let s = _mm512_set1_ps(sc(k, 0));
+                    tk[0] = _mm512_mul_ps(_mm512_add_ps(tk[0], tk[1]), s);
+                    tk[1] = _mm512_setzero_ps();
+                }
+            } else if group == 32 {
+                let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                let mut blk = 0;
+                while blk < pairs_end {
+                    let p = pair(blk);
+                    let mut s = [_mm512_setzero_ps(); ROWS];
+                    for (k, sk) in s.iter_mut().enumerate() {
+                        let at = b.scales.as_ptr().add((r + k) * per + blk);
+                        let two = _mm_castpd_ps(_mm_load_sd(at as *const f64));
+                        *sk = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(two));
+                    }
+                    // Constant indices in each branch, so that the totals stay in registers.
+                    if blk % 4 == 0 {
+                        for k in 0..ROWS {
+                            t[k][0] = _mm512_fmadd_ps(p[k], s[k], t[k][0]);
+                        }
+                    } else {
+                        for k in 0..ROWS {
+                            t[k][1] = _mm512_fmadd_ps(p[k], s[k], t[k][1]);
+                        }
+                    }
+                    blk += 2;
+                }
+            } else {
+                let step = group / 32;
+                let (mut blk, mut g) = (0, 0);
+                while blk < pairs_end {
+                    let end = (blk + step).min(pairs_end);
+                    let mut u = pair(blk);
+                    blk += 2;
+                    while blk < end {
+                        let p = pair(blk);
+                        for k in 0..ROWS {
+                            u[k] = _mm512_add_ps(u[k], p[k]);
+                        }
+                        blk += 2;
+                    }
+                    let h = g % 2;
+                    for k in 0..ROWS {
+                        let s = _mm512_set1_ps(sc(k, g));
+                        if h == 0 {
+                            t[k][0] = _mm512_fmadd_ps(u[k], s, t[k][0]);
+                        } else {
+                            t[k][1] = _mm512_fmadd_ps(u[k], s, t[k][1]);
+                        }
+                    }
+                    g += 1;
+                }
+            }
+            for (k, tk) in t.iter().enumerate() {
+                let mut total = _mm512_reduce_add_ps(_mm512_add_ps(tk[0], tk[1]));
+                if pairs_end < blocks {
+                    let (w, s) = b.row(r + k);
+                    let o = pairs_end * 32;
+                    let sum = block_a8(offset, &w[o..o + 32], &a.q[o..o + 32]);
+                    total += sum as f32 * (a.s[pairs_end] * s[o / group]);
+                }
+                put(out, r + k, total, add);
+            }
+            r += ROWS;
+        }
+    }
+    for r in r..b.rows {
+        let (w, s) = b.row(r);
+        put(out, r, dot_a8(offset, w, a, s, group), add);
+    }
+}
