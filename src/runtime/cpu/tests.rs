@@ -214,6 +214,29 @@ fn rows_at_any_offset_agree_with_f64_sums() {
     }
 }
 
+/// Runs `many(out, add)`, a kernel of several rows, both writing and adding to starting
+/// values, and requires each row's value to be `one(r)`, the one-row kernel's, bit for bit.
+fn assert_rows_bitwise(
+    rows: usize,
+    what: &str,
+    many: impl Fn(&mut [f32], bool),
+    one: impl Fn(usize) -> f32,
+) {
+    for add in [false, true] {
+        let mut out: Vec<f32> = (0..rows).map(|r| r as f32 - 2.5).collect();
+        many(&mut out, add);
+        for (r, got) in out.iter().enumerate() {
+            let v = one(r);
+            let want = if add { (r as f32 - 2.5) + v } else { v };
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{what} add {add}: row {r} {got} vs {want}"
+            );
+        }
+    }
+}
+
 /// `rows_dot` against `row_dot` row by row, bit for bit, at every level: every type;
 /// rows 1 to 9 (whole blocks of rows and the rest); columns short, odd and long; int8
 /// groups of 32, 64, 128 (with and without a partial last group), 48 and whole rows;
@@ -265,23 +288,15 @@ fn rows_dot_is_row_dot_bit_for_bit() {
                                 group,
                             };
                             for l in simd::available() {
-                                for add in [false, true] {
-                                    let mut out: Vec<f32> =
-                                        (0..rows).map(|r| r as f32 - 2.5).collect();
-                                    rows_dot_on(l, &b, &x, &mut out, add);
-                                    for r in 0..rows {
-                                        let (row, sc) = b.row(r);
-                                        let v = row_dot_on(l, t, row, &x, sc, group);
-                                        let want = if add { (r as f32 - 2.5) + v } else { v };
-                                        assert_eq!(
-                                            out[r].to_bits(),
-                                            want.to_bits(),
-                                            "{l:?} {t:?} cols {cols} group {group} stride {stride} \
-                                             rows {rows} offset {off} add {add}: row {r} {} vs {want}",
-                                            out[r]
-                                        );
-                                    }
-                                }
+                                assert_rows_bitwise(
+                                    rows,
+                                    &format!(
+                                        "{l:?} {t:?} cols {cols} group {group} stride {stride} \
+                                         rows {rows} offset {off}"
+                                    ),
+                                    |out, add| rows_dot_on(l, &b, &x, out, add),
+                                    |r| row_dot_on(l, t, b.row(r).0, &x, b.row(r).1, group),
+                                );
                             }
                         }
                     }
@@ -554,23 +569,14 @@ fn rows_dot_a8_is_row_dot_a8_bit_for_bit() {
                             scales: &scales,
                             group,
                         };
+                        let xa = a.cols(0, cols);
                         for l in simd::available() {
-                            for add in [false, true] {
-                                let mut out: Vec<f32> = (0..rows).map(|r| r as f32 - 2.5).collect();
-                                rows_dot_a8_on(l, &b, a.cols(0, cols), &mut out, add);
-                                for r in 0..rows {
-                                    let (row, sc) = b.row(r);
-                                    let v = row_dot_a8_on(l, t, row, a.cols(0, cols), sc, group);
-                                    let want = if add { (r as f32 - 2.5) + v } else { v };
-                                    assert_eq!(
-                                        out[r].to_bits(),
-                                        want.to_bits(),
-                                        "{l:?} {t:?} cols {cols} group {group} stride {stride} \
-                                         rows {rows} add {add}: row {r} {} vs {want}",
-                                        out[r]
-                                    );
-                                }
-                            }
+                            assert_rows_bitwise(
+                                rows,
+                                &format!("{l:?} {t:?} cols {cols} group {group} stride {stride}"),
+                                |out, add| rows_dot_a8_on(l, &b, xa, out, add),
+                                |r| row_dot_a8_on(l, t, b.row(r).0, xa, b.row(r).1, group),
+                            );
                         }
                     }
                 }
