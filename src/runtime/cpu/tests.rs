@@ -214,6 +214,27 @@ fn rows_at_any_offset_agree_with_f64_sums() {
     }
 }
 
+/// Every stored weight type.
+const TYPES: [WType; 5] = [
+    WType::F32,
+    WType::BF16,
+    WType::F16,
+    WType::I8,
+    WType::U8Offset,
+];
+
+/// `n` bytes of rows of type `t`: finite values whatever the byte for floats (a small
+/// exponent byte), every byte value for int8.
+fn stored_bytes(t: WType, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| match t {
+            WType::BF16 | WType::F16 if i % 2 == 1 => 0x3c ^ (i % 3) as u8,
+            WType::F32 if i % 4 == 3 => 0x3e ^ (i % 3) as u8,
+            _ => (i * 37 % 251) as u8,
+        })
+        .collect()
+}
+
 /// Runs `many(out, add)`, a kernel of several rows, both writing and adding to starting
 /// values, and requires each row's value to be `one(r)`, the one-row kernel's, bit for bit.
 fn assert_rows_bitwise(
@@ -244,14 +265,7 @@ fn assert_rows_bitwise(
 /// written and added.
 #[test]
 fn rows_dot_is_row_dot_bit_for_bit() {
-    let types = [
-        WType::F32,
-        WType::BF16,
-        WType::F16,
-        WType::I8,
-        WType::U8Offset,
-    ];
-    for t in types {
+    for t in TYPES {
         for cols in [5usize, 37, 256, 301, 768] {
             let groups: &[usize] = if t.is_int8() {
                 &[32, 48, 64, 128, 1 << 20]
@@ -266,13 +280,7 @@ fn rows_dot_is_row_dot_bit_for_bit() {
                 let row_bytes = cols * t.size();
                 for stride in [row_bytes, row_bytes.next_multiple_of(64), row_bytes + 24] {
                     for rows in [1usize, 4, 5, 9] {
-                        let w: Vec<u8> = (0..rows * stride + 128)
-                            .map(|i| match t {
-                                WType::BF16 | WType::F16 if i % 2 == 1 => 0x3c ^ (i % 3) as u8,
-                                WType::F32 if i % 4 == 3 => 0x3e ^ (i % 3) as u8,
-                                _ => (i * 37 % 251) as u8,
-                            })
-                            .collect();
+                        let w = stored_bytes(t, rows * stride + 128);
                         let scales: Vec<f32> = (0..rows * g)
                             .map(|i| 0.3 + (i as f32 * 1.1).cos() / 7.0)
                             .collect();
@@ -331,14 +339,7 @@ fn aligned_head_reaches_a_vector_boundary() {
 /// past the rows; the tile's other entries untouched.
 #[test]
 fn tiles_are_the_rows_transposed() {
-    let types = [
-        WType::F32,
-        WType::BF16,
-        WType::F16,
-        WType::I8,
-        WType::U8Offset,
-    ];
-    for t in types {
+    for t in TYPES {
         for cols in [8usize, 40, 300, 768] {
             let groups: &[usize] = if t.is_int8() {
                 &[8, 32, 100, 1 << 20]
@@ -349,14 +350,7 @@ fn tiles_are_the_rows_transposed() {
                 let g = cols.div_ceil(group);
                 for rows in [1usize, 7, 8, 9, 16, 17] {
                     let stride = cols * t.size() + 24;
-                    let w: Vec<u8> = (0..rows * stride)
-                        .map(|i| match t {
-                            // Finite values whatever the byte: a small exponent byte.
-                            WType::BF16 | WType::F16 if i % 2 == 1 => 0x3c ^ (i % 3) as u8,
-                            WType::F32 if i % 4 == 3 => 0x3e ^ (i % 3) as u8,
-                            _ => (i * 37 % 251) as u8,
-                        })
-                        .collect();
+                    let w = stored_bytes(t, rows * stride);
                     let scales: Vec<f32> = (0..rows * g).map(|i| 0.25 + i as f32 / 32.0).collect();
                     let b = Rows {
                         t,
