@@ -79,11 +79,14 @@ impl Matrix {
             self.cols.div_ceil(self.group)
         };
         // As the runtime does: int8 rows against activations permuted once per product
-        // (quantized once for a8, `qa`).
+        // (quantized once for a8, `qa`), bf16 rows against them in pairs order.
         let mut xp = Vec::new();
         let permuted = !self.a8 && cpu::permuted_applies(self.t, self.cols, self.group);
+        let pairs = cpu::pairs_apply(self.t);
         if permuted {
             cpu::permute32(x, &mut xp);
+        } else if pairs {
+            cpu::pair32(x, &mut xp);
         }
         if !permuted {
             // As the runtime does: a task's rows at once.
@@ -102,6 +105,8 @@ impl Matrix {
             };
             if self.a8 {
                 cpu::rows_dot_a8(&rows, qa.cols(0, self.cols), y, false);
+            } else if pairs {
+                cpu::rows_dot_pairs(&rows, &xp, y, false);
             } else {
                 cpu::rows_dot(&rows, x, y, false);
             }

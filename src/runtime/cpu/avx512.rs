@@ -262,7 +262,7 @@ unsafe fn convert<T: Load16>(w: &[u8], scale: f32, out: &mut [f32]) {
 entry_points!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
 mod rows;
-pub use rows::{rows_dot, rows_dot_a8};
+pub use rows::{rows_dot, rows_dot_a8, rows_dot_pairs};
 
 /// An int8 row against int8 activations (`crate::runtime::cpu::QAct`) with AVX-512 VNNI,
 /// two blocks of 32 per step: the row as unsigned bytes `q + 128` (an xor for `i8`; what

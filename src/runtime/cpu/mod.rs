@@ -265,6 +265,9 @@ pub use rows::{rows_dot, rows_dot_a8};
 #[cfg(test)]
 use rows::{rows_dot_a8_on, rows_dot_on};
 
+mod pairs;
+pub use pairs::{pair32, pairs_apply, rows_dot_pairs};
+
 mod bf16a;
 pub use bf16a::{bf16a_applies, bf16a_isa, round_bf16, tile_bf16, Tile};
 

@@ -541,4 +541,4 @@ pub unsafe fn dequant_cols8(b: &Rows, rows: usize, out: &mut [f32], ld: usize) {
 entry_points!("avx2,fma,f16c");
 
 mod rows;
-pub use rows::rows_dot;
+pub use rows::{rows_dot, rows_dot_pairs};

@@ -356,3 +356,88 @@ pub unsafe fn rows_dot_a8(b: &Rows, a: QCols, out: &mut [f32], add: bool) {
         put(out, r, dot_a8(offset, w, a, s, group), add);
     }
 }
+
+/// One block of 32 bf16 elements of `R` rows (row `k` at `wp + k·stride`) against its
+/// activations in [`pair32`] order, into chains `c` and `c + 1` of each row's `a`.
+/// SAFETY: 32 elements of each row and of `xp` are readable.
+#[inline(always)]
+unsafe fn bf16_pairs_block<const R: usize>(
+    a: &mut [[__m512; 4]; R],
+    (wp, stride): (*const u8, usize),
+    xp: *const f32,
+    c: usize,
+) {
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let xe = _mm512_loadu_ps(xp);
+    let xo = _mm512_loadu_ps(xp.add(16));
+    for (r, ar) in a.iter_mut().enumerate() {
+        let w = _mm512_loadu_si512(wp.add(r * stride) as *const _);
+        let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+        let wo = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+        ar[c] = _mm512_fmadd_ps(we, xe, ar[c]);
+        ar[c + 1] = _mm512_fmadd_ps(wo, xo, ar[c + 1]);
+    }
+}
+
+/// Σ over `n` (a multiple of 32) bf16 elements of `R` rows (row `k` at `wp + k·stride`)
+/// against activations in [`pair32`] order. Each 64-byte load holds 16 pairs of
+/// weights: the pairs' first elements become f32 by a shift, their second by a mask (two
+/// operations for 32 weights, where widening 16 at a time takes four).
+/// SAFETY: `n` elements of each row and of `xp` are readable.
+#[inline(always)]
+unsafe fn bf16_pairs_rows<const R: usize>(
+    wp: *const u8,
+    stride: usize,
+    xp: *const f32,
+    n: usize,
+    ahead: usize,
+) -> [__m512; R] {
+    let mut a = [[_mm512_setzero_ps(); 4]; R];
+    let mut i = 0;
+    while i + 64 <= n {
+        for r in 0..R {
+            let at = r * stride + i * 2 + ahead;
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(at) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(at + 64) as *const i8);
+        }
+        bf16_pairs_block::<R>(&mut a, (wp.add(i * 2), stride), xp.add(i), 0);
+        bf16_pairs_block::<R>(&mut a, (wp.add(i * 2 + 64), stride), xp.add(i + 32), 2);
+        i += 64;
+    }
+    if i < n {
+        bf16_pairs_block::<R>(&mut a, (wp.add(i * 2), stride), xp.add(i), 0);
+    }
+    // A loop, not a closure: a closure would not take this function's target features.
+    let mut s = [_mm512_setzero_ps(); R];
+    for (sr, ar) in s.iter_mut().zip(&a) {
+        *sr = _mm512_add_ps(_mm512_add_ps(ar[0], ar[1]), _mm512_add_ps(ar[2], ar[3]));
+    }
+    s
+}
+
+/// `out[r] = ` (`+=` where `add`) row `r` of `b` (bf16) times the activations whose
+/// [`pair32`] order is `xp`, for every row, [`ROWS`] rows at a time.
+/// SAFETY: AVX-512 F/BW/VL are present.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub unsafe fn rows_dot_pairs(b: &Rows, xp: &[f32], out: &mut [f32], add: bool) {
+    let n = xp.len();
+    let n32 = n / 32 * 32;
+    let ahead = prefetch_distance();
+    assert!(b.t == WType::BF16 && out.len() >= b.rows && b.rows > 0);
+    assert!(b.row(b.rows - 1).0.len() >= n * 2);
+    let tail = |r: usize| dot_generic(WType::BF16, &b.row(r).0[n32 * 2..n * 2], &xp[n32..]);
+    let mut r = 0;
+    // SAFETY (both calls): every row's n elements are in bounds (the last one asserted).
+    while r + ROWS <= b.rows {
+        let wp = b.w.as_ptr().add(r * b.stride);
+        let s = bf16_pairs_rows::<ROWS>(wp, b.stride, xp.as_ptr(), n32, ahead);
+        for (k, &s) in s.iter().enumerate() {
+            put(out, r + k, _mm512_reduce_add_ps(s) + tail(r + k), add);
+        }
+        r += ROWS;
+    }
+    for r in r..b.rows {
+        let [s] = bf16_pairs_rows::<1>(b.row(r).0.as_ptr(), 0, xp.as_ptr(), n32, ahead);
+        put(out, r, _mm512_reduce_add_ps(s) + tail(r), add);
+    }
+}

@@ -102,3 +102,69 @@ pub unsafe fn rows_dot(b: &Rows, x: &[f32], out: &mut [f32], add: bool) {
         }
     }
 }
+
+/// [`rows_dot_pairs`]'s sum at this level, 8 lanes wide: each 32-byte load holds 8
+/// pairs of bf16 weights, the first of each pair made f32 by a shift, the second by a mask.
+/// SAFETY: `n` (a multiple of 32) elements of each row and of `xp` are readable.
+#[inline(always)]
+unsafe fn bf16_pairs_rows<const R: usize>(
+    wp: *const u8,
+    stride: usize,
+    xp: *const f32,
+    n: usize,
+    ahead: usize,
+) -> [__m256; R] {
+    let mut a = [[_mm256_setzero_ps(); 4]; R];
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let mut i = 0;
+    while i < n {
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(r * stride + i * 2 + ahead) as *const i8);
+        }
+        // Weights i..i + 16 and i + 16..i + 32 hold the block's pairs 0..8 and 8..16.
+        for h in 0..2 {
+            let xe = _mm256_loadu_ps(xp.add(i + 8 * h));
+            let xo = _mm256_loadu_ps(xp.add(i + 16 + 8 * h));
+            for (r, ar) in a.iter_mut().enumerate() {
+                let w = _mm256_loadu_si256(wp.add(r * stride + (i + 16 * h) * 2) as *const _);
+                let we = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w));
+                let wo = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+                ar[2 * h] = _mm256_fmadd_ps(we, xe, ar[2 * h]);
+                ar[2 * h + 1] = _mm256_fmadd_ps(wo, xo, ar[2 * h + 1]);
+            }
+        }
+        i += 32;
+    }
+    // A loop, not a closure: a closure would not take this function's target features.
+    let mut s = [_mm256_setzero_ps(); R];
+    for (sr, ar) in s.iter_mut().zip(&a) {
+        *sr = _mm256_add_ps(_mm256_add_ps(ar[0], ar[1]), _mm256_add_ps(ar[2], ar[3]));
+    }
+    s
+}
+
+/// [`rows_dot_pairs`] at the AVX2 level, [`ROWS`] rows at a time.
+/// SAFETY: AVX2 + FMA + F16C are present.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_dot_pairs(b: &Rows, xp: &[f32], out: &mut [f32], add: bool) {
+    let n = xp.len();
+    let n32 = n / 32 * 32;
+    let ahead = prefetch_distance();
+    assert!(b.t == WType::BF16 && out.len() >= b.rows && b.rows > 0);
+    assert!(b.row(b.rows - 1).0.len() >= n * 2);
+    let tail = |r: usize| dot_generic(WType::BF16, &b.row(r).0[n32 * 2..n * 2], &xp[n32..]);
+    let mut r = 0;
+    // SAFETY (both calls): every row's n elements are in bounds (the last one asserted).
+    while r + ROWS <= b.rows {
+        let wp = b.w.as_ptr().add(r * b.stride);
+        let s = bf16_pairs_rows::<ROWS>(wp, b.stride, xp.as_ptr(), n32, ahead);
+        for (k, &s) in s.iter().enumerate() {
+            put(out, r + k, hsum(s) + tail(r + k), add);
+        }
+        r += ROWS;
+    }
+    for r in r..b.rows {
+        let [s] = bf16_pairs_rows::<1>(b.row(r).0.as_ptr(), 0, xp.as_ptr(), n32, ahead);
+        put(out, r, hsum(s) + tail(r), add);
+    }
+}
