@@ -77,33 +77,15 @@ fn forced() -> bool {
         || std::env::var("STEERLM_ISA").is_ok_and(|v| !v.is_empty())
 }
 
-/// Whether this CPU runs 512-bit operations as two 256-bit halves: AMD family 19h (Zen
-/// 4, the first AMD core with AVX-512). Zen 5 (family 1Ah) has full-width units.
-pub fn split_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::__cpuid;
-        let (v, f) = (__cpuid(0), __cpuid(1));
-        let vendor = [v.ebx, v.edx, v.ecx];
-        let amd = vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "AuthenticAMD"
-        let base = (f.eax >> 8) & 0xf;
-        let family = if base == 0xf {
-            base + ((f.eax >> 20) & 0xff)
-        } else {
-            base
-        };
-        amd && family == 0x19
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// The level of the runtime's weight-row kernels (decode), for int8 rows or float rows.
-/// Where AVX-512 runs as two halves ([`split_avx512`]) and no level was forced, float rows
-/// take the AVX2 kernels, which decode faster there (a Zen 4, one thread, tok/s on AVX2
-/// against AVX-512: bf16 59–72 against 46–47, f16 64–71 against 42–45, f32 43–47 against
-/// 33–37); int8 rows keep AVX-512, faster there (channel 108–110 against 91–102, group
-/// 32 82–86 against 69–77).
+/// Where the CPU has AVX-512 and no level was forced, float rows take the AVX2 kernels,
+/// which decoded faster on both AVX-512 cores measured, one thread, tok/s on AVX2 against
+/// AVX-512: a Zen 4, which runs 512-bit operations as two halves (bf16 59–72 against
+/// 46–47, f16 64–71 against 42–45, f32 43–47 against 33–37), and an Intel Xeon with
+/// AVX-512 FP16 (family 6 model 167; f16 49–53 against 42–43, f32 30–31 against 30–31;
+/// bf16 rows, since read as pairs, 53–56 against 52–55). int8 rows keep AVX-512, faster on
+/// both (Zen 4: channel 108–110 against 91–102, group 32 82–86 against 69–77; the Xeon:
+/// channel 73–75 against 71–72).
 /// Decided once per process: it is asked for every weight row.
 pub fn row_level(int8: bool) -> Level {
     static FLOAT: OnceLock<Level> = OnceLock::new();
@@ -112,7 +94,7 @@ pub fn row_level(int8: bool) -> Level {
     }
     *FLOAT.get_or_init(|| {
         let l = level();
-        if l == Level::Avx512 && !forced() && split_avx512() {
+        if l == Level::Avx512 && !forced() {
             Level::Avx2
         } else {
             l
@@ -141,10 +123,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_float_rows_on_split_avx512_leave_the_level() {
+    fn only_float_rows_on_avx512_leave_the_level() {
         assert_eq!(row_level(true), level());
         if row_level(false) != level() {
-            assert!(split_avx512() && !forced());
+            assert!(!forced());
             assert_eq!((level(), row_level(false)), (Level::Avx512, Level::Avx2));
         }
     }
