@@ -295,9 +295,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub int8_activations: bool,
     /// Multiply the prompt by bf16 and int8 weights with its activations rounded to bf16
-    /// (as llama.cpp's bf16 path does): about 1.5x faster where the CPU has AVX-512 BF16,
-    /// but the logits move by that rounding (`cargo xtask bench generate` reports how
-    /// far). Off by default; decode, f32/f16 weights and `verify` always use f32
+    /// (as llama.cpp's bf16 path does): about 1.5x faster on a Zen 4 (AVX-512 BF16), but
+    /// slower than the exact path on an Intel Xeon with AVX-512 FP16 (0.7-0.8x), and the
+    /// logits move by that rounding (`cargo xtask bench generate` reports both). Off by default; decode, f32/f16 weights and `verify` always use f32
     /// activations.
     #[arg(long)]
     pub bf16_activations: bool,
