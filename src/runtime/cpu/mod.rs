@@ -1,6 +1,7 @@
 //! CPU kernels of the runtime: dot products of weight rows (as stored in the mapped file,
 //! any alignment) with f32 activations, one row or a decode task's rows at once
-//! ([`rows_dot`], the same values), and rows dequantized to f32.
+//! ([`rows_dot`], the same values; bf16 rows at decode as pairs, [`rows_dot_pairs`]), and
+//! rows dequantized to f32.
 //!
 //! Every kernel is written once as plain Rust with 16 independent f32 lanes, which the
 //! compiler turns into SIMD. On x86-64 there are also AVX2 + FMA + F16C kernels and
