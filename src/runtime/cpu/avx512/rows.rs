@@ -228,14 +228,17 @@ unsafe fn pair_rows<const R: usize>(
     ahead: usize,
 ) -> [__m512; R] {
     let x = _mm512_loadu_si512(xp.add(b * 32) as *const _);
+    // Each row's sum starts from `-128 · Σ x` (integers: the same value as subtracting it
+    // after, one operation less a row).
     let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), x);
+    let minus_c = _mm512_sub_epi32(_mm512_setzero_si512(), c);
     let s = _mm512_loadu_ps(sp.add(b * 8));
     let mut p = [_mm512_setzero_ps(); R];
     for r in 0..R {
         let w = wp.add(r * stride + b * 32);
         _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(ahead) as *const i8);
         let v = _mm512_xor_si512(_mm512_loadu_si512(w as *const _), flip);
-        let d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x), c);
+        let d = _mm512_dpbusd_epi32(minus_c, v, x);
         p[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(d), s);
     }
     p
