@@ -72,8 +72,6 @@ thread_local! {
     /// The activations copied for each part of a float or int8 product, placed to meet
     /// the part's weights on vector boundaries, and where each copy starts.
     static ALIGNED: Cell<(Vec<f32>, Vec<usize>)> = const { Cell::new((Vec::new(), Vec::new())) };
-    /// One part's activations in [`cpu::pair32`] order, on their way into `ALIGNED`.
-    static PAIRED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// The activations quantized for `--int8-activations`, kept between products.
     static QUANTIZED: Cell<cpu::QAct> = const { Cell::new(cpu::QAct::new()) };
     /// A prompt's activations rounded to bf16 for `--bf16-activations`, kept between
@@ -303,15 +301,12 @@ impl Linear {
     /// Each part's columns of `x` in [`cpu::pair32`] order, one after another in `xa`,
     /// one copy per part of every band in order (its start in `at`).
     fn pair(&self, x: &[f32], xa: &mut Vec<f32>, at: &mut Vec<usize>) {
-        let mut xp = PAIRED.take();
         xa.clear();
         at.clear();
         for p in self.bands.iter().flat_map(|b| &b.parts) {
-            cpu::pair32(&x[p.col0..p.col0 + p.cols], &mut xp);
             at.push(xa.len());
-            xa.extend_from_slice(&xp);
+            cpu::pair32(&x[p.col0..p.col0 + p.cols], xa);
         }
-        PAIRED.set(xp);
     }
 
     /// Copies each part's columns of `x` into `xa`, one copy per part of every band in

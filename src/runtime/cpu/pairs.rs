@@ -7,9 +7,8 @@ use super::*;
 
 /// Activations reordered for [`rows_dot_pairs`]: within each full block of 32, the 16
 /// even-indexed elements, then the 16 odd-indexed ones; the last `x.len() % 32` as they
-/// are. `out` is cleared and filled.
+/// are. Appended to `out`.
 pub fn pair32(x: &[f32], out: &mut Vec<f32>) {
-    out.clear();
     let n32 = x.len() / 32 * 32;
     for b in x[..n32].chunks_exact(32) {
         out.extend(b.iter().step_by(2));
