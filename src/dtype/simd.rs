@@ -71,6 +71,19 @@ pub fn level() -> Level {
     })
 }
 
+/// Whether the CPU is AMD's (CPUID vendor string `AuthenticAMD`).
+pub fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let v = unsafe { std::arch::x86_64::__cpuid(0) };
+        (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether `STEERLM_ISA` or `STEERLM_NO_SIMD` chose the level.
 fn forced() -> bool {
     std::env::var_os("STEERLM_NO_SIMD").is_some()

@@ -70,9 +70,10 @@ unsafe fn span<T: Load16>(wp: *const u8, xp: *const f32, n: usize, ahead: usize)
     let mut i = 0;
     while i + 64 <= n {
         // One prefetch per cache line of this step's weights (64 elements: 1 to 4 lines),
-        // past the page boundaries where the hardware prefetcher stops.
+        // past the page boundaries where the hardware prefetcher stops; none where `ahead`
+        // is 0 (a single stream left to the hardware).
         let mut line = 0;
-        while line < 64 * es {
+        while line < 64 * es && ahead != 0 {
             _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead + line) as *const i8);
             line += 64;
         }
@@ -104,6 +105,12 @@ unsafe fn span<T: Load16>(wp: *const u8, xp: *const f32, n: usize, ahead: usize)
 /// `Σ w·x` over `x.len()` elements.
 #[inline(always)]
 unsafe fn dot<T: Load16>(w: &[u8], x: &[f32]) -> f32 {
+    dot_ahead::<T>(w, x, prefetch_distance())
+}
+
+/// [`dot`], asking for the weights `ahead` bytes on (none where 0): the same value.
+#[inline(always)]
+unsafe fn dot_ahead<T: Load16>(w: &[u8], x: &[f32], ahead: usize) -> f32 {
     assert!(w.len() >= x.len() * T::SIZE);
     // The elements before the weights' first vector boundary are summed apart, so that no
     // load of the loop straddles two cache lines (stored rows lie at any offset).
@@ -116,7 +123,7 @@ unsafe fn dot<T: Load16>(w: &[u8], x: &[f32]) -> f32 {
     let n = x.len();
     let n16 = n / 16 * 16;
     // SAFETY: n16 <= n elements of both are in bounds (asserted above).
-    let s = span::<T>(w.as_ptr(), x.as_ptr(), n16, prefetch_distance());
+    let s = span::<T>(w.as_ptr(), x.as_ptr(), n16, ahead);
     total += _mm512_reduce_add_ps(s);
     if n16 < n {
         total += dot_generic(T::TYPE, &w[n16 * T::SIZE..n * T::SIZE], &x[n16..n]);

@@ -261,7 +261,7 @@ mod tile;
 pub use tile::{dequant_cols, Rows};
 
 mod rows;
-use rows::put;
+use rows::{put, stream_float_rows};
 pub use rows::{rows_dot, rows_dot_a8};
 #[cfg(test)]
 use rows::{rows_dot_a8_on, rows_dot_on};

@@ -27,11 +27,19 @@ pub fn pairs_apply(t: WType) -> bool {
 /// every row, given `xp`, the [`pair32`] order of `x`: [`rows_dot`]'s value up to the
 /// order of the f32 additions.
 pub fn rows_dot_pairs(b: &Rows, xp: &[f32], out: &mut [f32], add: bool) {
-    rows_dot_pairs_on(simd::row_level(false), b, xp, out, add)
+    let l = simd::row_level(false);
+    rows_dot_pairs_on((l, stream_float_rows()), b, xp, out, add)
 }
 
-/// [`rows_dot_pairs`] on level `l`, one this CPU runs.
-pub(super) fn rows_dot_pairs_on(l: Level, b: &Rows, xp: &[f32], out: &mut [f32], add: bool) {
+/// [`rows_dot_pairs`] on level `l`, one this CPU runs, rows one after another where
+/// `stream` ([`stream_float_rows`]).
+pub(super) fn rows_dot_pairs_on(
+    (l, stream): (Level, bool),
+    b: &Rows,
+    xp: &[f32],
+    out: &mut [f32],
+    add: bool,
+) {
     assert!(b.t == WType::BF16 && xp.len() == b.cols && out.len() >= b.rows);
     if b.rows == 0 {
         return;
@@ -39,11 +47,11 @@ pub(super) fn rows_dot_pairs_on(l: Level, b: &Rows, xp: &[f32], out: &mut [f32],
     #[cfg(target_arch = "x86_64")]
     match l {
         // SAFETY: the CPU has the level's features (it is one `simd` detected).
-        Level::Avx512 => return unsafe { avx512::rows_dot_pairs(b, xp, out, add) },
-        Level::Avx2 => return unsafe { x86::rows_dot_pairs(b, xp, out, add) },
+        Level::Avx512 => return unsafe { avx512::rows_dot_pairs(b, xp, out, add, stream) },
+        Level::Avx2 => return unsafe { x86::rows_dot_pairs(b, xp, out, add, stream) },
         Level::Generic => {}
     }
-    let _ = l;
+    let _ = (l, stream);
     let n32 = xp.len() / 32 * 32;
     let bf = |w: &[u8], i: usize| {
         f32::from_bits((u16::from_le_bytes([w[2 * i], w[2 * i + 1]]) as u32) << 16)
@@ -95,9 +103,9 @@ mod tests {
                             group: 0,
                         };
                         for l in simd::available() {
-                            for add in [false, true] {
+                            for (add, stream) in [(false, false), (true, false), (true, true)] {
                                 let mut out = vec![0.5f32; rows];
-                                rows_dot_pairs_on(l, &b, &xp, &mut out, add);
+                                rows_dot_pairs_on((l, stream), &b, &xp, &mut out, add);
                                 for (r, &got) in out.iter().enumerate() {
                                     let (row, _) = b.row(r);
                                     let (mut exact, mut mag) =

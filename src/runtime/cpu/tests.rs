@@ -295,14 +295,15 @@ fn rows_dot_is_row_dot_bit_for_bit() {
                                 scales: &scales,
                                 group,
                             };
-                            for l in simd::available() {
+                            let paths = simd::available().into_iter();
+                            for (l, s) in paths.flat_map(|l| [(l, false), (l, true)]) {
                                 assert_rows_bitwise(
                                     rows,
                                     &format!(
                                         "{l:?} {t:?} cols {cols} group {group} stride {stride} \
-                                         rows {rows} offset {off}"
+                                         rows {rows} offset {off} stream {s}"
                                     ),
-                                    |out, add| rows_dot_on(l, &b, &x, out, add),
+                                    |out, add| rows_dot_on((l, s), &b, &x, out, add),
                                     |r| row_dot_on(l, t, b.row(r).0, &x, b.row(r).1, group),
                                 );
                             }

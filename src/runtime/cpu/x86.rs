@@ -69,9 +69,12 @@ unsafe fn span<T: Load>(wp: *const u8, xp: *const f32, n: usize, ahead: usize) -
     while i + 32 <= n {
         // Streams cross 4 KiB pages of the mapped file, where the hardware prefetcher
         // stops: ask for the bytes ahead explicitly, into L2 (a prefetch never faults).
-        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead) as *const i8);
-        if es == 4 {
-            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
+        // None where `ahead` is 0 (a single stream left to the hardware).
+        if ahead != 0 {
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead) as *const i8);
+            if es == 4 {
+                _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(i * es + ahead + 64) as *const i8);
+            }
         }
         a0 = _mm256_fmadd_ps(T::load8(wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), a0);
         a1 = _mm256_fmadd_ps(
@@ -109,11 +112,17 @@ unsafe fn hsum(s: __m256) -> f32 {
 /// `Σ w·x` over `x.len()` elements.
 #[inline(always)]
 unsafe fn dot<T: Load>(w: &[u8], x: &[f32]) -> f32 {
+    dot_ahead::<T>(w, x, prefetch_distance())
+}
+
+/// [`dot`], asking for the weights `ahead` bytes on (none where 0): the same value.
+#[inline(always)]
+unsafe fn dot_ahead<T: Load>(w: &[u8], x: &[f32], ahead: usize) -> f32 {
     let n = x.len();
     assert!(w.len() >= n * T::SIZE);
     let n8 = n / 8 * 8;
     // SAFETY: n8 <= n elements of both are in bounds (asserted above).
-    let mut total = hsum(span::<T>(w.as_ptr(), x.as_ptr(), n8, prefetch_distance()));
+    let mut total = hsum(span::<T>(w.as_ptr(), x.as_ptr(), n8, ahead));
     if n8 < n {
         total += dot_generic(T::TYPE, &w[n8 * T::SIZE..n * T::SIZE], &x[n8..n]);
     }

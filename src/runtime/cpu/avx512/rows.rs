@@ -125,7 +125,13 @@ const ROWS: usize = 4;
 /// `done(r, dot(row r of b, x))` ([`dot`]'s value) for every row of `b`, [`ROWS`] rows at
 /// a time where their loads fall alike (rows a multiple of 64 bytes apart).
 #[inline(always)]
-unsafe fn dot_rows<T: Load16>(b: &Rows, x: &[f32], mut done: impl FnMut(usize, f32)) {
+unsafe fn dot_rows<T: Load16>(b: &Rows, x: &[f32], stream: bool, mut done: impl FnMut(usize, f32)) {
+    if stream {
+        for r in 0..b.rows {
+            done(r, dot_ahead::<T>(b.row(r).0, x, 0));
+        }
+        return;
+    }
     let n = x.len();
     let mut r = 0;
     if b.stride.is_multiple_of(64) && b.rows >= ROWS {
@@ -164,7 +170,7 @@ unsafe fn scaled_rows<T: Load16>(b: &Rows, x: &[f32], mut done: impl FnMut(usize
     let (n, group) = (x.len(), b.group);
     let per = n.div_ceil(group);
     if group >= n {
-        return dot_rows::<T>(b, x, |r, v| done(r, 0f32 + v * b.scales[r * per]));
+        return dot_rows::<T>(b, x, false, |r, v| done(r, 0f32 + v * b.scales[r * per]));
     }
     let full = n / group;
     let mut r = 0;
@@ -202,13 +208,13 @@ unsafe fn scaled_rows<T: Load16>(b: &Rows, x: &[f32], mut done: impl FnMut(usize
 /// value for each, bit for bit.
 /// SAFETY: AVX-512 F/BW/VL are present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub unsafe fn rows_dot(b: &Rows, x: &[f32], out: &mut [f32], add: bool) {
+pub unsafe fn rows_dot(b: &Rows, x: &[f32], out: &mut [f32], add: bool, stream: bool) {
     assert!(out.len() >= b.rows);
     let done = |r: usize, v: f32| put(out, r, v, add);
     match b.t {
-        WType::F32 => dot_rows::<F32>(b, x, done),
-        WType::BF16 => dot_rows::<Bf16>(b, x, done),
-        WType::F16 => dot_rows::<F16>(b, x, done),
+        WType::F32 => dot_rows::<F32>(b, x, stream, done),
+        WType::BF16 => dot_rows::<Bf16>(b, x, stream, done),
+        WType::F16 => dot_rows::<F16>(b, x, stream, done),
         WType::I8 => scaled_rows::<I8>(b, x, done),
         WType::U8Offset => scaled_rows::<U8>(b, x, done),
     }
@@ -399,9 +405,11 @@ unsafe fn bf16_pairs_rows<const R: usize>(
     let mut i = 0;
     while i + 64 <= n {
         for r in 0..R {
-            let at = r * stride + i * 2 + ahead;
-            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(at) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(at + 64) as *const i8);
+            if ahead != 0 {
+                let at = r * stride + i * 2 + ahead;
+                _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(at) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(at + 64) as *const i8);
+            }
         }
         bf16_pairs_block::<R>(&mut a, (wp.add(i * 2), stride), xp.add(i), 0);
         bf16_pairs_block::<R>(&mut a, (wp.add(i * 2 + 64), stride), xp.add(i + 32), 2);
@@ -419,19 +427,25 @@ unsafe fn bf16_pairs_rows<const R: usize>(
 }
 
 /// `out[r] = ` (`+=` where `add`) row `r` of `b` (bf16) times the activations whose
-/// [`pair32`] order is `xp`, for every row, [`ROWS`] rows at a time.
+/// [`pair32`] order is `xp`, for every row, [`ROWS`] rows at a time, or one after another
+/// with no software prefetch ([`stream_float_rows`]).
 /// SAFETY: AVX-512 F/BW/VL are present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub unsafe fn rows_dot_pairs(b: &Rows, xp: &[f32], out: &mut [f32], add: bool) {
+pub unsafe fn rows_dot_pairs(b: &Rows, xp: &[f32], out: &mut [f32], add: bool, stream: bool) {
     let n = xp.len();
     let n32 = n / 32 * 32;
-    let ahead = prefetch_distance();
+    let ahead = if stream { 0 } else { prefetch_distance() };
     assert!(b.t == WType::BF16 && out.len() >= b.rows && b.rows > 0);
     assert!(b.row(b.rows - 1).0.len() >= n * 2);
-    let tail = |r: usize| dot_generic(WType::BF16, &b.row(r).0[n32 * 2..n * 2], &xp[n32..]);
+    let tail = |r: usize| {
+        if n32 == n {
+            return 0.0;
+        }
+        dot_generic(WType::BF16, &b.row(r).0[n32 * 2..n * 2], &xp[n32..])
+    };
     let mut r = 0;
     // SAFETY (both calls): every row's n elements are in bounds (the last one asserted).
-    while r + ROWS <= b.rows {
+    while r + ROWS <= b.rows && !stream {
         let wp = b.w.as_ptr().add(r * b.stride);
         let s = bf16_pairs_rows::<ROWS>(wp, b.stride, xp.as_ptr(), n32, ahead);
         for (k, &s) in s.iter().enumerate() {
