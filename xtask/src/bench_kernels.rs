@@ -7,15 +7,32 @@ use std::time::Instant;
 use anyhow::Result;
 use steerlm_convert::runtime::cpu::{self, WType};
 
-use crate::bench::read_bandwidth;
+use crate::bench::{map_copy, read_bandwidth, MappedFile};
 
-/// A weight matrix in memory as the runtime sees it in a mapped file.
+/// A matrix's bytes: on the heap (the in-cache case) or in a read-only mapping of a file,
+/// as the runtime reads a model's weights.
+enum Bytes {
+    Heap(Vec<u8>),
+    Mapped(MappedFile),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Heap(v) => v,
+            Bytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// A weight matrix as the runtime sees it.
 struct Matrix {
     t: WType,
     rows: usize,
     cols: usize,
     group: usize,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     scales: Vec<f32>,
     /// Against int8 activations (`generate --int8-activations`).
     a8: bool,
@@ -60,10 +77,17 @@ impl Matrix {
             rows,
             cols,
             group,
-            bytes,
+            bytes: Bytes::Heap(bytes),
             scales,
             a8,
         }
+    }
+
+    /// The same matrix read from a file in `dir` through a read-only mapping, as decoding
+    /// reads a model.
+    fn mapped(mut self, dir: &std::path::Path) -> Result<Matrix> {
+        self.bytes = Bytes::Mapped(map_copy(dir, &self.bytes)?);
+        Ok(self)
     }
 
     fn row_bytes(&self) -> usize {
@@ -203,9 +227,10 @@ pub fn kernels(args: &[String]) -> Result<()> {
     ];
     let wanted = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
     for (name, t, group, a8) in kinds.into_iter().filter(|k| wanted(k.0)) {
-        // 1 GiB of weights from memory (well past any L3, as the bandwidth's buffer);
-        // 256 KiB (L2) per thread in cache.
-        let big = Matrix::new(t, (1 << 30) / (cols * t.size()), cols, group, a8);
+        // 1 GiB of weights from memory (well past any L3, as the bandwidth's buffer), read
+        // through a file mapping as a model is; 256 KiB (L2) per thread in cache.
+        let big = Matrix::new(t, (1 << 30) / (cols * t.size()), cols, group, a8)
+            .mapped(std::path::Path::new("target/bench"))?;
         let small = Matrix::new(t, (256 << 10) * max_t / (cols * t.size()), cols, group, a8);
         for th in 1..=max_t {
             let s = (0..3)
@@ -228,7 +253,7 @@ pub fn kernels(args: &[String]) -> Result<()> {
     }
     println!(
         "memory GB/s = weight bytes / time of one pass over a matrix far larger than the\n\
-         caches (the decode case); of limit = that / the read bandwidth at the same thread\n\
+         caches, mapped from a file in target/bench (the decode case); of limit = that / the read bandwidth at the same thread\n\
          count; in-cache = the same kernel on 256 KiB of weights per thread (its compute ceiling);\n\
          a8 = int8 rows against int8 activations (--int8-activations, opt-in)."
     );
