@@ -45,16 +45,13 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 /// Allocations made by 8 decode steps after a prompt of `prompt` tokens and 2 warm-up
-/// steps, on 2 threads.
-fn allocations(path: &Path, prompt: usize, acts: Acts) -> usize {
+/// steps, on `pool`'s threads. One pool serves every case: the threads of a pool dropped
+/// earlier exit when the system schedules them, and a thread's exit allocates (its
+/// crossbeam-epoch handle hands its last garbage to the global queue), which under load
+/// fell inside a later case's count.
+fn allocations(pool: &rayon::ThreadPool, path: &Path, prompt: usize, acts: Acts) -> usize {
     let mut m = Model::open(path, &OpenOptions::default()).unwrap();
     m.weights.acts = acts;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    // Every worker has started (a starting thread allocates its own queues).
-    pool.broadcast(|_| ());
     pool.install(|| {
         let w = &m.weights;
         let ids: Vec<u32> = (0..prompt as u32).map(|i| 1 + i * 7 % 200).collect();
@@ -131,8 +128,17 @@ fn decode_steps_allocate_nothing() {
         (&int8, 3, a8),
         (&g32, 300, exact),
     ];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    // Every worker of this pool, and of rayon's global pool (opening a model maps its
+    // files in parallel there), has started: a starting thread allocates its own queues,
+    // and under load one started inside a count.
+    pool.broadcast(|_| ());
+    rayon::broadcast(|_| ());
     for (path, prompt, acts) in cases {
-        let n = allocations(path, prompt, acts);
+        let n = allocations(&pool, path, prompt, acts);
         assert_eq!(
             n,
             0,
