@@ -268,6 +268,8 @@ use rows::{rows_dot_a8_on, rows_dot_on};
 
 mod pairs;
 pub use pairs::{pair32, pairs_apply, rows_dot_pairs};
+#[cfg(target_arch = "x86_64")]
+use pairs::{pairs_setup, pairs_tail};
 
 mod bf16a;
 pub use bf16a::{bf16a_applies, bf16a_isa, round_bf16, tile_bf16, Tile};

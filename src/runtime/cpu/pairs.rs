@@ -71,6 +71,27 @@ pub(super) fn rows_dot_pairs_on(
     }
 }
 
+/// What each vector level's [`rows_dot_pairs`] checks and needs first: the full blocks of
+/// 32 (as elements) and how far ahead to prefetch (0: none, where `stream`).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn pairs_setup(b: &Rows, xp: &[f32], out: &[f32], stream: bool) -> (usize, usize) {
+    let n = xp.len();
+    assert!(b.t == WType::BF16 && out.len() >= b.rows && b.rows > 0);
+    assert!(b.row(b.rows - 1).0.len() >= n * 2);
+    (n / 32 * 32, if stream { 0 } else { prefetch_distance() })
+}
+
+/// Row `r`'s sum past its last full block of 32 (0 where there is none).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(super) fn pairs_tail(b: &Rows, xp: &[f32], r: usize) -> f32 {
+    let (n, n32) = (xp.len(), xp.len() / 32 * 32);
+    if n32 == n {
+        return 0.0;
+    }
+    dot_generic(WType::BF16, &b.row(r).0[n32 * 2..n * 2], &xp[n32..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -432,17 +432,8 @@ unsafe fn bf16_pairs_rows<const R: usize>(
 /// SAFETY: AVX-512 F/BW/VL are present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub unsafe fn rows_dot_pairs(b: &Rows, xp: &[f32], out: &mut [f32], add: bool, stream: bool) {
-    let n = xp.len();
-    let n32 = n / 32 * 32;
-    let ahead = if stream { 0 } else { prefetch_distance() };
-    assert!(b.t == WType::BF16 && out.len() >= b.rows && b.rows > 0);
-    assert!(b.row(b.rows - 1).0.len() >= n * 2);
-    let tail = |r: usize| {
-        if n32 == n {
-            return 0.0;
-        }
-        dot_generic(WType::BF16, &b.row(r).0[n32 * 2..n * 2], &xp[n32..])
-    };
+    let (n32, ahead) = pairs_setup(b, xp, out, stream);
+    let tail = |r: usize| pairs_tail(b, xp, r);
     let mut r = 0;
     // SAFETY (both calls): every row's n elements are in bounds (the last one asserted).
     while r + ROWS <= b.rows && !stream {
